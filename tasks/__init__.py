@@ -1,0 +1,1 @@
+"""xai-audit: tasks package."""
