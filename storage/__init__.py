@@ -1,1 +1,1 @@
-"""xai-audit: storage package."""
+"""Parquet schemas, atomic writes, the runs manifest and SQL over the results."""

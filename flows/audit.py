@@ -1,0 +1,91 @@
+"""The audit flow: open a run, dissect and explain every model, summarize, close the run."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import AuditConfig, ConfigErrors, load_config
+from flows.explain import explain_model
+from storage.parquet import ResultsStore
+from storage.runs import RunRecord, new_run_id
+from tasks.image_sets import list_image_set
+from tasks.runtime import resolve_device
+from tasks.summary import summarize_run, summarize_task
+
+STAGES = ("dissect", "explain")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a finished run reports back to its caller."""
+
+    run_id: str
+    status: str
+    n_errors: int
+    report_path: str | None = None
+
+
+def open_run(store: ResultsStore, config: AuditConfig, resume: str | None) -> RunRecord:
+    """A new run, or the run ``resume`` (same config required) set back to running."""
+    if resume is None:
+        record = RunRecord(
+            run_id=new_run_id(config.name), config_name=config.name, config_json=config.canonical_json(),
+            config_hash=config.config_hash(), device=str(resolve_device(config.device)),
+        )
+    else:
+        try:
+            record = RunRecord.load(store, resume)
+        except KeyError as error:
+            raise ConfigErrors([("--resume", str(error))]) from None
+        if record.config_hash != config.config_hash():
+            raise ConfigErrors([("--resume", f"run {resume} was made with another config (hash {record.config_hash}, now {config.config_hash()})")])
+        record.status, record.finished_at, record.message = "running", None, None
+    record.save(store)
+    return record
+
+
+@flow(name="xai-audit", flow_run_name="audit {config.name}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False) -> RunOutcome:
+    """Audit every configured model and record the run in the ``runs`` table."""
+    store = ResultsStore(results)
+    run = open_run(store, config, resume)
+    logger = get_run_logger()
+    logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
+    try:
+        if "explain" in stages and config.explain.enabled:
+            started = time.perf_counter()
+            records = list_image_set(config, store, run.run_id)
+            for model in config.models:
+                explain_model(config, model.name, records, results, run.run_id, show_progress)
+            run.timings["explain"] = round(time.perf_counter() - started, 3)
+        counts = summarize_task(results, run.run_id)
+        run.n_errors = counts.get("errors", 0)
+        run.status = "partial" if run.n_errors else "completed"
+    except BaseException as error:
+        run.status, run.message = "failed", f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        run.finished_at = datetime.now(timezone.utc)
+        run.save(store)
+    return RunOutcome(run.run_id, run.status, run.n_errors)
+
+
+def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False) -> RunOutcome:
+    """Run the audit flow in this process (used by the CLI)."""
+    runner = ThreadPoolTaskRunner(max_workers=config.runner.workers)
+    return audit.with_options(task_runner=runner)(config, results, tuple(stages), resume, show_progress)
+
+
+@flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")
+def audit_from_file(config_path: str, results: str | None = None) -> dict:
+    """Deployment entry point: parameters are a config path and an optional results root."""
+    config = load_config(config_path)
+    outcome = run_audit(config, results or config.results or "results")
+    return outcome.__dict__
+
+
+__all__ = ["audit", "run_audit", "audit_from_file", "summarize_run", "RunOutcome", "STAGES"]

@@ -1,0 +1,191 @@
+"""The ``xai-audit`` command line.
+
+Exit codes: 0 success; 2 bad usage or config (the message names the field path); 3 the run
+finished but some items failed (see the ``errors`` table); 1 anything unexpected.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+
+
+def _quiet_offline_prefect() -> None:
+    """Settings that keep an offline CLI run free of Prefect telemetry noise (user values win)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _results_root(args: argparse.Namespace, config_results: str | None = None) -> str:
+    return args.results or os.environ.get("XAI_AUDIT_RESULTS") or config_results or str(Path.cwd() / "results")
+
+
+def _print_frame(frame, fmt: str, output: str | None) -> None:
+    import pandas as pd
+
+    if fmt == "parquet":
+        if not output:
+            raise _UsageError("--format parquet needs --output PATH")
+        frame.to_parquet(output, index=False)
+        print(f"wrote {len(frame)} rows to {output}")
+        return
+    if fmt == "csv":
+        text = frame.to_csv(index=False)
+    elif fmt == "json":
+        text = frame.to_json(orient="records", date_format="iso", default_handler=str)
+    else:
+        with pd.option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200):
+            text = frame.to_string(index=False) if not frame.empty else "(no rows)"
+    if output:
+        Path(output).write_text(text)
+    else:
+        print(text)
+
+
+class _UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from flows.audit import run_audit
+    from flows.config import load_config
+
+    config = load_config(args.config)
+    results = _results_root(args, config.results)
+    outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty())
+    print(f"run {outcome.run_id}: {outcome.status}")
+    print(f"tables: {results}")
+    if outcome.report_path:
+        print(f"report: {outcome.report_path}")
+    if outcome.n_errors:
+        print(f"{outcome.n_errors} item(s) failed: xai-audit query \"select * from errors where run_id = '{outcome.run_id}'\"")
+    return EXIT_ITEMS_FAILED if outcome.status == "partial" else EXIT_OK if outcome.status == "completed" else EXIT_UNEXPECTED
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from storage.parquet import ResultsStore
+    from storage.runs import list_runs
+
+    frame = list_runs(ResultsStore(_results_root(args)))
+    if not frame.empty and args.format == "table":
+        frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device"]]
+    _print_frame(frame, args.format, args.output)
+    return EXIT_OK
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from storage.parquet import ResultsStore
+    from storage.query import run_query
+
+    try:
+        frame = run_query(ResultsStore(_results_root(args)), args.sql)
+    except duckdb.Error as error:
+        raise _UsageError(f"query failed: {error}") from error
+    _print_frame(frame, args.format, args.output)
+    return EXIT_OK
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from flows.audit import summarize_run
+    from storage.parquet import ResultsStore
+
+    counts = summarize_run(ResultsStore(_results_root(args)), args.run_id)
+    for table, rows in counts.items():
+        print(f"{table:14s} {rows}")
+    return EXIT_OK
+
+
+def _cmd_not_yet(args: argparse.Namespace) -> int:
+    print(f"xai-audit {args.command}: not available yet in this version", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from flows.docs import config_reference
+
+    print(config_reference(), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results", metavar="ROOT", help="results root: a folder or fsspec URL (default: $XAI_AUDIT_RESULTS, the config's `results`, or ./results)")
+    parser = argparse.ArgumentParser(prog="xai-audit", description=__doc__.split("\n\n")[0], parents=[common],
+                                     epilog="Exit codes: 0 ok, 2 bad usage/config, 3 some items failed, 1 unexpected.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table", help="output format (default: table)")
+    output.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout (required for parquet)")
+
+    for name, stages, text in (
+        ("run", ("dissect", "explain"), "Run the whole audit of CONFIG: dissect, explain, summarize, report."),
+        ("explain", ("explain",), "Run only the per-image explanations and their metrics."),
+    ):
+        command = add(name, text)
+        command.add_argument("config", help="YAML config file")
+        command.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, computing only its missing work units")
+        command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
+    add("dissect", "Run only the neuron labelling (CLIP-Dissect, Network Dissection).").add_argument("config", help="YAML config file")
+    add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument("config", help="YAML config file")
+    add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
+    add("report", "Write the HTML report of RUN_ID.").add_argument("run_id")
+    runs = sub.add_parser("runs", help="List runs with status and timings.", description="List runs with status and timings.", parents=[common, output])
+    query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
+    query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
+    add("config-reference", "Print the config reference (Markdown) generated from the schema.")
+
+    sub.choices["validate"].set_defaults(handler=_cmd_validate)
+    sub.choices["dissect"].set_defaults(handler=_cmd_not_yet)
+    sub.choices["report"].set_defaults(handler=_cmd_not_yet)
+    sub.choices["summarize"].set_defaults(handler=_cmd_summarize)
+    sub.choices["config-reference"].set_defaults(handler=_cmd_config_reference)
+    runs.set_defaults(handler=_cmd_runs)
+    query.set_defaults(handler=_cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_offline_prefect()
+    args = build_parser().parse_args(argv)
+    from flows.config import ConfigErrors
+
+    try:
+        return args.handler(args)
+    except ConfigErrors as error:
+        print(f"invalid config {getattr(args, 'config', '')}:", file=sys.stderr)
+        for field, message in error.problems:
+            print(f"  {field}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except _UsageError as error:
+        print(f"xai-audit: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume RUN_ID", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    except Exception as error:  # noqa: BLE001 - the CLI's last line of defence names the failure
+        print(f"xai-audit: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+        if os.environ.get("XAI_AUDIT_DEBUG"):
+            raise
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

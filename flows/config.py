@@ -1,0 +1,227 @@
+"""The configuration schema: the one source of truth for every option, its default and its meaning.
+
+A config is YAML, safe-loaded and validated by these pydantic models (``extra="forbid"``). Paths in
+a config file are resolved relative to the file's folder. :func:`load_config` reports every problem
+at once as :class:`ConfigErrors` whose lines start with the dotted field path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import XaiAuditError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigErrors(XaiAuditError):
+    """All problems of one config, each as ``(field path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{field}: {message}" for field, message in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PreprocessConfig(_Section):
+    """Input preprocessing for `checkpoint` and `python` models (others bring their own)."""
+
+    resize: PositiveInt = Field(256, description="Shorter side is resized to this many pixels.")
+    crop: PositiveInt = Field(224, description="Centre crop size in pixels (the model's input size).")
+    mean: list[float] = Field([0.485, 0.456, 0.406], description="Per-channel normalisation mean (RGB).")
+    std: list[float] = Field([0.229, 0.224, 0.225], description="Per-channel normalisation std (RGB).")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, value: list[float]) -> list[float]:
+        if len(value) != 3:
+            raise ValueError("needs exactly 3 values (R, G, B)")
+        return value
+
+
+class ModelConfig(_Section):
+    """One classifier to audit."""
+
+    name: str = Field(..., min_length=1, description="Label for this model in every table (unique within the config).")
+    source: Literal["torchvision", "places365", "checkpoint", "python", "demo"] = Field(
+        "demo", description="Where the model comes from: torchvision weights, the Places365 CSAIL checkpoint, a local checkpoint, a Python callable, or the synthetic world's demo model."
+    )
+    arch: str | None = Field(None, description="torchvision architecture name (e.g. resnet18) for torchvision/places365/checkpoint sources.")
+    weights: str | None = Field(None, description="torchvision weights enum member (e.g. IMAGENET1K_V1); for places365 an optional checkpoint path or URL.")
+    path: str | None = Field(None, description="Local checkpoint file (.safetensors, .pt, .pth) for the checkpoint source.")
+    categories: str | None = Field(None, description="Places365 categories file (path or URL); default downloads categories_places365.txt.")
+    callable: str | None = Field(None, description="`package.module:function` returning an nn.Module, for the python source.")
+    class_names: list[str] | str | None = Field(None, description="Class names (list or a text file, one per line) for checkpoint/python sources.")
+    num_classes: PositiveInt | None = Field(None, description="Number of output classes for checkpoint/python sources when class_names is not given.")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="Preprocessing for checkpoint/python sources.")
+    cam_layer: str | None = Field(None, description="Layer the CAMs read (named_modules name); default: the last block of the last stage.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "ModelConfig":
+        needs = {"torchvision": ("arch", "weights"), "places365": ("arch",), "checkpoint": ("arch", "path"), "python": ("callable",)}
+        missing = [field for field in needs.get(self.source, ()) if getattr(self, field) is None]
+        if missing:
+            raise ValueError(f"source '{self.source}' needs {', '.join(missing)}")
+        return self
+
+
+class WorldConfig(_Section):
+    """The synthetic world used by the demo model and `world` image sets."""
+
+    seed: int = Field(0, description="Seed of the world generator.")
+    image_size: PositiveInt = Field(128, description="Side of the square world images in pixels.")
+    n_train: PositiveInt = Field(4000, description="Training images (demo model and toy CLIP).")
+    n_val: PositiveInt = Field(500, description="Held-out images (the default image and probe sets).")
+
+
+class ImageSetConfig(_Section):
+    """The images to explain."""
+
+    kind: Literal["world", "folder", "list", "broden"] = Field("world", description="A synthetic-world split, a folder (recursive), a CSV/text list, or a Broden-format folder.")
+    root: str | None = Field(None, description="Root folder of the images (folder, list, broden kinds).")
+    list_file: str | None = Field(None, description="CSV (path[,label][,mask][,x0,y0,x1,y1]) or text list, for the list kind.")
+    split: str | None = Field("val", description="Split to use for world and broden kinds (None: all).")
+    limit: PositiveInt | None = Field(None, description="Use only the first N images (deterministic order).")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ImageSetConfig":
+        if self.kind in ("folder", "broden", "list") and self.root is None:
+            raise ValueError(f"kind '{self.kind}' needs root")
+        if self.kind == "list" and self.list_file is None:
+            raise ValueError("kind 'list' needs list_file")
+        return self
+
+
+class ExplainConfig(_Section):
+    """Per-image explanations."""
+
+    enabled: bool = Field(True, description="Run the explain stage.")
+    methods: list[str] = Field(["gradcam"], min_length=1, description="Explanation methods to run.")
+    chunk_size: PositiveInt = Field(16, description="Images per work unit (one Prefect task, one Parquet file per table).")
+    batch_size: PositiveInt = Field(16, description="Images per model forward.")
+    topk: PositiveInt = Field(5, description="Classes kept per image in the predictions table.")
+    target: Literal["predicted", "label"] = Field("predicted", description="Class each map explains: the top-1 prediction or the image's label.")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(EXPLAIN_METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; valid: {sorted(EXPLAIN_METHODS)}")
+        return value
+
+
+class RunnerConfig(_Section):
+    """How Prefect executes tasks."""
+
+    workers: PositiveInt = Field(1, description="Tasks run at once by the thread-pool task runner.")
+
+
+class AuditConfig(_Section):
+    """A whole audit: models, images, stages."""
+
+    name: str = Field("audit", min_length=1, description="Config name: runs of the same name are compared and resumed.")
+    seed: int = Field(0, description="Seed for every random choice of the run.")
+    results: str | None = Field(None, description="Results root (local folder or fsspec URL); CLI --results or ./results when unset.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="Torch device: auto picks CUDA when present.")
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="demo-resnet18")], min_length=1, description="Models to audit.")
+    images: ImageSetConfig = Field(default_factory=ImageSetConfig, description="Images to explain.")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="The synthetic world (demo model, world image sets).")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanation stage.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task execution.")
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> "AuditConfig":
+        names = [model.name for model in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return self
+
+    def config_hash(self) -> str:
+        """Stable hash of the validated config (what makes two runs comparable)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+EXPLAIN_METHODS = ("gradcam",)
+
+# Fields holding paths that must exist, relative to the config file's folder when relative.
+_EXISTING_PATHS = {
+    ("models", "*", "path"),
+    ("models", "*", "class_names"),
+    ("images", "root"),
+    ("images", "list_file"),
+}
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(root)"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[str, str]]:
+    """Make relative path fields absolute against ``base`` and report those that do not exist."""
+    problems: list[tuple[str, str]] = []
+
+    def visit(node: Any, pattern: tuple[str, ...], loc: tuple[str, ...]) -> None:
+        if not pattern:
+            return
+        head, rest = pattern[0], pattern[1:]
+        if head == "*" and isinstance(node, list):
+            for index, item in enumerate(node):
+                visit(item, rest, loc + (str(index),))
+        elif isinstance(node, dict) and head in node:
+            if rest:
+                visit(node[head], rest, loc + (head,))
+            elif isinstance(node[head], str) and "://" not in node[head]:
+                path = Path(node[head]).expanduser()
+                path = path if path.is_absolute() else base / path
+                node[head] = str(path)
+                if not path.exists():
+                    problems.append((_location(loc + (head,)), f"file or folder not found: {path}"))
+
+    for pattern in _EXISTING_PATHS:
+        visit(data, pattern, ())
+    return problems
+
+
+def parse_config(data: Any, base: Path | None = None) -> AuditConfig:
+    """Validate a config mapping; raise :class:`ConfigErrors` listing every problem with its path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigErrors([("(root)", f"expected a mapping of options, got {type(data).__name__}")])
+    data = json.loads(json.dumps(data, default=str))
+    problems = _resolve_paths(data, base or Path.cwd())
+    try:
+        config = AuditConfig.model_validate(data)
+    except ValidationError as error:
+        problems += [(_location(item["loc"]), item["msg"]) for item in error.errors()]
+        config = None
+    if problems:
+        raise ConfigErrors(sorted(set(problems)))
+    return config
+
+
+def load_config(path: str | Path) -> AuditConfig:
+    """Read and validate a YAML config file (``yaml.safe_load``; relative paths from its folder)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigErrors([("(file)", f"cannot read {path}: {error}")]) from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigErrors([("(file)", f"{path} is not valid YAML: {error}")]) from error
+    return parse_config(data, base=path.resolve().parent)

@@ -1,0 +1,20 @@
+"""SQL over the results: every table is a DuckDB view of the same name, backed by its Parquet files."""
+from __future__ import annotations
+
+import duckdb
+
+from storage.parquet import ResultsStore
+from storage.schemas import TABLES
+
+
+def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per table (empty tables keep their columns)."""
+    connection = duckdb.connect()
+    for table in TABLES:
+        connection.register(table, store.dataset(table))
+    return connection
+
+
+def run_query(store: ResultsStore, sql: str):
+    """Run ``sql`` against the results and return the answer as a pandas DataFrame."""
+    return connect(store).execute(sql).fetch_df()

@@ -1,0 +1,113 @@
+"""Config validation: every problem is reported with its field path; the reference cannot drift."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.config import AuditConfig, ConfigErrors, load_config, parse_config
+from flows.docs import GENERATED_BLOCKS, block_text, iter_options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def problems_of(data: object, base: Path | None = None) -> dict[str, str]:
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(data, base)
+    return dict(caught.value.problems)
+
+
+def test_empty_config_is_the_demo_default():
+    config = parse_config({})
+    assert config.models[0].source == "demo"
+    assert config.images.kind == "world"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"explain": {"chunk_sise": 4}}, "explain.chunk_sise"),
+        ({"seed": "many"}, "seed"),
+        ({"explain": {"batch_size": -3}}, "explain.batch_size"),
+        ({"explain": {"chunk_size": 0}}, "explain.chunk_size"),
+        ({"models": [{"name": "m", "source": "torchvision", "arch": "resnet18"}]}, "models.0"),
+        ({"models": [{"name": "m", "source": "nowhere"}]}, "models.0.source"),
+        ({"models": []}, "models"),
+        ({"explain": {"methods": ["gradcam", "telepathy"]}}, "explain.methods"),
+        ({"device": "gpu0"}, "device"),
+    ],
+)
+def test_invalid_option_is_reported_with_its_field_path(data, field):
+    assert field in problems_of(data)
+
+
+def test_missing_file_is_reported_relative_to_the_config_folder(tmp_path):
+    path = write_config(tmp_path, {"models": [{"name": "m", "source": "checkpoint", "arch": "resnet18", "path": "weights/missing.pt"}]})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    (field, message), = caught.value.problems
+    assert field == "models.0.path"
+    assert str(tmp_path / "weights" / "missing.pt") in message
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of({"seed": "x", "explain": {"batch_size": 0}, "extra": True})
+    assert {"seed", "explain.batch_size", "extra"} <= set(problems)
+
+
+def test_relative_paths_become_absolute_against_the_config_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    config = load_config(write_config(tmp_path, {"images": {"kind": "folder", "root": "imgs"}}))
+    assert config.images.root == str(tmp_path / "imgs")
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigErrors):
+        load_config(path)
+    assert not (Path.cwd() / "pwned").exists()
+
+
+def test_config_hash_ignores_key_order():
+    one = parse_config({"seed": 1, "name": "a"})
+    two = parse_config({"name": "a", "seed": 1})
+    assert one.config_hash() == two.config_hash()
+    assert one.config_hash() != parse_config({"name": "a", "seed": 2}).config_hash()
+
+
+def test_every_option_has_a_description():
+    undocumented = [path for path, _, _, text in iter_options() if not text.strip()]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("block", sorted(GENERATED_BLOCKS))
+def test_readme_reference_blocks_match_the_code(block):
+    current = block_text((REPO / "README.md").read_text(), block)
+    assert current is not None, f"README lacks the generated {block} block"
+    assert current == GENERATED_BLOCKS[block]().strip(), f"README {block} is stale: run `make docs`"
+
+
+def test_validate_cli_exits_2_naming_each_field(tmp_path, capsys):
+    path = write_config(tmp_path, {"explain": {"batch_size": -1}, "unknown_key": 3})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "explain.batch_size" in err and "unknown_key" in err
+
+
+def test_validate_cli_accepts_the_demo_config(capsys):
+    assert main(["validate", str(REPO / "configs" / "demo.yaml")]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_defaults_validate_themselves():
+    assert AuditConfig().model_dump() == parse_config({}).model_dump()
