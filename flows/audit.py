@@ -60,7 +60,7 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
             started = time.perf_counter()
             records = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model(config, model.name, records, results, run.run_id, show_progress)
+                explain_model.with_options(task_runner=task_runner(config))(config, model.name, records, results, run.run_id, show_progress)
             run.timings["explain"] = round(time.perf_counter() - started, 3)
         counts = summarize_task(results, run.run_id)
         run.n_errors = counts.get("errors", 0)
@@ -74,10 +74,14 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     return RunOutcome(run.run_id, run.status, run.n_errors)
 
 
+def task_runner(config: AuditConfig) -> ThreadPoolTaskRunner:
+    """The task runner the config asks for (threads in this process)."""
+    return ThreadPoolTaskRunner(max_workers=config.runner.workers)
+
+
 def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI)."""
-    runner = ThreadPoolTaskRunner(max_workers=config.runner.workers)
-    return audit.with_options(task_runner=runner)(config, results, tuple(stages), resume, show_progress)
+    return audit.with_options(task_runner=task_runner(config))(config, results, tuple(stages), resume, show_progress)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

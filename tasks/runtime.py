@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -9,6 +11,7 @@ from flows.config import AuditConfig, ModelConfig
 from tasks.errors import ConfigError
 
 _models: dict[tuple[str, str], object] = {}
+_model_locks: dict[tuple[str, str], threading.Lock] = {}
 _lock = threading.Lock()
 
 
@@ -22,17 +25,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def loaded_model(config: AuditConfig, model_config: ModelConfig):
-    """The model of ``model_config`` on the run's device, loaded once per process and reused."""
+@contextmanager
+def using_model(config: AuditConfig, model_config: ModelConfig) -> Iterator:
+    """The model of ``model_config`` on the run's device, loaded once per process, held exclusively.
+
+    CAM hooks and gradients live on the module, so two tasks of one process must not drive the
+    same module at once; tasks of different models (or processes) still run in parallel.
+    """
     from tasks.models import load_model
 
     key = (model_config.model_dump_json(), config.device)
     with _lock:
+        model_lock = _model_locks.setdefault(key, threading.Lock())
+    with model_lock:
         if key not in _models:
-            model = load_model(model_spec(config, model_config))
+            index = config.models.index(model_config)
+            model = load_model(model_spec(config, model_config), field=f"models.{index}")
             model.module.to(resolve_device(config.device))
             _models[key] = model
-        return _models[key]
+        yield _models[key]
 
 
 def model_spec(config: AuditConfig, model_config: ModelConfig):

@@ -1,0 +1,66 @@
+"""The configured image set as a list of small, serialisable records (what explain tasks receive).
+
+Listing is lazy underneath (folders, lists and Broden indexes are streamed); unusable entries
+(path escapes, duplicates, missing files) become ``errors`` rows of stage ``list`` and the run
+goes on with the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+
+from flows.config import AuditConfig
+from storage.parquet import ResultsStore
+from tasks.errors import ItemError
+from tasks.images import BrodenProbeSet, ImageRecord, iter_image_folder, iter_image_list
+
+
+def _world_records(config: AuditConfig) -> Iterator[ImageRecord]:
+    from tasks.runtime import world_spec
+    from tasks.synthetic import ensure_world, read_attributes
+
+    root = ensure_world(world_spec(config))
+    for row in read_attributes(root, config.images.split):
+        stem = row["image"].removesuffix(".png")
+        yield ImageRecord(image_id=row["image"], path=root / "images" / row["image"], label_name=row["object"],
+                          mask_path=root / "images" / f"{stem}_object.png")
+
+
+def _broden_records(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
+    probe = BrodenProbeSet(config.images.root, split=config.images.split, field="images.root")
+    for row in probe.index_rows():
+        yield ImageRecord(image_id=row["image"], path=probe.images_dir / row["image"])
+
+
+def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
+    """Records (or item errors) of the configured image set, in a deterministic order."""
+    images = config.images
+    if images.kind == "world":
+        items = _world_records(config)
+    elif images.kind == "folder":
+        items = iter_image_folder(images.root)
+    elif images.kind == "list":
+        items = iter_image_list(images.list_file, images.root)
+    else:
+        items = _broden_records(config)
+    return islice(items, images.limit) if images.limit else items
+
+
+def record_row(record: ImageRecord) -> dict:
+    """A record as the plain dict a Prefect task receives."""
+    return {
+        "image_id": record.image_id, "path": str(record.path), "label": record.label, "label_name": record.label_name,
+        "mask_path": str(record.mask_path) if record.mask_path else None, "box": list(record.box) if record.box else None,
+    }
+
+
+def list_image_set(config: AuditConfig, store: ResultsStore, run_id: str) -> list[dict]:
+    """Every usable record of the image set; the unusable ones are written to ``errors``."""
+    records, errors = [], []
+    for item in iter_image_set(config):
+        if isinstance(item, ItemError):
+            errors.append({"stage": "list", "item_id": item.item_id, "error_type": item.error_type, "message": item.message})
+        else:
+            records.append(record_row(item))
+    store.write("errors", run_id, "list", errors)
+    return records
