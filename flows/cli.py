@@ -43,7 +43,7 @@ def _print_frame(frame, fmt: str, output: str | None) -> None:
     if output:
         Path(output).write_text(text)
     else:
-        print(text)
+        print(text, end="" if text.endswith("\n") else "\n")
 
 
 class _UsageError(Exception):
