@@ -13,6 +13,7 @@ from flows.explain import explain_model
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, new_run_id
 from tasks.image_sets import list_image_set
+from tasks.prepare import prepare_world
 from tasks.runtime import resolve_device
 from tasks.summary import summarize_run, summarize_task
 
@@ -56,6 +57,7 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     logger = get_run_logger()
     logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
     try:
+        prepare_world(config)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             records = list_image_set(config, store, run.run_id)

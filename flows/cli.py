@@ -114,6 +114,18 @@ def _cmd_not_yet(args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
+def _cmd_world_make(args: argparse.Namespace) -> int:
+    from tasks.synthetic import WorldSpec, generate_world
+
+    spec = WorldSpec(seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val)
+    try:
+        root = generate_world(Path(args.dir), spec)
+    except FileExistsError as error:
+        raise _UsageError(str(error)) from error
+    print(f"wrote a Broden-format world ({spec.n_train} train + {spec.n_val} val images) to {root}")
+    return EXIT_OK
+
+
 def _cmd_config_reference(args: argparse.Namespace) -> int:
     from flows.docs import config_reference
 
@@ -151,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
     query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
     add("config-reference", "Print the config reference (Markdown) generated from the schema.")
+    world = sub.add_parser("world", help="The synthetic world.", description="The synthetic world (Broden format, pixel-exact masks, captions).")
+    world_sub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
+    make = world_sub.add_parser("make", help="Generate a world into DIR.", description="Generate a synthetic world in Broden's format into DIR (absent or empty).")
+    make.add_argument("dir", help="output folder (absent or empty)")
+    from tasks.synthetic import WorldSpec
+
+    for option, default, text in (("--seed", WorldSpec.seed, "generator seed"), ("--image-size", WorldSpec.image_size, "image side in pixels"),
+                                  ("--n-train", WorldSpec.n_train, "training images"), ("--n-val", WorldSpec.n_val, "held-out images")):
+        make.add_argument(option, type=int, default=default, help=f"{text} (default: {default})")
+    make.set_defaults(handler=_cmd_world_make)
 
     sub.choices["validate"].set_defaults(handler=_cmd_validate)
     sub.choices["dissect"].set_defaults(handler=_cmd_not_yet)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import XaiAuditError
+from tasks.synthetic import WorldSpec
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -76,10 +77,10 @@ class ModelConfig(_Section):
 class WorldConfig(_Section):
     """The synthetic world used by the demo model and `world` image sets."""
 
-    seed: int = Field(0, description="Seed of the world generator.")
-    image_size: PositiveInt = Field(128, description="Side of the square world images in pixels.")
-    n_train: PositiveInt = Field(4000, description="Training images (demo model and toy CLIP).")
-    n_val: PositiveInt = Field(500, description="Held-out images (the default image and probe sets).")
+    seed: int = Field(WorldSpec.seed, description="Seed of the world generator.")
+    image_size: PositiveInt = Field(WorldSpec.image_size, description="Side of the square world images in pixels (128 gives 4x4 maps at ResNet's layer4).")
+    n_train: PositiveInt = Field(WorldSpec.n_train, description="Training images (demo model and toy CLIP).")
+    n_val: PositiveInt = Field(WorldSpec.n_val, description="Held-out images (the default image and probe sets).")
 
 
 class ImageSetConfig(_Section):

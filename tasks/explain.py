@@ -70,7 +70,7 @@ def explain_records(config: AuditConfig, model_config: ModelConfig, model, recor
 
     rows = ChunkRows()
     usable, pixels, rows.errors = load_pixels(model, records, config.explain.target)
-    layer = resolve_layer(model.module, model_config.cam_layer or default_cam_layer(model.module))
+    layer = resolve_layer(model.module, model_config.cam_layer or default_cam_layer(model.module, model.input_size))
     device = next(model.module.parameters()).device
     explain = config.explain
     for start in range(0, len(usable), explain.batch_size):

@@ -26,12 +26,6 @@ def _world_records(config: AuditConfig) -> Iterator[ImageRecord]:
                           mask_path=root / "images" / f"{stem}_object.png")
 
 
-def _broden_records(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
-    probe = BrodenProbeSet(config.images.root, split=config.images.split, field="images.root")
-    for row in probe.index_rows():
-        yield ImageRecord(image_id=row["image"], path=probe.images_dir / row["image"])
-
-
 def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
     """Records (or item errors) of the configured image set, in a deterministic order."""
     images = config.images
@@ -42,7 +36,7 @@ def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
     elif images.kind == "list":
         items = iter_image_list(images.list_file, images.root)
     else:
-        items = _broden_records(config)
+        items = BrodenProbeSet(images.root, split=images.split, field="images.root").image_records()
     return islice(items, images.limit) if images.limit else items
 
 

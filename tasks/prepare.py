@@ -1,0 +1,42 @@
+"""Prefect tasks that build the synthetic world and train its models (cached: cheap when warm)."""
+from __future__ import annotations
+
+from prefect import task
+
+from flows.config import AuditConfig
+
+
+@task(name="synthetic-world", task_run_name="world seed {config.world.seed}")
+def world_task(config: AuditConfig) -> str:
+    """Generate (or find cached) the config's synthetic world; returns its Broden root."""
+    from tasks.runtime import world_spec
+    from tasks.synthetic import ensure_world
+
+    return str(ensure_world(world_spec(config)))
+
+
+@task(name="train-demo-model", task_run_name="train demo model", tags=["gpu"], retries=1)
+def demo_model_task(config: AuditConfig) -> str:
+    """Train (or find cached) the demo ResNet18 of the config's world; returns its folder."""
+    from tasks.demo_model import ensure_demo_model
+    from tasks.runtime import world_spec
+
+    return str(ensure_demo_model(world_spec(config)))
+
+
+@task(name="train-toy-clip", task_run_name="train toy CLIP", tags=["gpu"], retries=1)
+def toy_clip_task(config: AuditConfig) -> str:
+    """Train (or find cached) the toy CLIP of the config's world; returns its checkpoint."""
+    from tasks.runtime import world_spec
+    from tasks.toy_clip import ensure_toy_clip
+
+    return str(ensure_toy_clip(world_spec(config)))
+
+
+def prepare_world(config: AuditConfig) -> None:
+    """Run the preparation tasks the config needs, before any work unit asks for their results."""
+    uses_demo = any(model.source == "demo" for model in config.models)
+    if uses_demo or config.images.kind == "world":
+        world_task(config)
+    if uses_demo:
+        demo_model_task(config)
