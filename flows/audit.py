@@ -9,9 +9,11 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import AuditConfig, ConfigErrors, load_config
+from flows.dissect import dissect_model
 from flows.explain import explain_model
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, new_run_id
+from tasks.dissect import probe_task
 from tasks.image_sets import list_image_set
 from tasks.prepare import prepare_world
 from tasks.runtime import resolve_device
@@ -58,6 +60,12 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
     try:
         prepare_world(config)
+        if "dissect" in stages and config.dissect.enabled:
+            started = time.perf_counter()
+            probe_task(config, results, run.run_id)
+            for model in config.models:
+                dissect_model.with_options(task_runner=task_runner(config))(config, model.name, results, run.run_id)
+            run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             records = list_image_set(config, store, run.run_id)

@@ -150,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, stages, text in (
         ("run", ("dissect", "explain"), "Run the whole audit of CONFIG: dissect, explain, summarize, report."),
         ("explain", ("explain",), "Run only the per-image explanations and their metrics."),
+        ("dissect", ("dissect",), "Run only the neuron labelling (CLIP-Dissect, Network Dissection)."),
     ):
         command = add(name, text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, computing only its missing work units")
         command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
-    add("dissect", "Run only the neuron labelling (CLIP-Dissect, Network Dissection).").add_argument("config", help="YAML config file")
     add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument("config", help="YAML config file")
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
     add("report", "Write the HTML report of RUN_ID.").add_argument("run_id")
@@ -175,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_cmd_world_make)
 
     sub.choices["validate"].set_defaults(handler=_cmd_validate)
-    sub.choices["dissect"].set_defaults(handler=_cmd_not_yet)
     sub.choices["report"].set_defaults(handler=_cmd_not_yet)
     sub.choices["summarize"].set_defaults(handler=_cmd_summarize)
     sub.choices["config-reference"].set_defaults(handler=_cmd_config_reference)

@@ -64,6 +64,7 @@ class ModelConfig(_Section):
     num_classes: PositiveInt | None = Field(None, description="Number of output classes for checkpoint/python sources when class_names is not given.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="Preprocessing for checkpoint/python sources.")
     cam_layer: str | None = Field(None, description="Layer the CAMs read (named_modules name); default: the last block of the last stage.")
+    layers: list[str] | None = Field(None, min_length=1, description="Layers whose units are labelled (named_modules names); default: layer1-layer4 when the model has them, else the CAM layer.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> "ModelConfig":
@@ -101,6 +102,85 @@ class ImageSetConfig(_Section):
         return self
 
 
+class ProbeConfig(_Section):
+    """The probe set neuron labelling shows the models (Broden format: images + concept masks)."""
+
+    kind: Literal["world", "broden"] = Field("world", description="The synthetic world's split or a Broden-format folder (e.g. broden1_224).")
+    root: str | None = Field(None, description="Broden-format folder, for the broden kind.")
+    split: str | None = Field("val", description="Split to use (None: every image).")
+    limit: PositiveInt | None = Field(None, description="Use only the first N probe images (deterministic order).")
+    batch_size: PositiveInt = Field(64, description="Probe images per forward pass.")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes decoding probe images.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ProbeConfig":
+        if self.kind == "broden" and self.root is None:
+            raise ValueError("kind 'broden' needs root")
+        return self
+
+
+class ConceptsConfig(_Section):
+    """The concept set CLIP-Dissect chooses labels from."""
+
+    source: Literal["world", "broden", "file", "classes"] = Field("world", description="The world's concepts, the probe set's Broden label names, a text file (one concept per line), or each model's class names.")
+    path: str | None = Field(None, description="Concept file (one per line), for the file source, e.g. the paper's 20k-word list.")
+    categories: list[str] | None = Field(None, description="Broden categories whose labels become concepts (broden source); default: all.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "ConceptsConfig":
+        if self.source == "file" and self.path is None:
+            raise ValueError("source 'file' needs path")
+        return self
+
+
+class ClipConfig(_Section):
+    """The CLIP model CLIP-Dissect uses (any open_clip model)."""
+
+    model: str = Field("xai-toy-clip", description="open_clip model name (e.g. ViT-B-16); xai-toy-clip is the world's toy CLIP.")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. openai) or checkpoint path; default for xai-toy-clip: the trained toy CLIP.")
+    template: str = Field("{}", description="Prompt template each concept is inserted into.")
+    similarity: str = Field("soft_wpmi", description="Similarity function: cos_similarity, cos_similarity_cubed, rank_reorder, wpmi, soft_wpmi.")
+    batch_size: PositiveInt = Field(64, description="Probe images per CLIP forward.")
+
+    @field_validator("similarity")
+    @classmethod
+    def _known_similarity(cls, value: str) -> str:
+        from tasks.clip_dissect import SIMILARITY_FUNCTIONS
+
+        if value not in SIMILARITY_FUNCTIONS:
+            raise ValueError(f"unknown similarity function {value!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError("template needs exactly one {} where the concept goes")
+        return value
+
+
+class NetDissectConfig(_Section):
+    """Network Dissection (Bau et al. 2017) options."""
+
+    quantile: float = Field(0.005, gt=0, lt=1, description="Top share of each unit's activations that counts as active.")
+    iou_threshold: float = Field(0.04, ge=0, le=1, description="Best IoU at which a unit counts as interpretable.")
+    categories: list[str] | None = Field(None, description="Concept categories to score (e.g. [object, part, scene]); default: all.")
+
+
+class DissectConfig(_Section):
+    """Neuron labelling."""
+
+    enabled: bool = Field(True, description="Run the dissect stage.")
+    methods: list[Literal["clip_dissect", "netdissect"]] = Field(["clip_dissect", "netdissect"], min_length=1, description="Labelling methods (netdissect needs a probe set with masks).")
+    pooling: Literal["avg", "max"] = Field("avg", description="Spatial pooling of conv units for CLIP-Dissect.")
+    top_concepts: PositiveInt = Field(5, description="Best concepts kept per unit.")
+    top_images: PositiveInt = Field(10, description="Most activating probe images kept per unit.")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Probe images.")
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig, description="Concept set (CLIP-Dissect).")
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="CLIP model (CLIP-Dissect).")
+    netdissect: NetDissectConfig = Field(default_factory=NetDissectConfig, description="Network Dissection.")
+
+
 class ExplainConfig(_Section):
     """Per-image explanations."""
 
@@ -136,6 +216,7 @@ class AuditConfig(_Section):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="demo-resnet18")], min_length=1, description="Models to audit.")
     images: ImageSetConfig = Field(default_factory=ImageSetConfig, description="Images to explain.")
     world: WorldConfig = Field(default_factory=WorldConfig, description="The synthetic world (demo model, world image sets).")
+    dissect: DissectConfig = Field(default_factory=DissectConfig, description="Neuron labelling stage.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanation stage.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task execution.")
 
@@ -159,6 +240,8 @@ EXPLAIN_METHODS = ("gradcam",)
 
 # Fields holding paths that must exist, relative to the config file's folder when relative.
 _EXISTING_PATHS = {
+    ("dissect", "probe", "root"),
+    ("dissect", "concepts", "path"),
     ("models", "*", "path"),
     ("models", "*", "class_names"),
     ("images", "root"),

@@ -59,6 +59,10 @@ TABLES: dict[str, pa.Schema] = {
         ("score", pa.float32(), "Similarity (clip_dissect) or IoU (netdissect) of the best concept."),
         ("top_concepts", _TOP, "Best concepts with scores, best first."),
         ("top_images", pa.list_(pa.string()), "Most activating probe images."),
+        ("interpretable", pa.bool_(), "netdissect: best IoU reaches the configured iou_threshold."),
+        ("threshold", pa.float32(), "netdissect: the unit's activation threshold (top-quantile level)."),
+        ("best_per_category", pa.list_(pa.struct([("category", pa.string()), ("concept", pa.string()), ("score", pa.float32())])),
+         "netdissect: best concept and IoU in each category."),
     ),
     "saliency": _schema(
         "One row per (model, image, method): the map, enough to recompute every metric.",

@@ -36,7 +36,10 @@ def toy_clip_task(config: AuditConfig) -> str:
 def prepare_world(config: AuditConfig) -> None:
     """Run the preparation tasks the config needs, before any work unit asks for their results."""
     uses_demo = any(model.source == "demo" for model in config.models)
-    if uses_demo or config.images.kind == "world":
+    dissect = config.dissect
+    if uses_demo or config.images.kind == "world" or (dissect.enabled and dissect.probe.kind == "world"):
         world_task(config)
     if uses_demo:
         demo_model_task(config)
+    if dissect.enabled and "clip_dissect" in dissect.methods and dissect.clip.model == "xai-toy-clip" and dissect.clip.pretrained is None:
+        toy_clip_task(config)

@@ -50,7 +50,7 @@ def model_spec(config: AuditConfig, model_config: ModelConfig):
     """The registry's spec for a configured model (the demo source is bound to the config's world)."""
     from tasks.models import ModelSpec
 
-    fields = model_config.model_dump(exclude={"cam_layer"})
+    fields = model_config.model_dump(exclude={"cam_layer", "layers"})
     spec = ModelSpec(**{**fields, "preprocess": model_config.preprocess})
     if model_config.source == "demo" and spec.path is None:
         from tasks.demo_model import ensure_demo_model
