@@ -181,23 +181,74 @@ class DissectConfig(_Section):
     netdissect: NetDissectConfig = Field(default_factory=NetDissectConfig, description="Network Dissection.")
 
 
+class LimeSearchConfig(_Section):
+    """LIME parameter search scored by deletion AUC plus stability across two seeds."""
+
+    enabled: bool = Field(False, description="Run the search for every image (writes lime_trials).")
+    grid: list[dict[str, str | int | float]] = Field(
+        [{"segmentation": "quickshift"}, {"segmentation": "slic", "n_segments": 50}, {"segmentation": "felzenszwalb", "scale": 100},
+         {"segmentation": "quickshift", "num_samples": 500}],
+        min_length=1, description="Parameter sets: segmentation, its parameters, num_samples, kernel_width.")
+    seeds: list[int] = Field([0, 1], min_length=2, max_length=2, description="The two seeds whose agreement measures stability.")
+
+
+class LimeConfig(_Section):
+    """LIME (lime's explanation model, batched perturbations)."""
+
+    segmentation: Literal["quickshift", "slic", "felzenszwalb"] = Field("quickshift", description="Superpixel algorithm (quickshift with lime's defaults).")
+    segmentation_params: dict[str, str | int | float] = Field({}, description="Parameters of the segmentation algorithm (scikit-image names).")
+    num_samples: PositiveInt = Field(1000, description="Perturbed samples per image.")
+    hide_color: list[int] | None = Field(None, min_length=3, max_length=3, description="RGB of hidden superpixels; null: each superpixel's mean colour (lime's default).")
+    kernel_width: float = Field(0.25, gt=0, description="Width of LIME's exponential kernel.")
+    num_features: PositiveInt = Field(100000, description="Superpixels kept in the ridge fit (lime's default keeps all).")
+    batch_size: PositiveInt = Field(256, description="Perturbed images per model forward.")
+    search: LimeSearchConfig = Field(default_factory=LimeSearchConfig, description="Parameter search.")
+
+
+class MetricsConfig(_Section):
+    """Agreement, localization and faithfulness metrics."""
+
+    agreement_rule: Literal["top_q", "otsu"] = Field("top_q", description="Binarisation for IoU: the top q of pixels, or Otsu's threshold.")
+    agreement_q: float = Field(0.2, gt=0, lt=1, description="Share of pixels kept by the top_q rule.")
+    localization: bool = Field(True, description="Score maps against ground-truth masks or boxes when the images have them.")
+    faithfulness: bool = Field(True, description="Deletion and insertion AUC of every map.")
+    steps: PositiveInt = Field(20, description="Deletion/insertion steps.")
+    baseline: Literal["blur", "mean"] = Field("blur", description="What deleted pixels become: a blurred copy or the dataset mean.")
+    batch_size: PositiveInt = Field(64, description="Perturbed images per forward in deletion/insertion.")
+
+
 class ExplainConfig(_Section):
     """Per-image explanations."""
 
     enabled: bool = Field(True, description="Run the explain stage.")
-    methods: list[str] = Field(["gradcam"], min_length=1, description="Explanation methods to run.")
+    methods: list[str] = Field(["gradcam", "scorecam", "ablationcam", "lime"], min_length=1, description="Explanation methods: the grad-cam family and lime.")
     chunk_size: PositiveInt = Field(16, description="Images per work unit (one Prefect task, one Parquet file per table).")
     batch_size: PositiveInt = Field(16, description="Images per model forward.")
     topk: PositiveInt = Field(5, description="Classes kept per image in the predictions table.")
     target: Literal["predicted", "label"] = Field("predicted", description="Class each map explains: the top-1 prediction or the image's label.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact).")
+    scorecam_batch_size: PositiveInt = Field(16, description="Masked images per forward in ScoreCAM.")
+    ablationcam_batch_size: PositiveInt = Field(32, description="Ablated channels per forward in AblationCAM.")
+    lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(EXPLAIN_METHODS))
+        valid = explain_methods()
+        unknown = sorted(set(value) - set(valid))
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; valid: {sorted(EXPLAIN_METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; valid: {sorted(valid)}")
+        if len(set(value)) != len(value):
+            raise ValueError("methods repeat")
         return value
+
+
+def explain_methods() -> list[str]:
+    """Every explanation method name: the grad-cam family and lime."""
+    from tasks.cams import CAM_METHODS
+
+    return [*CAM_METHODS, "lime"]
 
 
 class RunnerConfig(_Section):
@@ -235,8 +286,6 @@ class AuditConfig(_Section):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
-
-EXPLAIN_METHODS = ("gradcam",)
 
 # Fields holding paths that must exist, relative to the config file's folder when relative.
 _EXISTING_PATHS = {

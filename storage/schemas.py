@@ -80,7 +80,8 @@ TABLES: dict[str, pa.Schema] = {
         ("iou", pa.float32(), "IoU of the binarised maps."),
         ("spearman", pa.float32(), "Spearman rank correlation over pixels."),
         ("com_distance", pa.float32(), "Centre-of-mass distance / image diagonal."),
-        ("rule", pa.string(), "Binarisation rule (top_q:0.2 or otsu)."),
+        ("rule", pa.string(), "Binarisation rule: top_q or otsu."),
+        ("q", pa.float32(), "Share of pixels kept by the top_q rule (null for otsu)."),
     ),
     "localization": _schema(
         "One row per (model, image, method) with ground truth: does the map point at the object?",
@@ -99,8 +100,10 @@ TABLES: dict[str, pa.Schema] = {
         "One row per (image, LIME parameter set) of the LIME search.",
         _RUN, _MODEL, _IMAGE,
         ("params_json", pa.string(), "The trial's parameters as JSON."),
-        ("objective", pa.float32(), "The search objective (lower is better)."),
+        ("objective", pa.float32(), "The search objective: deletion AUC + (1 - stability) / 2 (lower is better)."),
         ("seconds", pa.float32(), "Wall time of the trial."),
+        ("components_json", pa.string(), "The objective's parts as JSON: deletion_auc, insertion_auc, stability, top_k_jaccard, n_segments."),
+        ("best", pa.bool_(), "This trial has the image's lowest objective."),
     ),
     "errors": _schema(
         "One row per failed item: what failed, where and why.",

@@ -87,7 +87,8 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
         "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
                     "num_classes": 3, "preprocess": {"resize": 64, "crop": 64}}],
         "images": {"kind": "folder", "root": "images"},
-        "explain": {"chunk_size": 2},
+        "dissect": {"enabled": False},
+        "explain": {"methods": ["gradcam"], "chunk_size": 2},
     }))
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")

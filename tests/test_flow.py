@@ -31,6 +31,7 @@ def tiny_config(image_folder, **explain):
         "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
                     "class_names": CLASSES, "preprocess": {"resize": 64, "crop": 64}}],
         "images": {"kind": "folder", "root": str(image_folder)},
+        "dissect": {"enabled": False},
         "explain": {"methods": ["gradcam"], "chunk_size": 3, "batch_size": 2, "topk": 2, **explain},
     })
 
