@@ -52,8 +52,10 @@ class _UsageError(Exception):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from flows.config import load_config
+    from flows.preflight import check
 
     config = load_config(args.config)
+    check(config)
     print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
     return EXIT_OK
 
@@ -61,8 +63,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from flows.audit import run_audit
     from flows.config import load_config
+    from flows.preflight import check
 
     config = load_config(args.config)
+    check(config)
     results = _results_root(args, config.results)
     outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty())
     print(f"run {outcome.run_id}: {outcome.status}")

@@ -111,3 +111,38 @@ def test_validate_cli_accepts_the_demo_config(capsys):
 
 def test_defaults_validate_themselves():
     assert AuditConfig().model_dump() == parse_config({}).model_dump()
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "hint"),
+    [
+        ({"source": "torchvision", "arch": "resnet81", "weights": "IMAGENET1K_V1"}, "models.0.arch", "resnet18"),
+        ({"source": "torchvision", "arch": "resnet18", "weights": "IMAGENET9K"}, "models.0.weights", "IMAGENET1K_V1"),
+        ({"source": "demo", "cam_layer": "layer5"}, "models.0.cam_layer", "layer4"),
+        ({"source": "places365", "arch": "resnet18", "layers": ["layer1", "layer4.9"]}, "models.0.layers", "layer4.1"),
+    ],
+)
+def test_preflight_names_unknown_models_weights_and_layers(model, field, hint):
+    from flows.preflight import check
+
+    with pytest.raises(ConfigErrors) as caught:
+        check(parse_config({"models": [{"name": "m", **model}]}))
+    problems = dict(caught.value.problems)
+    assert field in problems and hint in problems[field]
+
+
+def test_preflight_rejects_empty_image_and_concept_sets(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "concepts.txt").write_text("\n  \n\n")
+    path = write_config(tmp_path, {"images": {"kind": "folder", "root": "empty"},
+                                   "dissect": {"concepts": {"source": "file", "path": "concepts.txt"}}})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "images: the image set is empty" in err and "dissect.concepts.path" in err
+
+
+def test_preflight_accepts_a_valid_real_model_config():
+    from flows.preflight import check
+
+    check(parse_config({"models": [{"name": "r50", "source": "torchvision", "arch": "resnet50", "weights": "IMAGENET1K_V2",
+                                    "layers": ["layer3", "layer4.2.conv3"]}]}))

@@ -1,0 +1,90 @@
+"""Checks that need more than the schema (architectures, weights, layer names, non-empty sets),
+run before any work starts so a bad config costs seconds, not a failed night.
+
+Models are built on PyTorch's ``meta`` device: names are checked without allocating or
+downloading weights.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+
+import torch
+import torchvision
+
+from flows.config import AuditConfig, ConfigErrors, ModelConfig
+from tasks.errors import ConfigError, XaiAuditError
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=3)
+    return f"closest: {', '.join(close)}" if close else f"valid: {', '.join(valid[:30])}{' ...' if len(valid) > 30 else ''}"
+
+
+def _skeleton(model: ModelConfig) -> torch.nn.Module | None:
+    """The model's architecture without weights, or None when only running its code would tell."""
+    if model.source == "demo":
+        from tasks.synthetic import SHAPES
+
+        arch, classes = "resnet18", len(SHAPES)
+    elif model.source == "places365":
+        arch, classes = model.arch, 365
+    elif model.source in ("torchvision", "checkpoint"):
+        arch, classes = model.arch, model.num_classes or (len(model.class_names) if isinstance(model.class_names, list) else None)
+    else:
+        return None
+    with torch.device("meta"):
+        return torchvision.models.get_model(arch, **({"num_classes": classes} if classes else {}))
+
+
+def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
+    """Unknown architectures, weights and layer names of one model entry."""
+    field = f"models.{index}"
+    if model.source in ("torchvision", "places365", "checkpoint"):
+        archs = sorted(torchvision.models.list_models(module=torchvision.models))
+        if model.arch not in archs:
+            yield f"{field}.arch", f"unknown architecture {model.arch!r}; {_closest(str(model.arch), archs)}"
+            return
+    if model.source == "torchvision":
+        valid = [weights.name for weights in torchvision.models.get_model_weights(model.arch)] + ["DEFAULT"]
+        if model.weights not in valid:
+            yield f"{field}.weights", f"unknown weights {model.weights!r} for {model.arch}; valid: {', '.join(valid)}"
+    skeleton = _skeleton(model)
+    if skeleton is None:
+        return
+    names = [name for name, _ in skeleton.named_modules() if name]
+    for key, layers in (("cam_layer", [model.cam_layer] if model.cam_layer else []), ("layers", model.layers or [])):
+        for layer in layers:
+            if layer not in names:
+                yield f"{field}.{key}", f"unknown layer {layer!r}; {_closest(layer, names)}"
+
+
+def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """Image and concept sets that are empty or unreadable."""
+    from tasks.image_sets import iter_image_set
+
+    if config.explain.enabled and config.images.kind != "world":
+        try:
+            if next(iter_image_set(config), None) is None:
+                yield "images", "the image set is empty"
+        except ConfigError as error:
+            yield error.field, error.message
+    concepts = config.dissect.concepts
+    if config.dissect.enabled and "clip_dissect" in config.dissect.methods and concepts.source == "file":
+        from tasks.clip_dissect import load_concepts
+
+        try:
+            load_concepts(concepts.path, field="dissect.concepts.path")
+        except ConfigError as error:
+            yield error.field, error.message
+
+
+def check(config: AuditConfig) -> None:
+    """Raise :class:`ConfigErrors` listing every problem these checks find."""
+    problems = [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
+    try:
+        problems += list(set_problems(config))
+    except XaiAuditError as error:
+        problems.append(("(sets)", str(error)))
+    if problems:
+        raise ConfigErrors(problems)
