@@ -72,8 +72,8 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
             for model in config.models:
                 explain_model.with_options(task_runner=task_runner(config))(config, model.name, records, results, run.run_id, show_progress)
             run.timings["explain"] = round(time.perf_counter() - started, 3)
-        counts = summarize_task(results, run.run_id)
-        run.n_errors = counts.get("errors", 0)
+        summary = summarize_task(results, run.run_id)
+        run.n_errors = summary.n_errors
         run.status = "partial" if run.n_errors else "completed"
     except BaseException as error:
         run.status, run.message = "failed", f"{type(error).__name__}: {error}"
@@ -81,7 +81,7 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     finally:
         run.finished_at = datetime.now(timezone.utc)
         run.save(store)
-    return RunOutcome(run.run_id, run.status, run.n_errors)
+    return RunOutcome(run.run_id, run.status, run.n_errors, summary.report_path)
 
 
 def task_runner(config: AuditConfig) -> ThreadPoolTaskRunner:

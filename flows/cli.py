@@ -103,19 +103,63 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_summarize(args: argparse.Namespace) -> int:
-    from flows.audit import summarize_run
-    from storage.parquet import ResultsStore
+def _known_run(store, run_id: str) -> None:
+    from tasks.summary import require_run
 
-    counts = summarize_run(ResultsStore(_results_root(args)), args.run_id)
+    try:
+        require_run(store, run_id)
+    except KeyError as error:
+        raise _UsageError(error.args[0]) from None
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from storage.parquet import ResultsStore
+    from tasks.summary import summarize_run
+
+    store = ResultsStore(_results_root(args))
+    _known_run(store, args.run_id)
+    counts = summarize_run(store, args.run_id)
+    width = max(map(len, counts))
     for table, rows in counts.items():
-        print(f"{table:14s} {rows}")
+        print(f"{table:{width}s} {rows}")
     return EXIT_OK
 
 
-def _cmd_not_yet(args: argparse.Namespace) -> int:
-    print(f"xai-audit {args.command}: not available yet in this version", file=sys.stderr)
-    return EXIT_USAGE
+def _cmd_report(args: argparse.Namespace) -> int:
+    from storage.parquet import ResultsStore
+    from tasks.report import write_report
+
+    store = ResultsStore(_results_root(args))
+    _known_run(store, args.run_id)
+    print(f"report: {write_report(store, args.run_id)}")
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from storage.parquet import ResultsStore, safe_name
+    from tasks.drift import write_drift
+    from tasks.figures import drift_summary
+    from tasks.report import REPORTS
+
+    store = ResultsStore(_results_root(args))
+    for run_id in (args.run_a, args.run_b):
+        _known_run(store, run_id)
+    tables = write_drift(store, args.run_a, args.run_b)
+    layers, metrics = tables["summary_drift_layers"], tables["summary_drift_metrics"]
+    name = f"{safe_name(args.run_b)}-vs-{safe_name(args.run_a)}.png"
+    default = Path(store.base) / REPORTS / "drift" / name if store.local else Path(name)
+    figure = drift_summary(layers, metrics, f"{args.run_b} vs {args.run_a}", Path(args.figure) if args.figure else default)
+    # machine-readable formats keep stdout for the table alone
+    info = sys.stdout if args.format == "table" else sys.stderr
+    changed, units = (int(layers["changed"].sum()), int(layers["units"].sum())) if not layers.empty else (0, 0)
+    print(f"{changed} of {units} unit(s) changed their top concept ({args.run_a} -> {args.run_b})", file=info)
+    _print_frame(layers.drop(columns="baseline_run_id"), args.format, args.output)
+    if args.format == "table":
+        print()
+        _print_frame(metrics.drop(columns="baseline_run_id").dropna(subset=["delta"]), "table", None)
+    print(f"figure: {figure}" if figure else "figure: (nothing to draw)", file=info)
+    print(f"tables: summary_drift_* with run_id = '{args.run_b}'; `xai-audit report {args.run_b}` adds this comparison to its report", file=info)
+    return EXIT_OK
 
 
 def _cmd_world_make(args: argparse.Namespace) -> int:
@@ -162,7 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
     add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument("config", help="YAML config file")
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
-    add("report", "Write the HTML report of RUN_ID.").add_argument("run_id")
+    add("report", "Write the HTML report of RUN_ID (RESULTS/reports/RUN_ID/index.html).").add_argument("run_id")
+    diff = sub.add_parser("diff", help="Compare RUN_B with the earlier RUN_A: changed unit concepts, histogram and metric deltas.",
+                          description="Compare RUN_B with the earlier RUN_A: units whose top concept changed (per layer and method), "
+                                      "concept-histogram deltas, and agreement/localization/faithfulness deltas per method. "
+                                      "Writes the summary_drift_* tables under RUN_B and a figure.", parents=[common, output])
+    diff.add_argument("run_a", help="the baseline run")
+    diff.add_argument("run_b", help="the run compared with it")
+    diff.add_argument("--figure", metavar="PATH", help="where the PNG goes (default: RESULTS/reports/drift/RUN_B-vs-RUN_A.png)")
     runs = sub.add_parser("runs", help="List runs with status and timings.", description="List runs with status and timings.", parents=[common, output])
     query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
     query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
@@ -179,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_cmd_world_make)
 
     sub.choices["validate"].set_defaults(handler=_cmd_validate)
-    sub.choices["report"].set_defaults(handler=_cmd_not_yet)
+    sub.choices["report"].set_defaults(handler=_cmd_report)
+    diff.set_defaults(handler=_cmd_diff)
     sub.choices["summarize"].set_defaults(handler=_cmd_summarize)
     sub.choices["config-reference"].set_defaults(handler=_cmd_config_reference)
     runs.set_defaults(handler=_cmd_runs)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import duckdb
 
 from storage.parquet import ResultsStore
-from storage.schemas import TABLES
+from storage.schemas import ALL_TABLES
 
 
 def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table (empty tables keep their columns)."""
+    """An in-memory DuckDB connection with one view per table, summary tables included (empty tables keep their columns)."""
     connection = duckdb.connect()
-    for table in TABLES:
+    for table in ALL_TABLES:
         connection.register(table, store.dataset(table))
     return connection
 

@@ -117,18 +117,181 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
+_LAYER = ("layer", pa.string(), "Layer name (named_modules).")
+_NEURON_METHOD = ("method", pa.string(), "Labelling method: clip_dissect or netdissect.")
+_UNITS_COUNTED = "Units counted: every labelled unit for clip_dissect, the interpretable ones for netdissect."
+_BASELINE = ("baseline_run_id", pa.string(), "The earlier run this run is compared with (run_id holds the later one).")
+
+# Derived tables, recomputed from the tables above by the summary stage (one file per run and
+# table, so re-summarizing replaces them). The report and the Prefect artifacts read these.
+SUMMARY_TABLES: dict[str, pa.Schema] = {
+    "summary_concepts": _schema(
+        "One row per (model, layer, method, concept) among the layer's top concepts: the concept histogram.",
+        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        ("rank", pa.int32(), "1 for the concept with most units (ties: alphabetical)."),
+        ("concept", pa.string(), "Top-1 concept of the units."),
+        ("category", pa.string(), "The concept's category (uncategorized when unknown)."),
+        ("units", pa.int64(), _UNITS_COUNTED),
+        ("share", pa.float64(), "units / all units of the layer labelled by the method."),
+        ("score_mean", pa.float64(), "Mean score (similarity or IoU) of those units."),
+    ),
+    "summary_categories": _schema(
+        "One row per (model, layer, method, category): how the layer's units split over concept categories.",
+        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        ("category", pa.string(), "Concept category (color, object, texture, scene, ...; uncategorized when unknown)."),
+        ("units", pa.int64(), _UNITS_COUNTED),
+        ("share", pa.float64(), "units / all units of the layer labelled by the method."),
+    ),
+    "summary_concept_models": _schema(
+        "One row per (model, method, concept): whether a concept is unique to one model or shared.",
+        _RUN, _MODEL, _NEURON_METHOD,
+        ("concept", pa.string(), "Top-1 concept of at least one counted unit of the model."),
+        ("units", pa.int64(), "Counted units of the model (all layers) with this concept."),
+        ("n_models", pa.int32(), "Models of the run with at least one such unit."),
+        ("scope", pa.string(), "unique (only this model) or shared."),
+    ),
+    "summary_layers": _schema(
+        "One row per (model, layer, method): labelled and interpretable units.",
+        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        ("units", pa.int64(), "Labelled units."),
+        ("counted", pa.int64(), _UNITS_COUNTED),
+        ("interpretable", pa.int64(), "netdissect: units whose best IoU reaches iou_threshold (null for clip_dissect)."),
+        ("interpretable_share", pa.float64(), "netdissect: interpretable / units (null for clip_dissect)."),
+        ("distinct_concepts", pa.int64(), "Different top-1 concepts among the counted units."),
+        ("score_mean", pa.float64(), "Mean score of the labelled units."),
+        ("score_median", pa.float64(), "Median score of the labelled units."),
+    ),
+    "summary_label_agreement": _schema(
+        "One row per (model, layer) labelled by both methods: how often CLIP-Dissect and Network Dissection agree on a unit's top-1 concept.",
+        _RUN, _MODEL, _LAYER,
+        ("units", pa.int64(), "Units labelled by both methods."),
+        ("agreeing", pa.int64(), "Units whose two top-1 concepts are equal (case-insensitive)."),
+        ("rate", pa.float64(), "agreeing / units."),
+        ("interpretable_units", pa.int64(), "Those units that Network Dissection finds interpretable."),
+        ("interpretable_agreeing", pa.int64(), "Interpretable units whose two top-1 concepts are equal."),
+        ("interpretable_rate", pa.float64(), "interpretable_agreeing / interpretable_units (null when none)."),
+    ),
+    "summary_pairs": _schema(
+        "One row per (model, method pair): agreement statistics over the run's images.",
+        _RUN, _MODEL,
+        ("method_a", pa.string(), "First method (alphabetical)."),
+        ("method_b", pa.string(), "Second method."),
+        ("images", pa.int64(), "Images with both maps."),
+        ("iou_mean", pa.float64(), "Mean IoU of the binarised maps."),
+        ("iou_median", pa.float64(), "Median IoU."),
+        ("iou_std", pa.float64(), "Population standard deviation of IoU."),
+        ("spearman_mean", pa.float64(), "Mean Spearman rank correlation (NaN values skipped)."),
+        ("spearman_median", pa.float64(), "Median Spearman rank correlation."),
+        ("spearman_std", pa.float64(), "Population standard deviation of Spearman."),
+        ("com_distance_mean", pa.float64(), "Mean centre-of-mass distance / image diagonal."),
+    ),
+    "summary_images": _schema(
+        "One row per (model, image): how much the methods agree on it, ranked (best and worst images).",
+        _RUN, _MODEL, _IMAGE,
+        ("target", pa.int32(), "Class the maps explain."),
+        ("class_name", pa.string(), "Name of that class."),
+        ("pairs", pa.int64(), "Method pairs compared."),
+        ("iou_mean", pa.float64(), "Mean IoU over the method pairs."),
+        ("spearman_mean", pa.float64(), "Mean Spearman over the method pairs."),
+        ("rank", pa.int32(), "1 for the image with the highest iou_mean (ties: by image_id)."),
+    ),
+    "summary_classes": _schema(
+        "One row per (model, explained class): agreement averaged over its images, ranked.",
+        _RUN, _MODEL,
+        ("target", pa.int32(), "Class index the maps explain."),
+        ("class_name", pa.string(), "Name of that class."),
+        ("images", pa.int64(), "Images explained for this class."),
+        ("iou_mean", pa.float64(), "Mean of the images' iou_mean."),
+        ("spearman_mean", pa.float64(), "Mean of the images' spearman_mean."),
+        ("rank", pa.int32(), "1 for the class with the highest iou_mean (ties: by class_name)."),
+    ),
+    "summary_methods": _schema(
+        "One row per (model, explanation method): localization and faithfulness leaderboards.",
+        _RUN, _MODEL, _METHOD,
+        ("images", pa.int64(), "Images with a map of this method."),
+        ("agreement_iou_mean", pa.float64(), "Mean IoU of this method's maps with every other method's."),
+        ("localized_images", pa.int64(), "Images scored against ground truth."),
+        ("pointing_accuracy", pa.float64(), "Share of pointing-game hits."),
+        ("iou_gt_mean", pa.float64(), "Mean IoU with the ground-truth mask."),
+        ("energy_in_gt_mean", pa.float64(), "Mean share of the map's mass inside the mask."),
+        ("deletion_auc_mean", pa.float64(), "Mean deletion AUC (lower is better)."),
+        ("insertion_auc_mean", pa.float64(), "Mean insertion AUC (higher is better)."),
+        ("faithfulness", pa.float64(), "insertion_auc_mean - deletion_auc_mean (higher is better)."),
+        ("localization_rank", pa.int32(), "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth."),
+        ("faithfulness_rank", pa.int32(), "1 for the highest faithfulness; null without faithfulness rows."),
+    ),
+    "summary_lime_params": _schema(
+        "One row per (model, LIME parameter set) of the search: its results over all images, ranked.",
+        _RUN, _MODEL,
+        ("params_json", pa.string(), "The parameter set as JSON."),
+        ("trials", pa.int64(), "Images it was tried on."),
+        ("objective_mean", pa.float64(), "Mean search objective (lower is better)."),
+        ("objective_median", pa.float64(), "Median search objective."),
+        ("deletion_auc_mean", pa.float64(), "Mean deletion AUC of its maps."),
+        ("stability_mean", pa.float64(), "Mean agreement of its maps between the two search seeds."),
+        ("seconds_mean", pa.float64(), "Mean wall time of a trial."),
+        ("wins", pa.int64(), "Images for which it was the best parameter set."),
+        ("rank", pa.int32(), "1 for the lowest objective_mean (the best parameters overall)."),
+    ),
+    "summary_lime_best": _schema(
+        "One row per (model, image) of the LIME search: the image's best parameter set.",
+        _RUN, _MODEL, _IMAGE,
+        ("params_json", pa.string(), "The best parameter set as JSON."),
+        ("objective", pa.float64(), "Its objective."),
+        ("deletion_auc", pa.float64(), "Its deletion AUC."),
+        ("stability", pa.float64(), "Its agreement between the two search seeds."),
+        ("seconds", pa.float64(), "Its wall time."),
+    ),
+    "summary_drift_layers": _schema(
+        "One row per (baseline run, model, layer, labelling method): units whose top-1 concept changed since the baseline.",
+        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        ("units", pa.int64(), "Units labelled in both runs."),
+        ("changed", pa.int64(), "Units whose top-1 concept differs."),
+        ("changed_share", pa.float64(), "changed / units."),
+    ),
+    "summary_drift_units": _schema(
+        "One row per (baseline run, model, layer, method, unit) whose top-1 concept changed since the baseline.",
+        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        ("unit", pa.int32(), "Channel index in the layer."),
+        ("concept_before", pa.string(), "Top-1 concept in the baseline run."),
+        ("concept_after", pa.string(), "Top-1 concept in this run."),
+        ("score_before", pa.float64(), "Its score in the baseline run."),
+        ("score_after", pa.float64(), "Its score in this run."),
+    ),
+    "summary_drift_concepts": _schema(
+        "One row per (baseline run, model, layer, method, concept) whose unit count changed: the histogram deltas.",
+        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        ("concept", pa.string(), "Top-1 concept."),
+        ("units_before", pa.int64(), "Counted units in the baseline run."),
+        ("units_after", pa.int64(), "Counted units in this run."),
+        ("delta", pa.int64(), "units_after - units_before."),
+    ),
+    "summary_drift_metrics": _schema(
+        "One row per (baseline run, model, subject, metric): explanation metrics before and after.",
+        _RUN, _BASELINE, _MODEL,
+        ("subject", pa.string(), "A method (gradcam, lime, ...) or a method pair written 'a vs b'."),
+        ("metric", pa.string(), "A summary_methods or summary_pairs column (pointing_accuracy, deletion_auc_mean, iou_mean, ...)."),
+        ("before", pa.float64(), "Value in the baseline run."),
+        ("after", pa.float64(), "Value in this run."),
+        ("delta", pa.float64(), "after - before."),
+    ),
+}
+
+ALL_TABLES: dict[str, pa.Schema] = {**TABLES, **SUMMARY_TABLES}
+
+
 def schema_of(table: str) -> pa.Schema:
-    """The schema of ``table``; an unknown name lists the valid ones."""
+    """The schema of ``table`` (raw or summary); an unknown name lists the valid ones."""
     try:
-        return TABLES[table]
+        return ALL_TABLES[table]
     except KeyError:
-        raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}") from None
+        raise KeyError(f"unknown table {table!r}; tables: {sorted(ALL_TABLES)}") from None
 
 
 def describe_tables() -> str:
     """Markdown reference of every table and column, generated from the schemas."""
     lines = [f"Schema version {SCHEMA_VERSION}.", ""]
-    for name, schema in TABLES.items():
+    for name, schema in ALL_TABLES.items():
         lines += [f"#### `{name}`", "", schema.metadata[b"description"].decode(), "", "| column | type | meaning |", "|---|---|---|"]
         lines += [f"| `{f.name}` | `{f.type}` | {f.metadata[b'description'].decode()} |" for f in schema]
         lines.append("")
