@@ -1,10 +1,13 @@
 """The audit flow: open a run, dissect and explain every model, summarize, close the run."""
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -12,7 +15,7 @@ from flows.config import AuditConfig, ConfigErrors, load_config
 from flows.dissect import dissect_model
 from flows.explain import explain_model
 from storage.parquet import ResultsStore
-from storage.runs import RunRecord, new_run_id
+from storage.runs import RunRecord, list_runs, new_run_id
 from tasks.dissect import probe_task
 from tasks.image_sets import list_image_set
 from tasks.prepare import prepare_world
@@ -32,8 +35,42 @@ class RunOutcome:
     report_path: str | None = None
 
 
-def open_run(store: ResultsStore, config: AuditConfig, resume: str | None) -> RunRecord:
-    """A new run, or the run ``resume`` (same config required) set back to running."""
+def process_alive(hostname: str, pid: int | None) -> bool:
+    """Whether the process ``pid`` on ``hostname`` may still be running (another host: assume so)."""
+    if pid is None or hostname != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def interrupted_run(store: ResultsStore, config: AuditConfig) -> str | None:
+    """The newest run of this config (same name and hash) if it failed or its process died while running."""
+    runs = list_runs(store)
+    if runs.empty:
+        return None
+    runs = runs[(runs["config_name"] == config.name) & (runs["config_hash"] == config.config_hash())]
+    if runs.empty:
+        return None
+    last = runs.iloc[0]
+    pid = None if pd.isna(last["pid"]) else int(last["pid"])
+    if last["status"] == "failed" or (last["status"] == "running" and not process_alive(last["hostname"], pid)):
+        return str(last["run_id"])
+    return None
+
+
+def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: bool = False) -> RunRecord:
+    """A new run, or the run ``resume`` (same config required) set back to running.
+
+    Without ``resume`` (and unless ``new``), the newest run of the same config is resumed when it
+    failed or when it is marked running but its process is gone (killed, machine rebooted).
+    """
+    if resume is None and not new:
+        resume = interrupted_run(store, config)
     if resume is None:
         record = RunRecord(
             run_id=new_run_id(config.name), config_name=config.name, config_json=config.canonical_json(),
@@ -47,19 +84,21 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None) -> Ru
         if record.config_hash != config.config_hash():
             raise ConfigErrors([("--resume", f"run {resume} was made with another config (hash {record.config_hash}, now {config.config_hash()})")])
         record.status, record.finished_at, record.message = "running", None, None
+        record.hostname, record.pid = socket.gethostname(), os.getpid()
     record.save(store)
     return record
 
 
 @flow(name="xai-audit", flow_run_name="audit {config.name}", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False) -> RunOutcome:
+def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
+          new: bool = False) -> RunOutcome:
     """Audit every configured model and record the run in the ``runs`` table."""
     store = ResultsStore(results)
-    run = open_run(store, config, resume)
+    run = open_run(store, config, resume, new)
     logger = get_run_logger()
     logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
     try:
-        prepare_world(config)
+        prepare_world(config, stages)
         if "dissect" in stages and config.dissect.enabled:
             started = time.perf_counter()
             probe_task(config, results, run.run_id)
@@ -89,9 +128,10 @@ def task_runner(config: AuditConfig) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=config.runner.workers)
 
 
-def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False) -> RunOutcome:
-    """Run the audit flow in this process (used by the CLI)."""
-    return audit.with_options(task_runner=task_runner(config))(config, results, tuple(stages), resume, show_progress)
+def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
+              new: bool = False) -> RunOutcome:
+    """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
+    return audit.with_options(task_runner=task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

@@ -11,13 +11,17 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+REPO = Path(__file__).resolve().parents[1]
+DEPLOYMENTS = REPO / "deployments" / "prefect.yaml"
 
 
 def _quiet_offline_prefect() -> None:
-    """Settings that keep an offline CLI run free of Prefect telemetry noise (user values win)."""
+    """Settings that keep an offline CLI run quiet and patient with Prefect's ephemeral API (user values win)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # the ephemeral API's 20 s default is too short on a busy machine (two runs starting at once)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _results_root(args: argparse.Namespace, config_results: str | None = None) -> str:
@@ -68,7 +72,7 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     config = load_config(args.config)
     check(config)
     results = _results_root(args, config.results)
-    outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty())
+    outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty(), new=args.new)
     print(f"run {outcome.run_id}: {outcome.status}")
     print(f"tables: {results}")
     if outcome.report_path:
@@ -174,6 +178,30 @@ def _cmd_world_make(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    import subprocess
+
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect) if prefect.exists() else "prefect", "deploy", "--no-prompt", "--prefect-file", str(DEPLOYMENTS)]
+    chosen = any(arg in ("--all", "--name", "-n") or arg.startswith("--name=") for arg in args.prefect_args)
+    command += args.prefect_args if chosen else ["--all", *args.prefect_args]
+    # the pull step of deployments/prefect.yaml runs flows from this checkout unless told otherwise
+    env = {**os.environ, "XAI_AUDIT_REPO": os.environ.get("XAI_AUDIT_REPO", str(REPO))}
+    return EXIT_OK if subprocess.run(command, cwd=REPO, env=env).returncode == 0 else EXIT_UNEXPECTED
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.audit import audit_from_file
+    from flows.config import load_config
+    from flows.preflight import check
+
+    config = load_config(args.config)
+    check(config)
+    parameters = {"config_path": str(Path(args.config).resolve()), "results": _results_root(args, config.results)}
+    audit_from_file.serve(name=args.name or f"serve-{config.name}", cron=args.cron, parameters=parameters)
+    return EXIT_OK
+
+
 def _cmd_config_reference(args: argparse.Namespace) -> int:
     from flows.docs import config_reference
 
@@ -202,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = add(name, text)
         command.add_argument("config", help="YAML config file")
-        command.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, computing only its missing work units")
+        restart = command.add_mutually_exclusive_group()
+        restart.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, computing only its missing work units "
+                             "(default: the newest run of this config when it failed or its process died)")
+        restart.add_argument("--new", action="store_true", help="start a fresh run even when the last run of this config was interrupted")
         command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
     add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument("config", help="YAML config file")
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
@@ -218,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
     query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
     add("config-reference", "Print the config reference (Markdown) generated from the schema.")
+    deploy = sub.add_parser("deploy", help="Register the deployments of deployments/prefect.yaml (wraps `prefect deploy`).",
+                            description="Register the deployments of deployments/prefect.yaml with the Prefect API: runs "
+                                        "`prefect deploy --prefect-file deployments/prefect.yaml` (with --all unless a --name is given) "
+                                        "in the repository root; further arguments go to `prefect deploy` unchanged.")
+    deploy.add_argument("prefect_args", nargs=argparse.REMAINDER, help="arguments for `prefect deploy`, e.g. --name nightly-audit")
+    deploy.set_defaults(handler=_cmd_deploy)
+    serve = add("serve", "Serve CONFIG's audit as a deployment from this process (no work pool), on a cron schedule.")
+    serve.add_argument("config", help="YAML config file")
+    serve.add_argument("--cron", help='cron schedule, e.g. "0 2 * * *" (default: no schedule, runs on demand only)')
+    serve.add_argument("--name", help="deployment name (default: serve-CONFIG_NAME)")
+    serve.set_defaults(handler=_cmd_serve)
     world = sub.add_parser("world", help="The synthetic world.", description="The synthetic world (Broden format, pixel-exact masks, captions).")
     world_sub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     make = world_sub.add_parser("make", help="Generate a world into DIR.", description="Generate a synthetic world in Broden's format into DIR (absent or empty).")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class RunRecord:
     finished_at: datetime | None = None
     versions: str = field(default_factory=lambda: json.dumps(package_versions(), sort_keys=True))
     hostname: str = field(default_factory=socket.gethostname)
+    pid: int | None = field(default_factory=os.getpid)
     timings: dict[str, float] = field(default_factory=dict)
     n_errors: int = 0
     message: str | None = None
@@ -57,7 +59,7 @@ class RunRecord:
         row = {
             "config_name": self.config_name, "status": self.status, "config_json": self.config_json,
             "config_hash": self.config_hash, "started_at": self.started_at, "finished_at": self.finished_at,
-            "versions": self.versions, "device": self.device, "hostname": self.hostname,
+            "versions": self.versions, "device": self.device, "hostname": self.hostname, "pid": self.pid,
             "timings_json": json.dumps(self.timings, sort_keys=True), "n_errors": self.n_errors, "message": self.message,
         }
         store.write("runs", self.run_id, "run", [row])
@@ -72,7 +74,7 @@ class RunRecord:
             run_id=row.run_id, config_name=row.config_name, config_json=row.config_json, config_hash=row.config_hash,
             device=row.device, status=row.status, started_at=row.started_at.to_pydatetime(),
             finished_at=None if pd.isna(row.finished_at) else row.finished_at.to_pydatetime(),
-            versions=row.versions, hostname=row.hostname, timings=json.loads(row.timings_json or "{}"),
+            versions=row.versions, hostname=row.hostname, pid=None if pd.isna(row.pid) else int(row.pid), timings=json.loads(row.timings_json or "{}"),
             n_errors=int(row.n_errors or 0), message=None if pd.isna(row.message) else row.message,
         )
 

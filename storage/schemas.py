@@ -35,6 +35,7 @@ TABLES: dict[str, pa.Schema] = {
         ("versions", pa.string(), "JSON of package versions (torch, torchvision, grad-cam, lime, open_clip, prefect, xai-audit)."),
         ("device", pa.string(), "Torch device the run used."),
         ("hostname", pa.string(), "Machine that ran it."),
+        ("pid", pa.int64(), "Process id that ran it on hostname (a running run whose process is gone is resumed automatically)."),
         ("timings_json", pa.string(), "JSON of seconds per stage."),
         ("n_errors", pa.int64(), "Rows in the errors table for this run."),
         ("message", pa.string(), "Why the run failed, when it did."),

@@ -111,7 +111,7 @@ def pooled_layer_activations(config: AuditConfig, model, layers: list[str], prob
     return cached_pooled_activations(
         model.module, layers, lambda: pixel_batches(probe, model.preprocess, settings.batch_size, settings.workers),
         model_identity=model.identity, probe_identity=probe.identity, pooling=config.dissect.pooling,
-        device=next(model.module.parameters()).device)
+        device=resolve_device(config.device))
 
 
 def clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
@@ -131,7 +131,7 @@ def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe)
 
     settings, probe_settings = config.dissect.netdissect, config.dissect.probe
     broden = probe.broden()
-    device = next(model.module.parameters()).device
+    device = resolve_device(config.device)
     return dissect_layers(
         lambda: dissect_batches(probe, model.preprocess, model.module, layers, probe_settings.batch_size, device,
                                 workers=probe_settings.workers),

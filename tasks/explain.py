@@ -8,12 +8,14 @@ Metrics are computed from the maps exactly as stored (float16), so recomputing t
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from flows.config import AuditConfig, ModelConfig
@@ -21,6 +23,7 @@ from storage.maps import decode_map, encode_map
 from storage.parquet import ResultsStore, safe_name
 from tasks.errors import ItemError
 from tasks.images import load_rgb
+from tasks.oom import run_with_backoff
 
 # Tables every explain chunk writes (an empty file when it has no rows); ``errors`` last, so a
 # chunk counts as done once its errors file exists.
@@ -209,11 +212,19 @@ def explain_records(config: AuditConfig, model_config: ModelConfig, model, recor
     layer = resolve_layer(model.module, model_config.cam_layer or default_cam_layer(model.module, model.input_size), field="models.cam_layer")
     inputs, errors = load_inputs(model, records, config.explain.target, config.explain.metrics.localization)
     rows = ChunkRows(errors=errors)
-    for start in range(0, len(inputs), config.explain.batch_size):
-        batch_rows = explain_batch(config, model, layer, inputs[start:start + config.explain.batch_size])
+    batches = run_with_backoff(lambda batch: explain_batch(config, model, layer, batch), inputs, config.explain.batch_size, _logger())
+    for batch_rows in batches:
         for table in EXPLAIN_TABLES:
             getattr(rows, table).extend(getattr(batch_rows, table))
     return rows
+
+
+def _logger():
+    """The task run's logger inside Prefect, this module's logger outside."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 @task(name="explain-chunk", task_run_name="explain {model_name} chunk {chunk_index}", tags=["gpu"],

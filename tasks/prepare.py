@@ -33,13 +33,15 @@ def toy_clip_task(config: AuditConfig) -> str:
     return str(ensure_toy_clip(world_spec(config)))
 
 
-def prepare_world(config: AuditConfig) -> None:
-    """Run the preparation tasks the config needs, before any work unit asks for their results."""
+def prepare_world(config: AuditConfig, stages: tuple[str, ...]) -> None:
+    """Run the preparation tasks the stages need, before any work unit asks for their results."""
     uses_demo = any(model.source == "demo" for model in config.models)
     dissect = config.dissect
-    if uses_demo or config.images.kind == "world" or (dissect.enabled and dissect.probe.kind == "world"):
+    dissecting = dissect.enabled and "dissect" in stages
+    explaining = config.explain.enabled and "explain" in stages
+    if uses_demo or (explaining and config.images.kind == "world") or (dissecting and dissect.probe.kind == "world"):
         world_task(config)
     if uses_demo:
         demo_model_task(config)
-    if dissect.enabled and "clip_dissect" in dissect.methods and dissect.clip.model == "xai-toy-clip" and dissect.clip.pretrained is None:
+    if dissecting and "clip_dissect" in dissect.methods and dissect.clip.model == "xai-toy-clip" and dissect.clip.pretrained is None:
         toy_clip_task(config)

@@ -57,7 +57,6 @@ CATEGORY_CONCEPTS: dict[str, tuple[str, ...]] = {
     "texture": TEXTURES,
     "scene": LAYOUTS,
 }
-PIXEL_CATEGORIES: tuple[str, ...] = ("color", "object", "texture")
 INDEX_COLUMNS: tuple[str, ...] = (
     "image", "split", "ih", "iw", "sh", "sw",
     "color", "object", "part", "material", "scene", "texture",

@@ -33,7 +33,8 @@ def test_registration_is_idempotent_and_uses_the_standard_tokenizer() -> None:
     assert open_clip.list_models().count(TOY_CLIP_NAME) == 1
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     assert isinstance(tokenizer, open_clip.SimpleTokenizer)
-    assert tokenizer("a red star").shape == (1, json.loads(toy_clip.CONFIG_PATH.read_text())["text_cfg"]["context_length"])
+    context_length = json.loads(toy_clip.CONFIG_PATH.read_text())["text_cfg"]["context_length"]
+    assert tokenizer("a red star").shape == (1, context_length)
 
 
 def test_captions_name_exactly_the_mentioned_attributes() -> None:
