@@ -151,7 +151,7 @@ def perturbation_matrix(n_segments: int, num_samples: int, seed: int) -> np.ndar
 def to_model_scale(image: np.ndarray) -> Tensor:
     """float32 ``[3, H, W]`` in [0, 1] from an ``[H, W, 3]`` uint8 (/255) or float image."""
     array = np.asarray(image)
-    values = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    values = torch.from_numpy(np.array(array, order="C")).permute(2, 0, 1)
     if array.dtype == np.uint8:
         return values.float() / 255.0
     return values.float()
