@@ -14,6 +14,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import AuditConfig, ConfigErrors, load_config
 from flows.dissect import dissect_model
 from flows.explain import explain_model
+from flows.runner import flow_task_runner, subflow_task_runner
+from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
 from tasks.dissect import probe_task
@@ -85,6 +87,7 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
             raise ConfigErrors([("--resume", f"run {resume} was made with another config (hash {record.config_hash}, now {config.config_hash()})")])
         record.status, record.finished_at, record.message = "running", None, None
         record.hostname, record.pid = socket.gethostname(), os.getpid()
+        repair_run(store, record.run_id)  # unreadable files are set aside, so their units count as missing
     record.save(store)
     return record
 
@@ -103,13 +106,13 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
             started = time.perf_counter()
             probe_task(config, results, run.run_id)
             for model in config.models:
-                dissect_model.with_options(task_runner=task_runner(config))(config, model.name, results, run.run_id)
+                dissect_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, results, run.run_id)
             run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             records = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model.with_options(task_runner=task_runner(config))(config, model.name, records, results, run.run_id, show_progress)
+                explain_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, records, results, run.run_id, show_progress)
             run.timings["explain"] = round(time.perf_counter() - started, 3)
         summary = summarize_task(results, run.run_id)
         run.n_errors = summary.n_errors
@@ -123,15 +126,10 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     return RunOutcome(run.run_id, run.status, run.n_errors, summary.report_path)
 
 
-def task_runner(config: AuditConfig) -> ThreadPoolTaskRunner:
-    """The task runner the config asks for (threads in this process)."""
-    return ThreadPoolTaskRunner(max_workers=config.runner.workers)
-
-
 def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
               new: bool = False) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
-    return audit.with_options(task_runner=task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
+    return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

@@ -6,6 +6,10 @@ deterministic name, so re-running the unit replaces it and never duplicates rows
 filesystem a file is written under a hidden temp name and renamed into place; on an object store
 a single PUT is already all-or-nothing, so the final key is written directly. Readers skip names
 starting with ``.`` or ``_`` and therefore never see a partial file.
+
+An ``s3://bucket/prefix`` root goes through s3fs, which takes its endpoint and credentials from
+the standard AWS settings (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``, or ``~/.aws``), so MinIO, Ceph or a local S3 server need no config field.
 """
 from __future__ import annotations
 
@@ -61,7 +65,18 @@ class ResultsStore:
         return f"{self._dir(table, run_id)}/{safe_name(unit)}.parquet"
 
     def has_unit(self, table: str, run_id: str, unit: str) -> bool:
+        self._forget_listings()
         return self.fs.exists(self.unit_path(table, run_id, unit))
+
+    def _forget_listings(self) -> None:
+        """Drop cached listings: other processes (Dask workers, concurrent runs, a resumed run) write here too.
+
+        fsspec shares one filesystem instance per process, and object-store filesystems cache
+        listings in it, file sizes and ETags included; answers from that cache would miss new
+        files and fail to open rewritten ones (s3fs checks the ETag), so every listing asks the store.
+        """
+        if not self.local:
+            self.fs.invalidate_cache()
 
     def write(self, table: str, run_id: str, unit: str, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> str:
         """Validate ``rows`` against the table's schema and write them as the unit's file, atomically."""
@@ -78,8 +93,8 @@ class ResultsStore:
             raise StorageError(f"rows for table {table!r} do not match its schema: {error}") from error
         path = self.unit_path(table, run_id, unit)
         try:
-            self.fs.makedirs(self._dir(table, run_id), exist_ok=True)
             if self.local:
+                self.fs.makedirs(self._dir(table, run_id), exist_ok=True)
                 self._write_local(arrow_table, path)
             else:
                 with self.fs.open(path, "wb") as handle:
@@ -106,6 +121,7 @@ class ResultsStore:
         """The visible Parquet files of a table (optionally of one run), sorted."""
         schema_of(table)
         folder = self._dir(table, run_id) if run_id else f"{self.base}/{table}"
+        self._forget_listings()
         if not self.fs.exists(folder):
             return []
         found = self.fs.find(folder)
@@ -125,8 +141,11 @@ class ResultsStore:
                           partitioning=partitioning, partition_base_dir=f"{self.base}/{table}")
 
     def read(self, table: str, run_id: str | None = None) -> pd.DataFrame:
-        """The table (or one run of it) as a DataFrame."""
-        return self.dataset(table, run_id).to_table().to_pandas()
+        """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see storage.integrity)."""
+        from storage.integrity import unreadable_files_named
+
+        with unreadable_files_named(self):
+            return self.dataset(table, run_id).to_table().to_pandas()
 
     def run_ids(self) -> list[str]:
         """Every run id that has a manifest."""
