@@ -72,25 +72,58 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     config = load_config(args.config)
     check(config)
     results = _results_root(args, config.results)
+    _writable_results(results)
     outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty(), new=args.new)
     print(f"run {outcome.run_id}: {outcome.status}")
-    print(f"tables: {results}")
-    if outcome.report_path:
-        print(f"report: {outcome.report_path}")
+    print(f"tables: {results} (e.g. xai-audit query --results {results} \"select count(*) from saliency\")")
     if outcome.n_errors:
         print(f"{outcome.n_errors} item(s) failed: xai-audit query \"select * from errors where run_id = '{outcome.run_id}'\"")
+    if outcome.report_path:  # last, so scripts and `make demo` end on where to look
+        print(f"report: {outcome.report_path}")
     return EXIT_ITEMS_FAILED if outcome.status == "partial" else EXIT_OK if outcome.status == "completed" else EXIT_UNEXPECTED
+
+
+def _writable_results(results: str) -> None:
+    """A results root that cannot be written is a config problem, found before any work starts."""
+    from flows.config import ConfigErrors
+    from storage.integrity import require_writable
+    from storage.parquet import ResultsStore, StorageError
+
+    try:
+        require_writable(ResultsStore(results))
+    except StorageError as error:
+        raise ConfigErrors([("results", str(error))]) from error
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     from storage.parquet import ResultsStore
     from storage.runs import list_runs
 
+    if args.check:
+        return _check_runs(ResultsStore(_results_root(args)), args)
     frame = list_runs(ResultsStore(_results_root(args)))
     if not frame.empty and args.format == "table":
         frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device"]]
     _print_frame(frame, args.format, args.output)
     return EXIT_OK
+
+
+def _check_runs(store, args: argparse.Namespace) -> int:
+    """List every unreadable file per run; exit 1 when there is any (nothing is changed)."""
+    import pandas as pd
+
+    from storage.integrity import find_bad_files
+
+    bad = find_bad_files(store)
+    frame = pd.DataFrame([item.__dict__ for item in bad], columns=["run_id", "table", "path", "problem"])
+    if bad or args.format != "table":
+        _print_frame(frame, args.format, args.output)
+    else:
+        print(f"every file under {store.root} reads")
+    if bad:
+        print(f"{len(bad)} unreadable file(s); resuming their run (xai-audit run CONFIG --resume RUN_ID) sets them aside and "
+              "recomputes them", file=sys.stderr)
+    return EXIT_UNEXPECTED if bad else EXIT_OK
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
@@ -246,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("run_b", help="the run compared with it")
     diff.add_argument("--figure", metavar="PATH", help="where the PNG goes (default: RESULTS/reports/drift/RUN_B-vs-RUN_A.png)")
     runs = sub.add_parser("runs", help="List runs with status and timings.", description="List runs with status and timings.", parents=[common, output])
+    runs.add_argument("--check", action="store_true", help="instead, read every file under the results root and list the unreadable "
+                      "or corrupt ones per run (exit 1 when there is any)")
     query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
     query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
     add("config-reference", "Print the config reference (Markdown) generated from the schema.")
@@ -285,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_offline_prefect()
     args = build_parser().parse_args(argv)
     from flows.config import ConfigErrors
+    from tasks.errors import XaiAuditError
 
     try:
         return args.handler(args)
@@ -296,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as error:
         print(f"xai-audit: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except XaiAuditError as error:  # an expected failure (storage, unreadable file): its message says what and where
+        print(f"xai-audit: {error}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_ID", file=sys.stderr)
         return EXIT_UNEXPECTED

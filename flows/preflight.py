@@ -79,9 +79,48 @@ def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
             yield error.field, error.message
 
 
+def lime_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """Segmentation algorithms and parameters of LIME and its search grid that scikit-image lacks."""
+    if not config.explain.enabled or "lime" not in config.explain.methods:
+        return
+    from tasks.lime_explain import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
+
+    lime = config.explain.lime
+    entries = [("explain.lime.segmentation_params", lime.segmentation, lime.segmentation_params)]
+    if lime.search.enabled:
+        entries += [(f"explain.lime.search.grid.{index}", str(entry.get("segmentation", "quickshift")),
+                     {key: value for key, value in entry.items() if key not in SEARCH_KEYS})
+                    for index, entry in enumerate(lime.search.grid)]
+    for where, algorithm, params in entries:
+        if algorithm not in SEGMENTATIONS:
+            yield f"{where}.segmentation", f"unknown segmentation algorithm {algorithm!r}; valid: {', '.join(SEGMENTATIONS)}"
+            continue
+        try:
+            check_segmentation_params(algorithm, params, where=where)
+        except ConfigError as error:
+            yield error.field, error.message
+
+
+def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """A probe limit below what the CLIP-Dissect similarity function ranks (its ``top_k`` images)."""
+    dissect = config.dissect
+    if not dissect.enabled or "clip_dissect" not in dissect.methods or dissect.probe.limit is None:
+        return
+    import inspect
+
+    from tasks.clip_dissect import SIMILARITY_FUNCTIONS
+
+    top_k = inspect.signature(SIMILARITY_FUNCTIONS[dissect.clip.similarity]).parameters.get("top_k")
+    if top_k is not None and dissect.probe.limit < top_k.default:
+        yield ("dissect.probe.limit", f"{dissect.probe.limit} probe images are fewer than the {top_k.default} top images "
+               f"{dissect.clip.similarity} ranks per unit; raise the limit or pick another similarity function")
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
     problems = [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
+    problems += list(lime_problems(config))
+    problems += list(probe_problems(config))
     try:
         problems += list(set_problems(config))
     except XaiAuditError as error:

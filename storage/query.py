@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import duckdb
 
+from storage.integrity import unreadable_files_named
 from storage.parquet import ResultsStore
 from storage.schemas import ALL_TABLES
 
@@ -16,5 +17,9 @@ def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
 
 
 def run_query(store: ResultsStore, sql: str):
-    """Run ``sql`` against the results and return the answer as a pandas DataFrame."""
-    return connect(store).execute(sql).fetch_df()
+    """Run ``sql`` against the results and return the answer as a pandas DataFrame.
+
+    A query that meets an unreadable file fails with a :class:`~storage.parquet.StorageError` naming it.
+    """
+    with unreadable_files_named(store, (duckdb.Error,)):
+        return connect(store).execute(sql).fetch_df()

@@ -199,6 +199,18 @@ def pooled_activations(
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
+def finite_selection(activations: Tensor) -> tuple[Tensor, Tensor]:
+    """(usable images ``[n_images]``, usable units ``[n_units]``) of activations ``[n_images, n_units, ...]``.
+
+    A NaN or infinite value must never reach a score (CLIP-Dissect would rank it, an IoU tally
+    would threshold it). A unit with no finite value on any image is broken itself; any other
+    non-finite value condemns its image, which is then left out for every unit.
+    """
+    finite = torch.isfinite(activations).flatten(2).all(dim=2) if activations.dim() > 2 else torch.isfinite(activations)
+    units = finite.any(dim=0)
+    return finite[:, units].all(dim=1), units
+
+
 def iter_spatial_activations(
     module: nn.Module,
     layers: Sequence[str],

@@ -33,5 +33,9 @@ class PathEscapeError(ItemError):
     """A path resolves outside the root it must stay under (``..``, absolute, outside symlink)."""
 
 
+class NonFiniteError(ItemError):
+    """A model output, activation or metric of one item is NaN or infinite: flagged, never averaged in."""
+
+
 class CheckpointError(XaiAuditError):
     """A weights file is unsafe, truncated, or does not match the architecture."""

@@ -102,8 +102,13 @@ def pixel_batches(probe: Probe, preprocess: Callable, batch_size: int, workers: 
 
 
 def dissect_batches(probe: Probe, preprocess: Callable, module: torch.nn.Module, layers: list[str], batch_size: int,
-                    device: torch.device, categories: list[str] | None = None, workers: int = 0) -> Iterator[DissectBatch]:
-    """Network Dissection batches: each layer's spatial activations with the images' concept masks."""
+                    device: torch.device, categories: list[str] | None = None, workers: int = 0,
+                    nonfinite: dict[str, None] | None = None) -> Iterator[DissectBatch]:
+    """Network Dissection batches: each layer's spatial activations with the images' concept masks.
+
+    An image with a NaN or infinite activation in any of ``layers`` is left out of its batch
+    (thresholds and IoUs must not see it) and its id is added to ``nonfinite`` (insertion-ordered).
+    """
     from tasks.activations import iter_spatial_activations
 
     usable = set(probe.image_ids)
@@ -112,6 +117,15 @@ def dissect_batches(probe: Probe, preprocess: Callable, module: torch.nn.Module,
     activations = iter_spatial_activations(module, layers, pixels, device)
     for acts in activations:
         batch_items = list(islice(items, next(iter(acts.values())).shape[0]))
+        keep = torch.stack([torch.isfinite(layer_acts).flatten(1).all(dim=1).cpu() for layer_acts in acts.values()]).all(dim=0)
+        if not keep.all():
+            for item, kept in zip(batch_items, keep.tolist()):
+                if not kept and nonfinite is not None:
+                    nonfinite.setdefault(item.image_id, None)
+            acts = {layer: layer_acts[keep.to(layer_acts.device)] for layer, layer_acts in acts.items()}
+            batch_items = [item for item, kept in zip(batch_items, keep.tolist()) if kept]
+            if not batch_items:
+                continue
         yield DissectBatch(acts=acts, masks=[item.masks for item in batch_items],
                            image_labels=[item.image_labels for item in batch_items],
                            image_ids=[item.image_id for item in batch_items])

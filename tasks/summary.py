@@ -247,7 +247,10 @@ def lime_best(trials: pd.DataFrame) -> pd.DataFrame:
 
 def read_inputs(store: ResultsStore, run_id: str) -> dict[str, pd.DataFrame]:
     """The columns of the raw tables that the summary needs, for one run."""
-    return {table: store.dataset(table, run_id).to_table(columns=columns).to_pandas() for table, columns in INPUT_COLUMNS.items()}
+    from storage.integrity import unreadable_files_named
+
+    with unreadable_files_named(store):
+        return {table: store.dataset(table, run_id).to_table(columns=columns).to_pandas() for table, columns in INPUT_COLUMNS.items()}
 
 
 def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS) -> dict[str, pd.DataFrame]:

@@ -85,6 +85,13 @@ def test_config_hash_ignores_key_order():
     assert one.config_hash() != parse_config({"name": "a", "seed": 2}).config_hash()
 
 
+def test_config_hash_ignores_how_tasks_run_so_a_run_resumes_on_another_runner():
+    threads = parse_config({"name": "a", "runner": {"kind": "thread", "workers": 4}})
+    dask = parse_config({"name": "a", "runner": {"kind": "dask", "n_workers": 3}})
+    assert threads.config_hash() == dask.config_hash()
+    assert threads.config_hash() != parse_config({"name": "a", "explain": {"chunk_size": 3}}).config_hash()
+
+
 def test_every_option_has_a_description():
     undocumented = [path for path, _, _, text in iter_options() if not text.strip()]
     assert undocumented == []
@@ -146,3 +153,19 @@ def test_preflight_accepts_a_valid_real_model_config():
 
     check(parse_config({"models": [{"name": "r50", "source": "torchvision", "arch": "resnet50", "weights": "IMAGENET1K_V2",
                                     "layers": ["layer3", "layer4.2.conv3"]}]}))
+
+
+@pytest.mark.parametrize(("similarity", "limit", "rejected"),
+                         [("soft_wpmi", 99, True), ("soft_wpmi", 100, False), ("wpmi", 27, True), ("wpmi", 28, False),
+                          ("cos_similarity", 5, False)])
+def test_preflight_rejects_a_probe_limit_below_the_similarity_functions_top_k(similarity, limit, rejected):
+    """soft_wpmi ranks each unit's 100 top images and wpmi its 28 (the paper's values): fewer fail at once, not mid-run."""
+    from flows.preflight import check
+
+    config = parse_config({"dissect": {"methods": ["clip_dissect"], "probe": {"limit": limit}, "clip": {"similarity": similarity}}})
+    if rejected:
+        with pytest.raises(ConfigErrors) as caught:
+            check(config)
+        assert str(limit) in dict(caught.value.problems)["dissect.probe.limit"]
+    else:
+        check(config)
