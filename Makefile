@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs bench clean-venv
+.PHONY: demo test docs bench bench-gpu clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/xai-audit run configs/demo.yaml --results results
-	@echo "query the tables with: $(VENV)/bin/xai-audit query --results results \"select count(*) from saliency\""
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Side-by-side benchmarks against the stock tools (README, "Benchmarks").
+bench: $(STAMP)
+	$(PY) -m benchmarks --size cpu --markdown benchmarks/RESULTS.md
+
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu.sh
 
 docs: $(STAMP)
 	$(PY) -m flows.docs README.md

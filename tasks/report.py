@@ -13,6 +13,7 @@ import html
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 
 from storage.maps import decode_map
 from storage.parquet import ResultsStore, safe_name
 from storage.runs import RunRecord
+from storage.schemas import SUMMARY_TABLES
 from tasks import figures
 from tasks.drift import read_drift
 from tasks.summary import load_summary, raw_counts, require_run
@@ -48,6 +51,19 @@ dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
 """
 
 
+def _integer_columns() -> frozenset[str]:
+    """Column names that every summary schema declaring them types as integers."""
+    kinds: dict[str, set[bool]] = {}
+    for schema in SUMMARY_TABLES.values():
+        for column in schema:
+            kinds.setdefault(column.name, set()).add(pa.types.is_integer(column.type))
+    return frozenset(name for name, integer in kinds.items() if integer == {True})
+
+
+# Integer columns with nulls (e.g. netdissect-only counts) come back from Parquet as floats.
+INTEGER_COLUMNS = _integer_columns()
+
+
 def report_folder(store: ResultsStore, run_id: str) -> str:
     """Where the report of ``run_id`` lives under the results root."""
     return f"{store.base}/{REPORTS}/{safe_name(run_id)}"
@@ -61,8 +77,13 @@ def _table(frame: pd.DataFrame, limit: int = TABLE_ROWS) -> str:
     """A frame as an HTML table (escaped), at most ``limit`` rows with a note when cut."""
     if frame.empty:
         return '<p class="muted">(no rows)</p>'
-    body = frame.head(limit).to_html(index=False, classes="t", border=0, na_rep="–", escape=True,
-                                     float_format=lambda value: f"{value:.3f}")
+    shown = frame.head(limit).copy()
+    for name in shown.columns.intersection(list(INTEGER_COLUMNS)):
+        values = shown[name]
+        if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+            shown[name] = values.map(lambda value: "–" if pd.isna(value) else str(int(value)))
+    body = shown.to_html(index=False, classes="t", border=0, na_rep="–", escape=True,
+                         float_format=lambda value: f"{value:.3f}")
     more = f'<p class="muted">{len(frame) - limit} more row(s): see the Parquet table.</p>' if len(frame) > limit else ""
     return f'<div class="scroll">{body}</div>{more}'
 
@@ -140,6 +161,18 @@ def _of_image(frame: pd.DataFrame, model: str, image_id: str) -> pd.DataFrame:
     return frame[(frame["model"] == model) & (frame["image_id"] == image_id)]
 
 
+def final_status(record: RunRecord, n_errors: int) -> tuple[str, object]:
+    """The run's status and finish time as the report should show them.
+
+    The summary stage writes the report as the run's last step, while its ``runs`` row still says
+    ``running``; that run's own process therefore shows the status the flow is about to record.
+    A report of a running run written from any other process keeps ``running``.
+    """
+    if record.status != "running" or record.pid != os.getpid() or record.hostname != socket.gethostname():
+        return record.status, record.finished_at
+    return ("partial" if n_errors else "completed"), pd.Timestamp.now(tz="UTC").floor("s")
+
+
 @dataclass
 class _ImagePage:
     model: str
@@ -175,10 +208,10 @@ class _Report:
     # ----------------------------------------------------------------------------- sections
     def header(self) -> str:
         record, counts = self.record, raw_counts(self.store, self.run_id)
-        status = record.status if record.status != "running" else "finishing (summary written at the end of the run)"
+        status, finished = final_status(record, counts.get("errors", 0))
         models = ", ".join(model.name for model in self.config.models) if self.config else "?"
         meta = {"run": record.run_id, "config": record.config_name, "status": status, "started": record.started_at,
-                "finished": record.finished_at or "–", "device": record.device, "models": models,
+                "finished": finished or "–", "device": record.device, "models": models,
                 "failed items": counts.get("errors", 0)}
         rows = "".join(f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in meta.items())
         table = pd.DataFrame({"table": list(counts), "rows": list(counts.values())})
