@@ -32,6 +32,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from tasks.errors import ConfigError
+from tasks.memory_format import channels_last_weights
 from tasks.metrics import autocast_context
 
 
@@ -43,12 +44,12 @@ class BatchedScoreCAM(ScoreCAM):
     differs: masks and masked inputs exist for one image and one inner batch at a time (the
     library materialises all ``B x C`` masked inputs at once), a mask bit-identical to an
     earlier one of the same image (every dead channel gives the all-zero mask) is scored once,
-    masked inputs are channels-last (about 1.3x faster convolutions on CPU; scores move by
-    ~1e-6), and the forwards may run under autocast.
+    masked inputs and, during these forwards, the model's weights are channels-last (faster
+    convolutions on CPU; scores move by ~1e-6), and the forwards may run under autocast.
     """
 
     def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
-                 batch_size: int = 16, amp_dtype: torch.dtype | None = None) -> None:
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform)
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
@@ -56,7 +57,7 @@ class BatchedScoreCAM(ScoreCAM):
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), channels_last_weights(self.model):
             for image, target in enumerate(targets):
                 upsampled = upsample(torch.from_numpy(activations[image:image + 1]).to(self.device))
                 flat = upsampled.view(upsampled.size(0), upsampled.size(1), -1)
@@ -85,13 +86,14 @@ class BatchedAblationCAM(AblationCAM):
     ``batch_size`` copies of the image, so everything before the target layer runs once per
     ablated channel and is thrown away. The only change here: the network is fed one copy,
     and the ablation layer's output (one row per ablated channel) carries the batch through the
-    rest of the network. Weights, ablation values and inner batching are the library's. This
+    rest of the network (with channels-last weights, as in ScoreCAM). Weights, ablation values
+    and inner batching are the library's. This
     assumes what runs after the target layer meets earlier tensors only by broadcasting (true
     for CNN blocks and transformer residual streams when the target is a whole block).
     """
 
     def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
-                 batch_size: int = 32, amp_dtype: torch.dtype | None = None) -> None:
+                 batch_size: int = 128, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform, batch_size=batch_size)
         # The library's default ablation layer is one module shared by every AblationCAM.
         self.ablation_layer = type(self.ablation_layer)()
@@ -109,7 +111,7 @@ class BatchedAblationCAM(AblationCAM):
         number_of_channels = activations.shape[1]
         weights = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), channels_last_weights(self.model):
                 for batch_index, (target, tensor) in enumerate(zip(targets, input_tensor)):
                     new_scores = []
                     channels_to_ablate = ablation_layer.activations_to_be_ablated(
@@ -152,8 +154,8 @@ def forward_with_cams(
     targets: Sequence[int] | None,
     methods: Sequence[str],
     *,
-    scorecam_batch_size: int = 16,
-    ablationcam_batch_size: int = 32,
+    scorecam_batch_size: int = 64,
+    ablationcam_batch_size: int = 128,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[str, np.ndarray]]:
@@ -165,8 +167,10 @@ def forward_with_cams(
         images: preprocessed model inputs ``[B, 3, H, W]`` (moved to the model's device).
         targets: the class explained for each image; ``None``: each image's top-1 prediction.
         methods: names from :data:`CAM_METHODS`.
-        scorecam_batch_size: masked inputs per forward for ScoreCAM (library default 16; larger on GPUs).
-        ablationcam_batch_size: ablated channels per forward for AblationCAM (library: 32).
+        scorecam_batch_size: masked inputs per forward for ScoreCAM (library: 16; 64 runs ~2.5x faster
+            on CPU, see benchmarks/RESULTS.md).
+        ablationcam_batch_size: ablated channels per forward for AblationCAM (library: 32; only
+            the layers after the target layer see the batch, so 128 is ~4x faster on CPU).
         reshape_transform: grad-cam's hook for non-CNN layers (``[B, tokens, C] -> [B, C, h, w]``).
         amp_dtype: run forwards under autocast with this dtype (``torch.bfloat16``/``float16``).
 
@@ -206,8 +210,8 @@ def compute_cams(
     targets: Sequence[int] | None,
     methods: Sequence[str],
     *,
-    scorecam_batch_size: int = 16,
-    ablationcam_batch_size: int = 32,
+    scorecam_batch_size: int = 64,
+    ablationcam_batch_size: int = 128,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:

@@ -19,8 +19,8 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from tasks.activations import read_cached_tensor, write_tensor_atomic
 from tasks.cache import cache_dir
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:  # pandas only for label_units, so the similarity functions need torch alone
+    import pandas as pd
 
 # CLIP's logit scale: the reference implementation multiplies cosine similarities by 100 before
 # any similarity function, and the paper's softmax temperatures (a=2, a=10) assume that scale.
@@ -501,6 +504,8 @@ def label_units(
     ``list<struct<concept: string, score: float>>``), ``top_images`` (image ids, most activating
     first).
     """
+    import pandas as pd
+
     n_units, n_concepts = similarity.shape
     if n_concepts != len(concepts):
         raise ValueError(f"similarity has {n_concepts} concepts but {len(concepts)} names were given")

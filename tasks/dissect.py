@@ -125,19 +125,72 @@ def clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, acti
                        top_images=config.dissect.top_images, concept_category=categories)
 
 
-def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe) -> dict[str, pd.DataFrame]:
-    """Network Dissection labels of several layers, sharing each pass over the probe set."""
+def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe,
+                    nonfinite: dict[str, None] | None = None) -> dict[str, pd.DataFrame]:
+    """Network Dissection labels of several layers, sharing each pass over the probe set; images
+    with NaN/Inf activations are left out and named in ``nonfinite``."""
+    from tasks.activations import read_cached_tensor, write_tensor_atomic
     from tasks.netdissect import dissect_layers
 
     settings, probe_settings = config.dissect.netdissect, config.dissect.probe
     broden = probe.broden()
     device = resolve_device(config.device)
-    return dissect_layers(
+    # a model without a content identity (a test double) cannot key a cache: its thresholds are computed
+    files = threshold_files(model, probe, layers, settings.quantile, device) if getattr(model, "identity", None) else {}
+    cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
+    thresholds = cached if files and all(value is not None for value in cached.values()) else None
+    frames = dissect_layers(
         lambda: dissect_batches(probe, model.preprocess, model.module, layers, probe_settings.batch_size, device,
-                                workers=probe_settings.workers),
-        broden.label_names, broden.label_category, quantile=settings.quantile, iou_threshold=settings.iou_threshold,
-        categories=settings.categories, top_k=config.dissect.top_concepts, top_images=config.dissect.top_images,
-        device=device)
+                                workers=probe_settings.workers, nonfinite=nonfinite),
+        broden.label_names, broden.label_category, thresholds=thresholds, quantile=settings.quantile,
+        iou_threshold=settings.iou_threshold, categories=settings.categories, top_k=config.dissect.top_concepts,
+        top_images=config.dissect.top_images, device=device)
+    if files and thresholds is None:
+        for layer, frame in frames.items():
+            write_tensor_atomic(torch.tensor(frame["threshold"].to_numpy(dtype="float32")), files[layer])
+    return frames
+
+
+THRESHOLDS_VERSION = 1  # bump when the threshold estimate changes: it keys the cache
+
+
+def threshold_files(model, probe: Probe, layers: list[str], quantile: float, device: torch.device) -> dict[str, Path]:
+    """Where each layer's Network Dissection thresholds are cached.
+
+    The thresholds (the first pass over the probe set) depend only on the weights, the
+    preprocessing, the probe images, the quantile and the device's arithmetic; caching them lets
+    a warm run skip that pass (the IoU pass reproduces the same rows from the same float32 values).
+    """
+    from tasks.cache import cache_dir, content_key
+    from tasks.netdissect import DEFAULT_BINS
+
+    folder = cache_dir("netdissect_thresholds", model=model.identity, preprocess=repr(model.preprocess), probe=probe.identity,
+                       quantile=quantile, bins=DEFAULT_BINS, device=device.type, version=THRESHOLDS_VERSION)
+    return {layer: folder / f"{content_key(layer=layer)}.safetensors" for layer in layers}
+
+
+def finite_clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
+                             concepts: list[str], categories: dict[str, str], model_name: str, layer: str) -> tuple[pd.DataFrame, list[dict]]:
+    """:func:`clip_dissect_rows` without NaN/Inf activations, and the ``errors`` rows naming each
+    probe image left out and each unit left unlabelled because of them."""
+    from dataclasses import replace
+
+    from tasks.activations import finite_selection
+
+    images, units = finite_selection(activations)
+    errors = [{"stage": "dissect", "item_id": f"{model_name}/{layer}/unit {unit}", "error_type": "NonFiniteActivationError", "model": model_name,
+               "message": f"unit {unit} of {layer} has no finite activation on any probe image; it is not labelled"}
+              for unit in torch.nonzero(~units).flatten().tolist()]
+    errors += [{"stage": "dissect", "item_id": probe.image_ids[index], "error_type": "NonFiniteActivationError", "model": model_name,
+                "message": f"NaN/Inf activations in {layer}; image left out of CLIP-Dissect for this layer"}
+               for index in torch.nonzero(~images).flatten().tolist()]
+    if errors:
+        kept = torch.nonzero(images).flatten().tolist()
+        probe = replace(probe, image_ids=[probe.image_ids[i] for i in kept], paths=[probe.paths[i] for i in kept])
+        similarity_matrix, activations = similarity_matrix[images.to(similarity_matrix.device)], activations[images][:, units]
+    frame = clip_dissect_rows(config, similarity_matrix, activations, probe, concepts, categories)
+    frame["unit"] = torch.nonzero(units).flatten().cpu().numpy()[frame["unit"].to_numpy()]  # back to the layer's own unit numbers
+    return frame, errors
 
 
 def _write_neurons(store: ResultsStore, run_id: str, model_name: str, layer: str, method: str, frame: pd.DataFrame) -> int:
@@ -174,8 +227,11 @@ def clip_dissect_task(config: AuditConfig, model_name: str, layers: list[str], l
     with using_model(config, model_config) as model:
         activations = pooled_layer_activations(config, model, layers, probe)[layer]
         concepts, categories = concept_set(config, probe, model.class_names)
-    frame = clip_dissect_rows(config, clip_similarity(config, probe, concepts), activations, probe, concepts, categories)
-    return _write_neurons(ResultsStore(results), run_id, model_name, layer, "clip_dissect", frame)
+    frame, errors = finite_clip_dissect_rows(config, clip_similarity(config, probe, concepts), activations, probe, concepts, categories,
+                                             model_name, layer)
+    store = ResultsStore(results)
+    store.write("errors", run_id, neurons_unit(model_name, layer, "clip_dissect"), errors)  # before neurons: that file marks the unit done
+    return _write_neurons(store, run_id, model_name, layer, "clip_dissect", frame)
 
 
 @task(name="netdissect", task_run_name="netdissect {model_name}", tags=["gpu"],
@@ -184,9 +240,13 @@ def netdissect_task(config: AuditConfig, model_name: str, layers: list[str], res
     """Network Dissection of ``layers`` (one set of passes), one ``neurons`` file per layer."""
     probe = open_probe(config)
     model_config = _model_config(config, model_name)
+    nonfinite: dict[str, None] = {}
     with using_model(config, model_config) as model:
-        frames = netdissect_rows(config, model, layers, probe)
+        frames = netdissect_rows(config, model, layers, probe, nonfinite)
     store = ResultsStore(results)
+    store.write("errors", run_id, f"{safe_name(model_name)}-netdissect", [
+        {"stage": "dissect", "item_id": image_id, "error_type": "NonFiniteActivationError", "model": model_name,
+         "message": f"NaN/Inf activations in {', '.join(layers)}; image left out of Network Dissection"} for image_id in nonfinite])
     rows = sum(_write_neurons(store, run_id, model_name, layer, "netdissect", frame) for layer, frame in frames.items())
     get_run_logger().info("netdissect %s: %d units over %d layers", model_name, rows, len(frames))
     return rows

@@ -1,0 +1,142 @@
+"""Target 4: CLIP-Dissect's ``soft_wpmi`` vs a per-unit loop written like the paper's reference code.
+
+The stock side below follows the structure of the reference implementation (Oikarinen & Weng,
+``similarity.py``): a softmax over concepts, each unit's top images by ``topk``, then a Python
+loop over units that gathers the unit's top rows, forms ``1 + p_r (p(c|x) - 1)`` and sums
+``log(. + min_prob)`` over ranks; finally ``log p(c)`` by logsumexp over units. It is written
+here, independently of :mod:`tasks.clip_dissect`, as ground truth. Both sides get the same
+image-concept matrix ``P = 100 · I @ Tᵀ`` (random unit-norm features of CLIP's 512 dimensions)
+and the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / max(|stock|, 1)``
+(scores reach hundreds, where float32 spacing alone is ~3e-5).
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Result, Timing, device_for, interleave, peak_rss_mib, reset_peak_rss, rss_mib, timed
+
+TARGETS = ("4 CLIP-Dissect soft_wpmi speed-up", "4 CLIP-Dissect soft_wpmi peak RSS", "4 CLIP image features throughput")
+
+SETTINGS = {
+    # the paper's scale: 10,000 probe images x 20,000 concepts x 512 units
+    "tiny": dict(images=300, concepts=500, units=16, repeats=1),
+    "cpu": dict(images=10_000, concepts=20_000, units=512, repeats=2),
+    "gpu": dict(images=10_000, concepts=20_000, units=512, repeats=3),
+}
+# The probe set's CLIP image features: open_clip model (random weights), images, batch size.
+FEATURE_SETTINGS = {
+    "tiny": dict(clip="xai-toy-clip", images=16, batch_size=8),
+    "cpu": dict(clip="ViT-B-16", images=16, batch_size=8),
+    "gpu": dict(clip="ViT-B-16", images=10_000, batch_size=500),
+}
+EMBEDDING = 512
+
+
+def reference_soft_wpmi(clip_feats: torch.Tensor, target_feats: torch.Tensor, top_k: int = 100, a: float = 10,
+                        lam: float = 1, min_prob: float = 1e-7, p_start: float = 0.998,
+                        p_end: float = 0.97) -> torch.Tensor:
+    """soft_wpmi as the reference code computes it: one unit at a time."""
+    device = clip_feats.device
+    with torch.no_grad():
+        probs = torch.softmax(a * clip_feats, dim=1)
+        top = torch.topk(target_feats, dim=0, k=top_k)[1]
+        p_in = p_start - (torch.arange(top_k, device=device) / top_k * (p_start - p_end)).unsqueeze(1)
+        per_unit = []
+        for unit in range(target_feats.shape[1]):
+            rows = probs.gather(0, top[:, unit:unit + 1].expand(-1, probs.shape[1]))
+            given_unit = 1 + p_in * (rows - 1)
+            per_unit.append(torch.sum(torch.log(given_unit + min_prob), dim=0, keepdim=True))
+        log_given_unit = torch.cat(per_unit, dim=0)
+        log_concept = torch.logsumexp(log_given_unit, dim=0, keepdim=True) - torch.log(
+            log_given_unit.shape[0] * torch.ones([1], device=device))
+        return log_given_unit - lam * log_concept
+
+
+def inputs(images: int, concepts: int, units: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P = 100 · I @ Tᵀ`` from random unit-norm features, and non-negative unit activations."""
+    generator = torch.Generator().manual_seed(0)
+    image_feats = torch.nn.functional.normalize(torch.randn(images, EMBEDDING, generator=generator), dim=1)
+    text_feats = torch.nn.functional.normalize(torch.randn(concepts, EMBEDDING, generator=generator), dim=1)
+    activations = torch.randn(images, units, generator=generator).relu_()
+    clip_feats = (100.0 * image_feats.to(device) @ text_feats.to(device).T)
+    return clip_feats, activations.to(device)
+
+
+def run(size: str) -> list[Result]:
+    return similarity_results(size) + [feature_result(size)]
+
+
+def feature_result(size: str) -> Result:
+    """Images per second of :func:`tasks.clip_dissect.clip_image_features` (reported, no goal)."""
+    try:
+        import open_clip
+
+        from tasks.clip_dissect import clip_image_features
+        from tasks.toy_clip import register_toy_clip
+    except ImportError as error:
+        return Result.skipped(TARGETS[2], f"missing library: {error}")
+    s = FEATURE_SETTINGS[size]
+    device = device_for(size)
+    register_toy_clip()
+    torch.manual_seed(0)
+    model = open_clip.create_model(s["clip"], pretrained=None).eval().to(device)
+    pixels = model.visual.image_size
+    pixels = pixels[0] if isinstance(pixels, (tuple, list)) else pixels
+    batch = torch.randn(s["batch_size"], 3, pixels, pixels, generator=torch.Generator().manual_seed(0))
+    batches = [batch] * (s["images"] // s["batch_size"])
+    clip_image_features(model, None, batches[:1], device)  # warm-up
+    seconds, feats = timed(lambda: clip_image_features(model, None, batches, device))
+    return Result(TARGETS[2], round(len(feats) / seconds, 1), None, unit="img/s",
+                  note=f"{s['clip']} random weights, {pixels} px, {len(feats):,} images, batch {s['batch_size']}, fp32",
+                  extra={"seconds": round(seconds, 3)})
+
+
+def similarity_results(size: str) -> list[Result]:
+    """Targets 4's speed-up and peak RSS of soft_wpmi against the per-unit reference loop."""
+    from tasks.clip_dissect import soft_wpmi
+
+    s = SETTINGS[size]
+    device = device_for(size)
+    clip_feats, target_feats = inputs(s["images"], s["concepts"], s["units"], device)
+    scale = f"{s['images']:,} images x {s['concepts']:,} concepts x {s['units']} units on {device.type}"
+
+    # Peak memory of ours alone (inputs already resident): the high-water mark is restarted at
+    # the start of each of our calls and read at its end.
+    resident = rss_mib()
+    peaks: list[float] = []
+    fresh_peak = True
+
+    cuda_peaks: list[float] = []
+
+    def ours():
+        nonlocal fresh_peak
+        fresh_peak = reset_peak_rss() and fresh_peak
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        output = soft_wpmi(clip_feats, target_feats)
+        peaks.append(peak_rss_mib())
+        if device.type == "cuda":
+            cuda_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+        return output
+
+    small = slice(0, min(8, s["units"]))
+    soft_wpmi(clip_feats, target_feats[:, small])  # warm both paths on a few units
+    reference_soft_wpmi(clip_feats, target_feats[:, small])
+    runs = interleave({"ours": ours, "stock": lambda: reference_soft_wpmi(clip_feats, target_feats).float().cpu()},
+                      repeats=s["repeats"], warmup=0)
+    timing = Timing("soft_wpmi", runs["ours"][0], runs["stock"][0], runs["ours"][1], runs["stock"][1])
+    difference = (timing.ours_output - timing.stock_output).abs()
+    relative = difference / timing.stock_output.abs().clamp_min(1.0)
+    extra = {"max_abs_diff": float(difference.max()), "max_rel_diff": float(relative.max()),
+             "identical_1e-4": bool(relative.max() <= 1e-4),
+             "same_top_concept": float((timing.ours_output.argmax(1) == timing.stock_output.argmax(1)).float().mean())}
+    memory = {"process_rss_before_mib": round(resident), "process_peak_rss_mib": round(max(peaks)),
+              "peak_reset": fresh_peak, "inputs_mib": round((clip_feats.numel() + target_feats.numel()) * 4 / 2**20)}
+    if device.type == "cuda":  # the work (and its memory) is on the GPU; host RSS is libraries and CUDA context
+        peak, what = max(cuda_peaks), "CUDA peak allocated during one soft_wpmi call (inputs resident)"
+    else:
+        peak, what = max(peaks), "process VmHWM during one soft_wpmi call (inputs resident)"
+    return [
+        Result.speedup(TARGETS[0], timing, goal=2.0, note=scale, **extra),
+        Result(TARGETS[1], round(peak / 1024, 3), 3.0, "max", "GiB", note=f"{what}; {scale}", extra=memory),
+    ]
