@@ -29,7 +29,7 @@ TABLES: dict[str, pa.Schema] = {
         ("config_name", pa.string(), "The config's name (runs of one name are resumed and compared)."),
         ("status", pa.string(), "running, completed, partial (some items failed) or failed."),
         ("config_json", pa.string(), "The validated config as canonical JSON."),
-        ("config_hash", pa.string(), "Hash of config_json."),
+        ("config_hash", pa.string(), "Hash of config_json without its runner section (how tasks execute does not change results)."),
         ("started_at", pa.timestamp("us", tz="UTC"), "Start time."),
         ("finished_at", pa.timestamp("us", tz="UTC"), "End time (null while running)."),
         ("versions", pa.string(), "JSON of package versions (torch, torchvision, grad-cam, lime, open_clip, prefect, xai-audit)."),
@@ -96,6 +96,7 @@ TABLES: dict[str, pa.Schema] = {
         _RUN, _MODEL, _IMAGE, _METHOD,
         ("deletion_auc", pa.float32(), "Area under the target probability as top pixels are removed (lower is better)."),
         ("insertion_auc", pa.float32(), "Area under the target probability as top pixels are revealed (higher is better)."),
+        ("road", pa.float32(), "grad-cam's ROADCombined score, (LeRF - MoRF) / 2 over metrics.road_percentiles (higher is better); null for LIME or when metrics.road is off."),
     ),
     "lime_trials": _schema(
         "One row per (image, LIME parameter set) of the LIME search.",

@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import AuditConfig, ModelConfig
 from storage.maps import decode_map, encode_map
 from storage.parquet import ResultsStore, safe_name
-from tasks.errors import ItemError
+from tasks.errors import ItemError, NonFiniteError
 from tasks.images import load_rgb
 from tasks.oom import run_with_backoff
 
@@ -118,11 +118,16 @@ class _NormalisedModel(torch.nn.Module):
         self.register_buffer("std", torch.tensor(model.std, device=device).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.module((pixels - self.mean) / self.std)
+        logits = self.module((pixels - self.mean) / self.std)
+        if not torch.isfinite(logits).all():  # LIME's regression must never be fitted to NaN/Inf
+            raise NonFiniteError("lime", "the model's output on LIME's perturbed images is not finite (NaN/Inf)", "NonFiniteOutputError")
+        return logits
 
 
-def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[int], image_ids: list[str], amp_dtype) -> tuple[np.ndarray, list[dict]]:
-    """LIME maps of a batch (scaled to max |weight| = 1, a ranking-preserving scale) and search trials."""
+def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[int], image_ids: list[str],
+               amp_dtype) -> tuple[np.ndarray, list[dict], dict[int, ItemError]]:
+    """LIME maps of a batch (scaled to max |weight| = 1, a ranking-preserving scale), search trials,
+    and the images LIME failed on (their maps are NaN), by batch index."""
     from tasks.lime_explain import SegmentationCache, explain_lime, lime_search
 
     settings = config.explain.lime
@@ -131,29 +136,38 @@ def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[in
     images = [((pixels.cpu() * std[0] + mean[0]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for pixels in batch]
     hide_color = None if settings.hide_color is None else tuple(settings.hide_color)
     cache = SegmentationCache(max_entries=max(1, len(images)))
-    results = explain_lime(model_fn, images, targets, segmentation=settings.segmentation, segmentation_params=settings.segmentation_params,
-                           num_samples=settings.num_samples, hide_color=hide_color, kernel_width=settings.kernel_width,
-                           num_features=settings.num_features, seed=config.seed, batch_size=settings.batch_size,
-                           amp_dtype=amp_dtype, cache=cache)
-    maps = np.stack([result.saliency_map for result in results]).astype(np.float32)
-    scale = np.abs(maps).reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
-    maps = np.divide(maps, scale, out=np.zeros_like(maps), where=scale > 0)
-    trials = []
-    if settings.search.enabled:
-        for image, target, image_id in zip(images, targets, image_ids):
-            search = lime_search(model_fn, image, target, settings.search.grid, seeds=tuple(settings.search.seeds),
-                                 hide_color=hide_color, num_features=settings.num_features,
-                                 steps=config.explain.metrics.steps, batch_size=settings.batch_size, amp_dtype=amp_dtype, cache=cache)
+    maps = np.full((len(images), *images[0].shape[:2]), np.nan, dtype=np.float32)
+    trials, failed = [], {}
+    # one image per call (explain_lime loops over images anyway), so a model that fails on one image fails only that image
+    for index, (image, target, image_id) in enumerate(zip(images, targets, image_ids)):
+        try:
+            (result,) = explain_lime(model_fn, [image], [target], segmentation=settings.segmentation,
+                                     segmentation_params=settings.segmentation_params, num_samples=settings.num_samples,
+                                     hide_color=hide_color, kernel_width=settings.kernel_width, num_features=settings.num_features,
+                                     seed=config.seed, batch_size=settings.batch_size, amp_dtype=amp_dtype, cache=cache)
+            search = None if not settings.search.enabled else lime_search(
+                model_fn, image, target, settings.search.grid, seeds=tuple(settings.search.seeds), hide_color=hide_color,
+                num_features=settings.num_features, steps=config.explain.metrics.steps, batch_size=settings.batch_size,
+                amp_dtype=amp_dtype, cache=cache)
+        except NonFiniteError as error:
+            failed[index] = ItemError(image_id, error.message, error.error_type)
+            continue
+        maps[index] = result.saliency_map
+        if search is not None:
             trials += [{"model": model.name, "image_id": image_id, "params_json": json.dumps(trial.params, sort_keys=True),
                         "objective": trial.objective, "seconds": trial.seconds, "components_json": json.dumps(trial.components, sort_keys=True),
                         "best": trial is search.best} for trial in search.trials]
-    return maps, trials
+    scale = np.abs(maps).reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
+    maps = np.divide(maps, scale, out=np.full_like(maps, np.nan), where=scale > 0)
+    maps[(scale == 0).ravel()] = 0.0
+    return maps, trials, failed
 
 
 def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: list[_Input]) -> ChunkRows:
     """Every configured explanation and metric of one batch of decoded images."""
     from tasks.cams import forward_with_cams
     from tasks.metrics import agreement_rows, deletion_insertion, localization_row, require_finite, scaled_tolerance
+    from tasks.road import road_scores
 
     explain, metrics = config.explain, config.explain.metrics
     amp_dtype = PRECISIONS[explain.precision]
@@ -167,8 +181,9 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
     targets = label_targets or probabilities.argmax(dim=-1).tolist()
     image_ids = [item.record["image_id"] for item in inputs]
     rows = ChunkRows()
+    failed: dict[int, ItemError] = {}
     if "lime" in explain.methods:
-        maps["lime"], rows.lime_trials = _lime_maps(config, model, batch, targets, image_ids, amp_dtype)
+        maps["lime"], rows.lime_trials, failed = _lime_maps(config, model, batch, targets, image_ids, amp_dtype)
     top_prob, top_label = probabilities.topk(min(explain.topk, probabilities.shape[1]), dim=-1)
     stored = {method: np.stack([decode_map(encode_map(m)) for m in method_maps]) for method, method_maps in maps.items()}
     usable = np.ones(len(inputs), dtype=bool)
@@ -177,6 +192,8 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
         try:
             if not torch.isfinite(logits[index]).all():
                 raise ItemError(image_ids[index], "the model's output is not finite (NaN/Inf)", "NonFiniteOutputError")
+            if index in failed:
+                raise failed[index]
             for method in stored:
                 require_finite(stored[method][index], f"{image_ids[index]} ({method})")
         except ItemError as error:
@@ -200,8 +217,16 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
         for method, method_maps in stored.items():
             deletion, insertion = deletion_insertion(model.module, batch[keep], method_maps[keep], [targets[i] for i in keep],
                                                      steps=metrics.steps, baseline=metrics.baseline, batch_size=metrics.batch_size, amp_dtype=amp_dtype)
-            rows.faithfulness += [{"model": model.name, "image_id": image_ids[i], "method": method, "deletion_auc": float(d), "insertion_auc": float(n)}
-                                  for i, d, n in zip(keep, deletion, insertion)]
+            road = (road_scores(model.module, batch[keep], method_maps[keep], [targets[i] for i in keep], metrics.road_percentiles, config.seed)
+                    if metrics.road and method != "lime" else np.full(len(keep), np.nan))
+            for i, d, n, r in zip(keep, deletion, insertion, road):
+                if np.isfinite(d) and np.isfinite(n):
+                    rows.faithfulness.append({"model": model.name, "image_id": image_ids[i], "method": method, "deletion_auc": float(d),
+                                              "insertion_auc": float(n), "road": float(r) if np.isfinite(r) else None})
+                else:  # the model failed on some deleted/inserted image: no AUC rather than a NaN one
+                    rows.errors.append(_error_row(model.name, image_ids[i], NonFiniteError(
+                        image_ids[i], f"{method} faithfulness: the model's output on deleted/inserted images is not finite (NaN/Inf)",
+                        "NonFiniteMetricError")))
     return rows
 
 

@@ -10,6 +10,7 @@ from flows.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
 from tasks.metrics import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
+from tasks.road import road_scores
 
 METHODS = ["gradcam", "gradcam++", "eigencam", "lime"]
 
@@ -26,7 +27,7 @@ def explained(prefect_harness, tmp_path_factory):
         "dissect": {"enabled": False},
         "explain": {"methods": METHODS, "chunk_size": 4, "batch_size": 3,
                     "lime": {"num_samples": 40, "batch_size": 40, "search": {"enabled": True, "grid": [{"segmentation": "slic", "n_segments": 20, "num_samples": 30}, {"segmentation": "felzenszwalb", "num_samples": 30}]}},
-                    "metrics": {"steps": 4}},
+                    "metrics": {"steps": 4, "road": True, "road_percentiles": [30, 70]}},
     })
     outcome = run_audit(config, results)
     return config, ResultsStore(results), outcome.run_id
@@ -79,6 +80,11 @@ def test_metrics_recompute_from_the_saliency_table(explained):
             stored = faithfulness.loc[(record["image_id"], method)]
             assert stored.deletion_auc == pytest.approx(deletion[0], abs=1e-5)
             assert stored.insertion_auc == pytest.approx(insertion[0], abs=1e-5)
+            if method == "lime":
+                assert np.isnan(stored.road)
+            else:
+                road = road_scores(model.module, pixels, saliency_map[None], [target], [30, 70])
+                assert np.isfinite(stored.road) and stored.road == pytest.approx(road[0], abs=1e-5)
 
 
 def test_ground_truth_mask_follows_the_model_geometry():
