@@ -167,7 +167,7 @@ def netdissect_results(size: str) -> list[Result]:
 def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
     from flows.config import parse_config
-    from flows.explain import explain_model, plan_chunks
+    from flows.explain import explain_model
     from flows.runner import subflow_task_runner
     from storage.parquet import ResultsStore
     from storage.runs import new_run_id
@@ -181,17 +181,19 @@ def orchestration_result(size: str) -> Result:
     model_name = config.models[0].name
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as results:
         store = ResultsStore(results)
-        records = list_image_set(config, store, "listing")
+        n_images = config.images.limit
 
-        def flow_side() -> int:  # with the task runner the audit gives this subflow
-            return explain_model.with_options(task_runner=subflow_task_runner(config))(config, model_name, records, results, new_run_id("flow"))
+        def flow_side() -> int:  # with the task runner the audit gives this subflow; both sides list into their run first
+            run_id = new_run_id("flow")
+            n_chunks = list_image_set(config, store, run_id)
+            return explain_model.with_options(task_runner=subflow_task_runner(config))(config, model_name, n_chunks, results, run_id)
 
         def loop_side() -> int:
             run_id = new_run_id("loop")
-            chunks = plan_chunks(records, config.explain.chunk_size)
-            for index, chunk in enumerate(chunks):
-                explain_chunk.fn(config, model_name, index, chunk, results, run_id)
-            return len(chunks)
+            n_chunks = list_image_set(config, store, run_id)
+            for index in range(n_chunks):
+                explain_chunk.fn(config, model_name, index, results, run_id)
+            return n_chunks
 
         load = _load()
         started = time.perf_counter()
@@ -202,7 +204,7 @@ def orchestration_result(size: str) -> Result:
         raise RuntimeError(f"the flow ran {runs['flow'][1]} chunks, the loop {runs['loop'][1]}")
     ratio = statistics.median(f / l for f, l in zip(flow_s, loop_s))
     return Result("6 Orchestration overhead (Prefect flow / plain loop)", round(ratio, 3), GOALS["overhead_ratio"], "max", "x",
-                  note=f"{len(records)} images, gradcam + metrics, {runs['flow'][1]} chunk tasks; median flow / loop over "
+                  note=f"{n_images} images, gradcam + metrics, {runs['flow'][1]} chunk tasks; median flow / loop over "
                        f"{len(flow_s)} alternating rounds after a warm-up round (which also starts Prefect's API)",
                   extra={"flow_s": [round(s, 2) for s in flow_s], "loop_s": [round(s, 2) for s in loop_s],
                          "load_start": load, "load_end": _load(), "seconds_total": round(total, 1)})

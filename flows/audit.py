@@ -110,9 +110,9 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
             run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
-            records = list_image_set(config, store, run.run_id)
+            n_chunks = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, records, results, run.run_id, show_progress)
+                explain_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, n_chunks, results, run.run_id, show_progress)
             run.timings["explain"] = round(time.perf_counter() - started, 3)
         summary = summarize_task(results, run.run_id)
         run.n_errors = summary.n_errors

@@ -140,6 +140,13 @@ class ResultsStore:
         return ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs,
                           partitioning=partitioning, partition_base_dir=f"{self.base}/{table}")
 
+    def read_unit(self, table: str, run_id: str, unit: str) -> list[dict[str, Any]]:
+        """One work unit's rows as plain Python values (``run_id`` lives in the path, not the file)."""
+        from storage.integrity import unreadable_files_named
+
+        with unreadable_files_named(self):
+            return pq.read_table(self.unit_path(table, run_id, unit), schema=file_schema(table), filesystem=self.fs).to_pylist()
+
     def read(self, table: str, run_id: str | None = None) -> pd.DataFrame:
         """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see storage.integrity)."""
         from storage.integrity import unreadable_files_named

@@ -40,6 +40,16 @@ TABLES: dict[str, pa.Schema] = {
         ("n_errors", pa.int64(), "Rows in the errors table for this run."),
         ("message", pa.string(), "Why the run failed, when it did."),
     ),
+    "images": _schema(
+        "One row per usable image of a run's image set, one file per explain chunk (what the explain tasks read).",
+        _RUN, _IMAGE,
+        ("chunk", pa.int32(), "Explain chunk of the image (explain.chunk_size images each, in listing order)."),
+        ("path", pa.string(), "Image file."),
+        ("label", pa.int32(), "Class index the set gives the image, if any."),
+        ("label_name", pa.string(), "Class name the set gives the image, if any."),
+        ("mask_path", pa.string(), "Ground-truth object mask, if any."),
+        ("box", pa.list_(pa.int32()), "Ground-truth box [x0, y0, x1, y1] in image pixels, if any."),
+    ),
     "predictions": _schema(
         "One row per (model, image): the model's top-k classes.",
         _RUN, _MODEL, _IMAGE,

@@ -254,14 +254,16 @@ def _logger():
 
 @task(name="explain-chunk", task_run_name="explain {model_name} chunk {chunk_index}", tags=["gpu"],
       retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
-def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, records: list[dict], results: str, run_id: str) -> dict[str, int]:
-    """Explain one chunk and write its files; returns the row count per table."""
+def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, results: str, run_id: str) -> dict[str, int]:
+    """Explain one chunk of the run's ``images`` table and write its files; returns the row count per table."""
+    from tasks.image_sets import read_image_chunk
     from tasks.runtime import using_model
 
+    store = ResultsStore(results)
+    records = read_image_chunk(store, run_id, chunk_index)
     model_config = next(model for model in config.models if model.name == model_name)
     with using_model(config, model_config) as model:
         rows = explain_records(config, model_config, model, records)
-    store = ResultsStore(results)
     unit = chunk_unit(model_name, chunk_index)
     for table in EXPLAIN_TABLES:
         store.write(table, run_id, unit, getattr(rows, table))

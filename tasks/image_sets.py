@@ -1,8 +1,9 @@
-"""The configured image set as a list of small, serialisable records (what explain tasks receive).
+"""The configured image set, listed once per run into the ``images`` table (what explain tasks read).
 
-Listing is lazy underneath (folders, lists and Broden indexes are streamed); unusable entries
-(path escapes, duplicates, missing files) become ``errors`` rows of stage ``list`` and the run
-goes on with the rest.
+Listing is lazy end to end: folders, lists and Broden indexes are streamed, and the usable records
+go to the ``images`` table one explain chunk at a time, so a set of any size costs one chunk of
+memory and the flow hands its tasks chunk numbers, not records. Unusable entries (path escapes,
+duplicates, missing files) become ``errors`` rows of stage ``list`` and the run goes on with the rest.
 """
 from __future__ import annotations
 
@@ -48,13 +49,35 @@ def record_row(record: ImageRecord) -> dict:
     }
 
 
-def list_image_set(config: AuditConfig, store: ResultsStore, run_id: str) -> list[dict]:
-    """Every usable record of the image set; the unusable ones are written to ``errors``."""
-    records, errors = [], []
+def image_chunk_unit(chunk: int) -> str:
+    """The ``images`` file of one explain chunk."""
+    return f"chunk-{chunk:06d}"
+
+
+def list_image_set(config: AuditConfig, store: ResultsStore, run_id: str) -> int:
+    """Write the usable records to ``images``, ``explain.chunk_size`` per file, and the unusable
+    ones to ``errors``; returns the number of chunks. Listing again gives the same files."""
+    chunk_size, chunks, pending, errors = config.explain.chunk_size, 0, [], []
+
+    def flush() -> None:
+        nonlocal chunks, pending
+        store.write("images", run_id, image_chunk_unit(chunks), [{**row, "chunk": chunks} for row in pending])
+        chunks, pending = chunks + 1, []
+
     for item in iter_image_set(config):
         if isinstance(item, ItemError):
             errors.append({"stage": "list", "item_id": item.item_id, "error_type": item.error_type, "message": item.message})
-        else:
-            records.append(record_row(item))
+            continue
+        pending.append(record_row(item))
+        if len(pending) == chunk_size:
+            flush()
+    if pending:
+        flush()
     store.write("errors", run_id, "list", errors)
-    return records
+    return chunks
+
+
+def read_image_chunk(store: ResultsStore, run_id: str, chunk: int) -> list[dict]:
+    """The records of one explain chunk, as :func:`list_image_set` wrote them."""
+    return [{key: value for key, value in row.items() if key != "chunk"}
+            for row in store.read_unit("images", run_id, image_chunk_unit(chunk))]

@@ -98,6 +98,8 @@ def test_query_reads_rows_of_every_table(tmp_path):
     store = ResultsStore(tmp_path)
     base = {"model": "m", "image_id": "a.png", "method": "gradcam"}
     samples = {
+        "images": {"image_id": "a.png", "chunk": 0, "path": "/data/a.png", "label": 1, "label_name": "circle",
+                   "mask_path": None, "box": [0, 0, 4, 4]},
         "predictions": {"model": "m", "image_id": "a.png", "label": 1, "label_name": "circle", "prob": 0.9,
                         "topk": [{"label": 1, "name": "circle", "prob": 0.9}]},
         "neurons": {"model": "m", "layer": "layer4", "unit": 3, "method": "netdissect", "concept": "red", "category": "color",
