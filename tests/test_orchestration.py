@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from storage.parquet import ResultsStore
 from storage.runs import RunRecord
 from tasks.explain import EXPLAIN_TABLES
 from tasks.oom import is_out_of_memory, run_with_backoff
+from tests.fixtures.audit_runs import kill_when_written
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -234,15 +233,7 @@ def test_a_killed_run_resumes_automatically_to_the_tables_of_an_uninterrupted_ru
     env = _cli_env(tmp_path, "prefect-home")
     process = subprocess.Popen(_cli(config, results), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(store.files("errors")) < 3:  # errors is each chunk's last file
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no chunk finished in time"
-            time.sleep(0.1)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+    kill_when_written(process, store, "errors", 3)  # errors is each chunk's last file
     (killed,) = store.run_ids()
     assert RunRecord.load(store, killed).status == "running"
     done_before = len(store.files("errors", killed))

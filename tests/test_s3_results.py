@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from storage.parquet import ResultsStore
 from storage.query import run_query
 from storage.runs import RunRecord, list_runs
 from tasks.explain import EXPLAIN_TABLES
+from tests.fixtures.audit_runs import kill_when_written
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -128,15 +127,7 @@ def test_a_run_killed_while_writing_to_s3_resumes_there_and_is_queried(s3, tmp_p
     env |= s3.env | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "flows.cli", "run", str(config), "--results", root]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(store.files("errors")) < 2:  # errors is each chunk's last file
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no chunk finished in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+    kill_when_written(process, store, "errors", 2)  # errors is each chunk's last file
     (killed,) = store.run_ids()
     assert RunRecord.load(store, killed).status == "running"
     assert len(store.files("errors", killed)) < n_images, "the run finished before it could be killed"
