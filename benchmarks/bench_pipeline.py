@@ -39,10 +39,6 @@ TARGETS = ("5 Network Dissection peak RSS, 4x probe images", "5 Network Dissecti
            "6 Orchestration overhead (Prefect flow / plain loop)", "7 demo warm")
 
 REPO = Path(__file__).resolve().parents[1]
-# the CLI's quiet offline Prefect settings, before anything here imports Prefect (user values win)
-for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("PREFECT_LOGGING_LEVEL", "WARNING"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")):
-    os.environ.setdefault(_key, _value)
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 SETTINGS = {
