@@ -30,7 +30,9 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str]:
     markdown.write_text("# Results\n\nhand-written notes stay\n")
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size", "tiny", "--out", str(out), "--markdown", str(markdown)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        # a Prefect home of its own: the user's ~/.prefect database may be migrated by another Prefect version
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(folder / "prefect-home")})
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), markdown.read_text()
 
