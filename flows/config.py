@@ -12,12 +12,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import XaiAuditError
 from tasks.synthetic import WorldSpec
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _positive_or_auto(value: Any) -> Any:
+    """One error for the whole field (pydantic would report each union member separately)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"must be a positive integer or 'auto', got {value!r}")
+
+
+PositiveIntOrAuto = Annotated[PositiveInt | Literal["auto"], BeforeValidator(_positive_or_auto)]
 
 
 class ConfigErrors(XaiAuditError):
@@ -201,7 +211,8 @@ class LimeConfig(_Section):
     hide_color: list[int] | None = Field(None, min_length=3, max_length=3, description="RGB of hidden superpixels; null: each superpixel's mean colour (lime's default).")
     kernel_width: float = Field(0.25, gt=0, description="Width of LIME's exponential kernel.")
     num_features: PositiveInt = Field(100000, description="Superpixels kept in the ridge fit (lime's default keeps all).")
-    batch_size: PositiveInt = Field(256, description="Perturbed images per model forward.")
+    batch_size: PositiveIntOrAuto = Field(
+        "auto", description="Perturbed images per model forward; auto: 32 on CPU (cache-sized batches run fastest there), 256 on GPU.")
     search: LimeSearchConfig = Field(default_factory=LimeSearchConfig, description="Parameter search.")
 
 

@@ -32,6 +32,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from tasks.errors import ConfigError
+from tasks.inference import inference_model
 from tasks.memory_format import channels_last_weights
 from tasks.metrics import autocast_context
 
@@ -44,8 +45,9 @@ class BatchedScoreCAM(ScoreCAM):
     differs: masks and masked inputs exist for one image and one inner batch at a time (the
     library materialises all ``B x C`` masked inputs at once), a mask bit-identical to an
     earlier one of the same image (every dead channel gives the all-zero mask) is scored once,
-    masked inputs and, during these forwards, the model's weights are channels-last (faster
-    convolutions on CPU; scores move by ~1e-6), and the forwards may run under autocast.
+    the masked inputs are channels-last and go through the model's inference copy (BatchNorm
+    folded, channels-last weights, no hooks: :mod:`tasks.inference`; scores move by ~1e-6),
+    and the forwards may run under autocast.
     """
 
     def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
@@ -57,7 +59,8 @@ class BatchedScoreCAM(ScoreCAM):
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
-        with torch.no_grad(), channels_last_weights(self.model):
+        model = inference_model(self.model)
+        with torch.no_grad():
             for image, target in enumerate(targets):
                 upsampled = upsample(torch.from_numpy(activations[image:image + 1]).to(self.device))
                 flat = upsampled.view(upsampled.size(0), upsampled.size(1), -1)
@@ -72,7 +75,7 @@ class BatchedScoreCAM(ScoreCAM):
                     if batch.dim() == 4:
                         batch = batch.contiguous(memory_format=torch.channels_last)
                     with autocast_context(self.device, self.amp_dtype):
-                        outputs = self.model(batch)
+                        outputs = model(batch)
                     distinct_scores[start:start + len(channels)] = target(outputs.float()).cpu()
                 scores[image] = distinct_scores[torch.from_numpy(reuse)]
         return torch.nn.Softmax(dim=-1)(scores).numpy()

@@ -107,23 +107,6 @@ def load_inputs(model, records: list[dict], target_mode: str, with_masks: bool) 
     return inputs, errors
 
 
-class _NormalisedModel(torch.nn.Module):
-    """The model on [0, 1] pixels (what LIME perturbs): normalisation folded in front."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.module = model.module
-        device = next(model.module.parameters()).device
-        self.register_buffer("mean", torch.tensor(model.mean, device=device).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(model.std, device=device).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        logits = self.module((pixels - self.mean) / self.std)
-        if not torch.isfinite(logits).all():  # LIME's regression must never be fitted to NaN/Inf
-            raise NonFiniteError("lime", "the model's output on LIME's perturbed images is not finite (NaN/Inf)", "NonFiniteOutputError")
-        return logits
-
-
 def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[int], image_ids: list[str],
                amp_dtype) -> tuple[np.ndarray, list[dict], dict[int, ItemError]]:
     """LIME maps of a batch (scaled to max |weight| = 1, a ranking-preserving scale), search trials,
@@ -131,11 +114,12 @@ def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[in
     from tasks.lime_explain import SegmentationCache, explain_lime, lime_search
 
     settings = config.explain.lime
-    model_fn = _NormalisedModel(model)
+    model_fn = model.pixel_model
     mean, std = model_fn.mean.cpu(), model_fn.std.cpu()
     images = [((pixels.cpu() * std[0] + mean[0]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for pixels in batch]
     hide_color = None if settings.hide_color is None else tuple(settings.hide_color)
     cache = SegmentationCache(max_entries=max(1, len(images)))
+    batch_size = None if settings.batch_size == "auto" else settings.batch_size  # None: per device
     maps = np.full((len(images), *images[0].shape[:2]), np.nan, dtype=np.float32)
     trials, failed = [], {}
     # one image per call (explain_lime loops over images anyway), so a model that fails on one image fails only that image
@@ -144,10 +128,10 @@ def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[in
             (result,) = explain_lime(model_fn, [image], [target], segmentation=settings.segmentation,
                                      segmentation_params=settings.segmentation_params, num_samples=settings.num_samples,
                                      hide_color=hide_color, kernel_width=settings.kernel_width, num_features=settings.num_features,
-                                     seed=config.seed, batch_size=settings.batch_size, amp_dtype=amp_dtype, cache=cache)
+                                     seed=config.seed, batch_size=batch_size, amp_dtype=amp_dtype, cache=cache)
             search = None if not settings.search.enabled else lime_search(
                 model_fn, image, target, settings.search.grid, seeds=tuple(settings.search.seeds), hide_color=hide_color,
-                num_features=settings.num_features, steps=config.explain.metrics.steps, batch_size=settings.batch_size,
+                num_features=settings.num_features, steps=config.explain.metrics.steps, batch_size=batch_size,
                 amp_dtype=amp_dtype, cache=cache)
         except NonFiniteError as error:
             failed[index] = ItemError(image_id, error.message, error.error_type)

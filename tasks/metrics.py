@@ -22,6 +22,7 @@ from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 from tasks.errors import ConfigError, ItemError
+from tasks.inference import inference_model
 
 RULES = ("top_q", "otsu")
 """Binarisation rules: the top ``q`` fraction of pixels, or Otsu's threshold."""
@@ -260,6 +261,7 @@ def deletion_insertion_curves(
     # Job j: image j // (2 (steps+1)), curve (deletion 0 / insertion 1), step.
     per_image = 2 * (steps + 1)
     probabilities = torch.empty(count * per_image, dtype=torch.float32)
+    model = inference_model(model)
     with torch.no_grad():
         for start in range(0, count * per_image, batch_size):
             jobs = torch.arange(start, min(start + batch_size, count * per_image), device=device)
@@ -267,7 +269,7 @@ def deletion_insertion_curves(
             insertion, step = rest // (steps + 1), rest % (steps + 1)
             changed = ranks_t[image] < counts_t[step][:, None]
             show_base = (changed ^ insertion.bool()[:, None]).view(-1, 1, height, width)
-            batch = torch.where(show_base, base[image], images[image])
+            batch = torch.where(show_base, base[image], images[image]).contiguous(memory_format=torch.channels_last)
             with autocast_context(device, amp_dtype):
                 logits = model(batch)
             probs = torch.softmax(logits.float(), dim=-1)

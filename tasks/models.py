@@ -31,6 +31,7 @@ import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -94,6 +95,30 @@ class LoadedModel:
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @cached_property
+    def pixel_model(self) -> PixelModel:
+        """The model on [0, 1] pixels (what LIME perturbs), built once so its inference copy is too."""
+        return PixelModel(self.module, self.mean, self.std)
+
+
+class PixelModel(nn.Module):
+    """A classifier on [0, 1] pixels: its input normalisation in front, in eval mode."""
+
+    def __init__(self, module: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.module = module
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        self.register_buffer("mean", torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1))
+        self.train(module.training)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module(self.normalise(pixels))
 
 
 def load_model(spec: Any, field: str = "model") -> LoadedModel:

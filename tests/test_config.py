@@ -44,6 +44,8 @@ def test_empty_config_is_the_demo_default():
         ({"models": []}, "models"),
         ({"explain": {"methods": ["gradcam", "telepathy"]}}, "explain.methods"),
         ({"device": "gpu0"}, "device"),
+        ({"explain": {"lime": {"batch_size": "big"}}}, "explain.lime.batch_size"),
+        ({"explain": {"lime": {"batch_size": 0}}}, "explain.lime.batch_size"),
     ],
 )
 def test_invalid_option_is_reported_with_its_field_path(data, field):

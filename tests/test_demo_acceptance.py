@@ -78,11 +78,10 @@ def test_gradcam_beats_a_noise_map_on_localization_and_deletion(demo, gradcam):
 def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
     from lime import lime_image
 
-    from tasks.explain import _NormalisedModel
     from tasks.lime_explain import explain_lime, segment
 
     model, pixels, _, labels, images = demo
-    model_fn = _NormalisedModel(model)
+    model_fn = model.pixel_model
     jaccards = []
     for image, label in list(zip(images, labels))[:5]:
         array = np.asarray(image)

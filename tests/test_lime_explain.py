@@ -14,10 +14,13 @@ from tasks.lime_explain import (
     SegmentationCache,
     default_objective,
     explain_lime,
+    hidden_image,
     lime_search,
+    neighborhood_probabilities,
     perturbation_matrix,
     segment,
 )
+from tasks.models import PixelModel
 
 SIZE = 128  # lime's quickshift defaults find only a handful of superpixels in smaller images
 
@@ -204,3 +207,48 @@ def test_search_scores_every_trial_and_picks_the_lowest_objective(model):
 def test_search_rejects_a_parameter_the_algorithm_lacks(model):
     with pytest.raises(ConfigError, match=r"grid\.1\.kernel"):
         lime_search(model, make_image(0), 0, [{"num_samples": 10}, {"segmentation": "slic", "kernel": 3}])
+
+
+def test_a_pixel_model_is_normalised_once_per_image_with_the_same_probabilities():
+    """PixelModel's normalisation moves in front of the perturbation (it is per pixel): same inputs, same outputs."""
+    torch.manual_seed(5)
+    network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                            nn.Flatten(), nn.Linear(32, 4))
+    network[1].running_mean.uniform_(-0.3, 0.3)
+    network[1].running_var.uniform_(0.5, 2.0)
+    network.eval()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    normalise = PixelModel(network, mean, std).normalise
+    image = make_image(6)
+    segments = segment(image)
+    hidden = hidden_image(image, segments)
+    data = perturbation_matrix(int(segments.max()) + 1, 40, 0)
+    network_inputs: list[torch.Tensor] = []
+
+    def plain_model(pixels: torch.Tensor) -> torch.Tensor:  # not a module: nothing folded, normalised per batch
+        network_inputs.append(normalise(pixels))
+        with torch.no_grad():
+            return network(network_inputs[-1])
+
+    expected = neighborhood_probabilities(plain_model, image, hidden, segments, data, batch_size=16)
+    ours = neighborhood_probabilities(PixelModel(network, mean, std), image, hidden, segments, data, batch_size=16)
+    assert np.abs(ours - expected).max() < 1e-6
+    assert len(network_inputs) == 3  # 40 samples in batches of 16
+
+
+def test_default_batch_on_cpu_is_cache_sized(model):
+    sizes: list[int] = []
+
+    def recording_model(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return model(batch)
+
+    explain_lime(recording_model, [make_image(7)], [0], num_samples=70, seed=0)
+    assert sizes == [32, 32, 6]
+
+
+def test_nonfinite_model_outputs_stop_lime_before_the_fit(model):
+    from tasks.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="not finite"):
+        explain_lime(lambda batch: model(batch) * float("nan"), [make_image(8)], [0], num_samples=20, seed=0)
