@@ -229,6 +229,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("deletion_auc_mean", pa.float64(), "Mean deletion AUC (lower is better)."),
         ("insertion_auc_mean", pa.float64(), "Mean insertion AUC (higher is better)."),
         ("faithfulness", pa.float64(), "insertion_auc_mean - deletion_auc_mean (higher is better)."),
+        ("road_mean", pa.float64(), "Mean ROAD score (grad-cam's ROADCombined, higher is better); null where ROAD was not computed."),
         ("localization_rank", pa.int32(), "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth."),
         ("faithfulness_rank", pa.int32(), "1 for the highest faithfulness; null without faithfulness rows."),
     ),

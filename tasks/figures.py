@@ -116,9 +116,9 @@ def iou_distributions(agreement: pd.DataFrame, path: Path) -> Path | None:
 
 
 def leaderboard(methods: pd.DataFrame, path: Path) -> Path | None:
-    """Bars per method: pointing accuracy, deletion and insertion AUC, agreement (one row per model)."""
+    """Bars per method: pointing accuracy, deletion and insertion AUC, ROAD, agreement (one row per model; metrics present)."""
     metrics = [("pointing_accuracy", "pointing accuracy ↑"), ("insertion_auc_mean", "insertion AUC ↑"),
-               ("deletion_auc_mean", "deletion AUC ↓"), ("agreement_iou_mean", "IoU with others ↑")]
+               ("deletion_auc_mean", "deletion AUC ↓"), ("road_mean", "ROAD ↑"), ("agreement_iou_mean", "IoU with others ↑")]
     metrics = [(column, label) for column, label in metrics if methods[column].notna().any()] if not methods.empty else []
     if not metrics:
         return None

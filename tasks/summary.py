@@ -35,7 +35,7 @@ INPUT_COLUMNS = {
     "saliency": ["model", "image_id", "method", "target"],
     "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
     "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"],
-    "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc"],
+    "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc", "road"],
     "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best"],
 }
 # summary tables that depend on a pair of runs (written by tasks.drift, not by summarize_run)
@@ -208,7 +208,8 @@ def method_leaderboard(saliency: pd.DataFrame, agreement: pd.DataFrame, localiza
         frames.append(located.groupby(key).agg(localized_images=("image_id", "size"), pointing_accuracy=("pointing_hit", "mean"),
                                                iou_gt_mean=("iou_gt", "mean"), energy_in_gt_mean=("energy_in_gt", "mean")))
     if not faithfulness.empty:
-        frames.append(faithfulness.groupby(key).agg(deletion_auc_mean=("deletion_auc", "mean"), insertion_auc_mean=("insertion_auc", "mean")))
+        frames.append(faithfulness.groupby(key).agg(deletion_auc_mean=("deletion_auc", "mean"), insertion_auc_mean=("insertion_auc", "mean"),
+                                                    road_mean=("road", "mean")))
     frame = pd.concat(frames, axis=1).reset_index()
     frame = frame.reindex(columns=[*frame.columns, *[c for c in SUMMARY_TABLES["summary_methods"].names if c not in frame.columns]])
     frame["images"] = frame["images"].fillna(0)

@@ -189,3 +189,18 @@ def test_concept_histograms_keep_the_top_n_by_count():
     neurons = [_unit("m", "l", unit, "clip_dissect", concept) for unit, concept in enumerate("aaabbcdd")]
     concepts = summary_tables(_inputs(neurons), top_n=2)["summary_concepts"]
     assert list(zip(concepts["concept"], concepts["units"], concepts["rank"])) == [("a", 3, 1), ("b", 2, 2)]
+
+
+def test_road_mean_averages_the_stored_road_scores_and_stays_null_without_them():
+    from tasks.summary import method_leaderboard
+
+    saliency = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
+                             "target": 0})
+    faithfulness = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
+                                 "deletion_auc": [0.2, 0.4, 0.3, 0.5], "insertion_auc": [0.6, 0.8, 0.5, 0.7],
+                                 "road": [0.25, -0.05, None, None]})  # ROAD scores CAM maps only
+    empty = pd.DataFrame()
+    methods = method_leaderboard(saliency, empty, empty, faithfulness).set_index("method")
+    assert methods.loc["gradcam", "road_mean"] == pytest.approx(0.1)
+    assert pd.isna(methods.loc["lime", "road_mean"])
+    assert {*methods.columns, "method", "run_id"} == set(SUMMARY_TABLES["summary_methods"].names)
