@@ -6,6 +6,7 @@ reuse the process's loaded models and cached features, and write one ``neurons``
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,16 @@ RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 def neurons_unit(model: str, layer: str, method: str) -> str:
     """The deterministic work-unit name of one (model, layer, method) labelling."""
     return f"{safe_name(model)}-{safe_name(layer)}-{method}"
+
+
+def netdissect_errors_unit(model: str, layers: list[str]) -> str:
+    """The ``errors`` unit of one Network Dissection pass over ``layers``.
+
+    A resume dissects only the layers still missing: naming the unit by its layer set keeps the
+    earlier pass's rows, while re-running the same layers replaces its own file (no duplicates).
+    """
+    digest = hashlib.sha256("\n".join(layers).encode()).hexdigest()[:12]
+    return f"{safe_name(model)}-netdissect-{digest}"
 
 
 def model_layers(model, layers: list[str] | None) -> list[str]:
@@ -244,7 +255,7 @@ def netdissect_task(config: AuditConfig, model_name: str, layers: list[str], res
     with using_model(config, model_config) as model:
         frames = netdissect_rows(config, model, layers, probe, nonfinite)
     store = ResultsStore(results)
-    store.write("errors", run_id, f"{safe_name(model_name)}-netdissect", [
+    store.write("errors", run_id, netdissect_errors_unit(model_name, layers), [
         {"stage": "dissect", "item_id": image_id, "error_type": "NonFiniteActivationError", "model": model_name,
          "message": f"NaN/Inf activations in {', '.join(layers)}; image left out of Network Dissection"} for image_id in nonfinite])
     rows = sum(_write_neurons(store, run_id, model_name, layer, "netdissect", frame) for layer, frame in frames.items())

@@ -64,3 +64,20 @@ def test_another_quantile_computes_its_own_thresholds(quantile_passes):
     other = dissect(small_config(0.2))
     assert len(quantile_passes) == 12
     assert (other["layer4"]["threshold"] < first["layer4"]["threshold"]).all()
+
+
+def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_path):
+    from storage.parquet import ResultsStore
+    from tasks.dissect import netdissect_errors_unit
+
+    store = ResultsStore(str(tmp_path))
+
+    def rows(image_ids, layers):
+        return [{"stage": "dissect", "item_id": image_id, "error_type": "NonFiniteActivationError", "model": "m",
+                 "message": f"NaN/Inf activations in {', '.join(layers)}"} for image_id in image_ids]
+
+    first_layers, resumed_layers = ["layer1", "layer2", "layer3"], ["layer3"]
+    store.write("errors", "run", netdissect_errors_unit("m", first_layers), rows(["a", "b"], first_layers))
+    store.write("errors", "run", netdissect_errors_unit("m", resumed_layers), rows(["c"], resumed_layers))
+    store.write("errors", "run", netdissect_errors_unit("m", resumed_layers), rows(["c"], resumed_layers))  # retried
+    assert sorted(store.read("errors", "run")["item_id"]) == ["a", "b", "c"]
