@@ -13,16 +13,16 @@ swapped: the convolution for the folded one, the BatchNorm for ``nn.Identity``),
 non-traceable ``forward`` code and checks inside it still run. Parts that ``torch.fx`` cannot
 trace are searched child by child. The model's own hooks are copied with it, but not the
 recording hooks of live grad-cam CAM objects (``ActivationsAndGradients``): those would store
-the activations of every perturbed batch in the cached copy. BatchNorms in training mode (they normalise by batch statistics), and
-those that are shared, called twice or fed by anything but a lone convolution, are left as
-they are.
+the activations of every perturbed batch in the cached copy. BatchNorms in training mode (they
+normalise by batch statistics), and those that are shared, called twice or fed by anything but
+a lone convolution, are left as they are.
 """
 from __future__ import annotations
 
 import copy
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,7 +66,8 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (without CAM recording hooks) with its conv -> eval-mode BatchNorm pairs folded."""
-    folded = _copy_without_recorders(model)
+    with _hooks_detached(model, _is_cam_recorder):
+        folded = copy.deepcopy(model)
     with _hooks_detached(folded):  # tracing calls forward hooks (with proxies): not the model's own
         pairs = conv_bn_pairs(folded)
     for conv_name, bn_name in pairs:
@@ -104,38 +105,24 @@ def _state_key(model: nn.Module) -> tuple:
 
 
 @contextmanager
-def _hooks_detached(model: nn.Module) -> Iterator[None]:
-    """Within the block, no module of ``model`` has hooks; they come back afterwards, in order."""
+def _hooks_detached(model: nn.Module, chosen: Callable[[Any], bool] = lambda hook: True) -> Iterator[None]:
+    """Within the block, ``model``'s modules lack the ``chosen`` hooks; afterwards every hook is back, in order."""
     saved = [(hooks, list(hooks.items())) for module in model.modules() for attribute in _HOOK_DICTS
-             if (hooks := module.__dict__.get(attribute))]
-    for hooks, _ in saved:
-        hooks.clear()
+             if (hooks := module.__dict__.get(attribute)) and any(chosen(hook) for hook in hooks.values())]
+    for hooks, items in saved:
+        for key, hook in items:
+            if chosen(hook):
+                del hooks[key]
     try:
         yield
     finally:
         for hooks, items in saved:
-            hooks.update(items)
-
-
-def _copy_without_recorders(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` of ``model`` minus the hooks of grad-cam's activation recorders.
-
-    The recorders are taken off the original for the copy and put back in their order.
-    """
-    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
-
-    saved = []
-    for module in model.modules():
-        for attribute in _HOOK_DICTS:
-            hooks = module.__dict__.get(attribute)
-            if hooks and any(isinstance(getattr(hook, "__self__", None), ActivationsAndGradients) for hook in hooks.values()):
-                saved.append((hooks, list(hooks.items())))
-                for key, hook in list(hooks.items()):
-                    if isinstance(getattr(hook, "__self__", None), ActivationsAndGradients):
-                        del hooks[key]
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for hooks, items in saved:
             hooks.clear()
             hooks.update(items)
+
+
+def _is_cam_recorder(hook: Any) -> bool:
+    """A hook of grad-cam's ``ActivationsAndGradients`` (it stores what it records)."""
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+    return isinstance(getattr(hook, "__self__", None), ActivationsAndGradients)

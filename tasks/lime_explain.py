@@ -53,6 +53,7 @@ DEFAULT_SEGMENTATION_PARAMS: dict[str, dict[str, Any]] = {
 _NOT_PARAMETERS = {"image", "channel_axis", "mask", "return_tree"}
 
 ModelFn = Callable[[Tensor], Tensor]
+"""Maps float32 images ``[N, 3, H, W]`` with pixel values in [0, 1] to logits ``[N, classes]``."""
 
 #: Perturbed images per forward when none is given, by device type: cache-sized batches run
 #: fastest on CPUs (ResNet18 at 224 px on 2 cores: 32 is ~1.15x faster than 256), large ones
@@ -63,7 +64,6 @@ DEFAULT_BATCH_SIZES = {"cpu": 32, "cuda": 256}
 def default_batch_size(device: torch.device | str) -> int:
     """LIME's perturbed images per forward on ``device`` (:data:`DEFAULT_BATCH_SIZES`, else 256)."""
     return DEFAULT_BATCH_SIZES.get(torch.device(device).type, 256)
-"""Maps float32 images ``[N, 3, H, W]`` with pixel values in [0, 1] to logits ``[N, classes]``."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Channels-last weights for the perturbation forwards of LIME, ScoreCAM and AblationCAM.
+"""Channels-last weights for AblationCAM's ablated forwards (LIME, ScoreCAM and the metrics use :mod:`tasks.inference`).
 
 On CPUs, convolutions whose weights AND inputs are channels-last run ~1.5-2x faster than NCHW
 at 224 px (oneDNN's native layout); converting only the input gains little, because the
