@@ -43,7 +43,7 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 SETTINGS = {
     "tiny": dict(probe_images=8, explain_images=8, repeats=1, demo_runs=1),
-    "cpu": dict(probe_images=250, explain_images=64, repeats=3, demo_runs=2),
+    "cpu": dict(probe_images=250, explain_images=64, repeats=5, demo_runs=2),
     "gpu": dict(probe_images=250, explain_images=64, repeats=3, demo_runs=2),
 }
 GOALS = {"netdissect_rss": 1.25, "overhead_ratio": 1.15, "demo_warm_s": 90.0, "demo_cold_s": 480.0}
@@ -164,7 +164,7 @@ def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
     from flows.config import parse_config
     from flows.explain import explain_model
-    from flows.runner import subflow_task_runner
+    from flows.runner import local_run_settings, subflow_task_runner
     from storage.parquet import ResultsStore
     from storage.runs import new_run_id
     from tasks.explain import explain_chunk
@@ -182,7 +182,8 @@ def orchestration_result(size: str) -> Result:
         def flow_side() -> int:  # with the task runner the audit gives this subflow; both sides list into their run first
             run_id = new_run_id("flow")
             n_chunks = list_image_set(config, store, run_id)
-            return explain_model.with_options(task_runner=subflow_task_runner(config))(config, model_name, n_chunks, results, run_id)
+            with local_run_settings():  # as `xai-audit run` does
+                return explain_model.with_options(task_runner=subflow_task_runner(config))(config, model_name, n_chunks, results, run_id)
 
         def loop_side() -> int:
             run_id = new_run_id("loop")

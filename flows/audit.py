@@ -9,12 +9,11 @@ from datetime import datetime, timezone
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import AuditConfig, ConfigErrors, load_config
 from flows.dissect import dissect_model
 from flows.explain import explain_model
-from flows.runner import flow_task_runner, subflow_task_runner
+from flows.runner import AuditThreadPoolTaskRunner, flow_task_runner, local_run_settings, subflow_task_runner
 from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
@@ -92,7 +91,7 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
     return record
 
 
-@flow(name="xai-audit", flow_run_name="audit {config.name}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="xai-audit", flow_run_name="audit {config.name}", task_runner=AuditThreadPoolTaskRunner(max_workers=1))
 def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
           new: bool = False) -> RunOutcome:
     """Audit every configured model and record the run in the ``runs`` table."""
@@ -129,7 +128,8 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
 def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
               new: bool = False) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
-    return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
+    with local_run_settings():
+        return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

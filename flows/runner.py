@@ -6,15 +6,25 @@ scheduler by address instead of starting clusters of their own. Tasks tagged ``g
 one ``GPU`` resource when the cluster's workers advertise it (``dask worker --resources GPU=1``),
 so the scheduler puts one of them on each GPU at a time; on a cluster whose workers advertise no
 GPU they run anywhere, since a resource nobody offers would leave them waiting forever.
+
+Both runners hand Prefect the ``gpu`` tag only while the API enforces a concurrency limit on it
+(:func:`gpu_limit_enforced`), and runs against an ephemeral API send no flow-run heartbeats
+(:func:`local_run_settings`): two Prefect 3.x costs that a run would otherwise pay for nothing.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dask
 import distributed
+from prefect import Task
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
@@ -24,7 +34,53 @@ GPU_TAG = "gpu"
 GPU_RESOURCE = "GPU"
 
 
-class GpuDaskTaskRunner(DaskTaskRunner):
+def gpu_limit_enforced() -> bool:
+    """Whether the Prefect API holds an active concurrency limit on the ``gpu`` tag.
+
+    Prefect asks the API for a slot on every tag of a task at each task start. Without a limit
+    that check is free only for 5 s after the previous one (the client caches "no limit"); after
+    that, on a SQLite-backed API (the ephemeral one included) the server's read-then-write
+    transaction fails with "database is locked" whenever another write lands in between, which
+    is usual while task states are being recorded, and the client retries after ~2 s: measured
+    here, almost every start of a 6 s task and one start in 5 s of shorter ones. An API that
+    cannot be asked counts as enforcing, so the tag is kept.
+    """
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(f"tag:{GPU_TAG}")
+    except ObjectNotFound:
+        return False
+    except Exception:  # noqa: BLE001 - unreachable or older API: keep the tag, Prefect reports the rest
+        return True
+    return bool(limit.active)
+
+
+class GpuTagPolicy:
+    """Mixin for task runners: submit ``gpu``-tagged tasks without the tag unless a limit enforces it.
+
+    Asked once per runner (one flow run); a limit created later applies from the next flow run.
+    """
+
+    _gpu_enforced: bool | None = None
+
+    def _tag_policy(self, task: Task) -> Task:
+        if GPU_TAG not in task.tags:
+            return task
+        if self._gpu_enforced is None:
+            self._gpu_enforced = gpu_limit_enforced()
+        if self._gpu_enforced:
+            return task
+        return task.with_options(tags=set(task.tags) - {GPU_TAG})
+
+
+class AuditThreadPoolTaskRunner(GpuTagPolicy, ThreadPoolTaskRunner):
+    """Prefect's thread-pool runner with the ``gpu`` tag policy of :class:`GpuTagPolicy`."""
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        return super().submit(self._tag_policy(task), parameters, wait_for, dependencies)
+
+
+class GpuDaskTaskRunner(GpuTagPolicy, DaskTaskRunner):
     """prefect-dask's runner, annotating ``gpu``-tagged tasks with ``resources={"GPU": 1}`` on GPU clusters."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -43,7 +99,9 @@ class GpuDaskTaskRunner(DaskTaskRunner):
         return self.client.scheduler.address
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
-        if GPU_TAG in task.tags and self.cluster_has_gpus():
+        needs_gpu = GPU_TAG in task.tags and self.cluster_has_gpus()
+        task = self._tag_policy(task)
+        if needs_gpu:
             with dask.annotate(resources={GPU_RESOURCE: 1}):
                 return super().submit(task, parameters, wait_for, dependencies)
         return super().submit(task, parameters, wait_for, dependencies)
@@ -53,7 +111,7 @@ def flow_task_runner(config: AuditConfig) -> TaskRunner:
     """The task runner of the audit flow: it owns the Dask cluster when the config asks for one."""
     runner = config.runner
     if runner.kind == "thread":
-        return ThreadPoolTaskRunner(max_workers=runner.workers)
+        return AuditThreadPoolTaskRunner(max_workers=runner.workers)
     # Dask logs every client connection and worker retirement at INFO: noise in an audit's log.
     distributed_log = logging.getLogger("distributed")
     distributed_log.setLevel(max(distributed_log.getEffectiveLevel(), logging.WARNING))
@@ -77,4 +135,21 @@ def subflow_task_runner(config: AuditConfig) -> TaskRunner:
     return flow_task_runner(config)
 
 
-__all__ = ["GpuDaskTaskRunner", "flow_task_runner", "subflow_task_runner", "GPU_TAG", "GPU_RESOURCE"]
+@contextmanager
+def local_run_settings() -> Iterator[None]:
+    """Prefect settings for flows run in this process: no flow-run heartbeats on an ephemeral API.
+
+    Heartbeats let a long-lived server mark a run whose process died as crashed; an ephemeral
+    API stops with this process, so nobody reads them. Their thread sleeps in 1 s steps and is
+    joined when each flow run ends, which costs up to 1 s per flow run (Prefect 3.9,
+    ``flow_engine._send_heartbeats``). Against a configured ``PREFECT_API_URL`` nothing changes.
+    """
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+__all__ = ["AuditThreadPoolTaskRunner", "GpuDaskTaskRunner", "GpuTagPolicy", "flow_task_runner", "gpu_limit_enforced",
+           "local_run_settings", "subflow_task_runner", "GPU_TAG", "GPU_RESOURCE"]

@@ -1,0 +1,64 @@
+"""Two Prefect 3.x costs the task runners avoid: tag-slot checks nobody enforces, heartbeats nobody reads."""
+from __future__ import annotations
+
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.context import TaskRunContext
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+import flows.runner as runner
+from flows.config import parse_config
+from flows.runner import AuditThreadPoolTaskRunner, GPU_TAG, flow_task_runner, gpu_limit_enforced, local_run_settings
+
+
+@task(tags=[GPU_TAG, "probe"])
+def tags_of_this_run() -> list[str]:
+    return sorted(TaskRunContext.get().task_run.tags)
+
+
+@flow
+def submit_one() -> list[str]:
+    return tags_of_this_run.submit().result()
+
+
+def run_tags() -> list[str]:
+    return submit_one.with_options(task_runner=flow_task_runner(parse_config({})))()
+
+
+def test_the_thread_runner_is_the_audit_runner():
+    assert isinstance(flow_task_runner(parse_config({"runner": {"workers": 3}})), AuditThreadPoolTaskRunner)
+
+
+def test_the_gpu_tag_reaches_prefect_only_while_a_limit_enforces_it(prefect_harness):
+    assert run_tags() == ["probe"]
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=4)
+        try:
+            assert gpu_limit_enforced()
+            assert run_tags() == [GPU_TAG, "probe"]
+            client.update_global_concurrency_limit(f"tag:{GPU_TAG}", GlobalConcurrencyLimitUpdate(active=False))
+            assert not gpu_limit_enforced()
+            assert run_tags() == ["probe"]
+        finally:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+    assert run_tags() == ["probe"]
+
+
+def test_an_api_that_cannot_be_asked_keeps_the_tag(monkeypatch):
+    def unreachable(**kwargs):
+        raise ConnectionError("no API here")
+
+    monkeypatch.setattr(runner, "get_client", unreachable)
+    assert gpu_limit_enforced()
+
+
+@pytest.mark.parametrize(("api_url", "heartbeats_off"), [(None, True), ("http://127.0.0.1:4200/api", False)])
+def test_heartbeats_are_off_only_without_a_configured_api(api_url, heartbeats_off):
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    assert default is not None
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with local_run_settings():
+            assert get_current_settings().flows.heartbeat_frequency == (None if heartbeats_off else default)
+        assert get_current_settings().flows.heartbeat_frequency == default
