@@ -12,12 +12,11 @@ and the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / ma
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import torch
 
-from benchmarks.harness import Result, Timing, device_for, interleave, peak_rss_mib, reset_peak_rss, rss_mib, timed
+from benchmarks.harness import Result, Timing, device_for, interleave, module_json, peak_rss_mib, reset_peak_rss, rss_mib, timed
 
 TARGETS = ("4 CLIP-Dissect soft_wpmi speed-up", "4 CLIP-Dissect soft_wpmi peak RSS", "4 CLIP image features throughput")
 
@@ -150,8 +149,7 @@ def similarity_results(size: str) -> list[Result]:
 
 def fresh_process_peak(size: str) -> dict[str, float]:
     """VmHWM of ``python -m benchmarks.bench_clip_dissect SIZE``: interpreter, torch, inputs, one soft_wpmi call."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_clip_dissect", size], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return module_json("benchmarks.bench_clip_dissect", size)
 
 
 def _measure_alone(size: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.harness import Result, interleave, peak_rss_mib, reset_peak_rss
+from benchmarks.harness import Result, interleave, module_json, peak_rss_mib, reset_peak_rss, rss_mib
 
 TARGETS = ("5 Network Dissection peak RSS, 4x probe images", "5 Network Dissection seconds per 1,000 probe images",
            "6 Orchestration overhead (Prefect flow / plain loop)", "7 demo warm")
@@ -106,7 +106,7 @@ def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
         for path in threshold_files(model, probe, layers, config.dissect.netdissect.quantile, resolve_device(config.device)).values():
             path.unlink(missing_ok=True)  # measure both passes: thresholds, then IoUs
         reset_peak_rss()
-        base = _rss_mib()
+        base = rss_mib()
         started = time.perf_counter()
         frames = netdissect_rows(config, model, layers, probe)
         seconds = time.perf_counter() - started
@@ -119,17 +119,8 @@ def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
             "units": sum(len(f) for f in frames.values()), "load": _load()}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def _netdissect_subprocess(config_data: dict, n_images: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_pipeline", "netdissect", json.dumps(config_data), str(n_images)],
-                         cwd=REPO, capture_output=True, text=True, timeout=1800)
-    if out.returncode:
-        raise RuntimeError(f"netdissect subprocess failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return module_json("benchmarks.bench_pipeline", "netdissect", json.dumps(config_data), str(n_images))
 
 
 def netdissect_results(size: str) -> list[Result]:

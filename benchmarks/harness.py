@@ -19,9 +19,12 @@ of ours). ``Result.skipped`` records a target that could not run and why.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -179,6 +182,15 @@ def peak_rss_mib() -> float:
 def rss_mib() -> float:
     """This process's resident set (VmRSS) now, in MiB."""
     return _status_mib("VmRSS")
+
+
+def module_json(module: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python -m MODULE ARGS`` in a fresh process (its own peak RSS) and parse its last stdout line as JSON."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if out.returncode:
+        raise RuntimeError(f"{module} {' '.join(args)[:80]} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _status_mib(field: str) -> float:
