@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import dask
@@ -100,11 +100,8 @@ class GpuDaskTaskRunner(GpuTagPolicy, DaskTaskRunner):
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         needs_gpu = GPU_TAG in task.tags and self.cluster_has_gpus()
-        task = self._tag_policy(task)
-        if needs_gpu:
-            with dask.annotate(resources={GPU_RESOURCE: 1}):
-                return super().submit(task, parameters, wait_for, dependencies)
-        return super().submit(task, parameters, wait_for, dependencies)
+        with dask.annotate(resources={GPU_RESOURCE: 1}) if needs_gpu else nullcontext():
+            return super().submit(self._tag_policy(task), parameters, wait_for, dependencies)
 
 
 def flow_task_runner(config: AuditConfig) -> TaskRunner:
