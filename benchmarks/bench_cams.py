@@ -27,7 +27,8 @@ SETTINGS = {
 }
 
 
-INNER_BATCHES = "inner batches: stock grad-cam's defaults (ScoreCAM 16, AblationCAM 32), ours the config's (64, 128)"
+INNER_BATCHES = ("inner batches: stock grad-cam's defaults (ScoreCAM 16, AblationCAM 32), ours the config's "
+                 "(ScoreCAM auto: 16 fp32 / 32 mixed on CPUs, 64 on GPUs; AblationCAM 128)")
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

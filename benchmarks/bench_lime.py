@@ -7,11 +7,11 @@ Pytorch.ipynb``: each uint8 ``[H, W, 3]`` image through ``ToTensor`` and ``Norma
 classifier, reported beside the target, permutes the whole uint8 batch instead: its tensor is
 channels-last by stride, so torch runs the unchanged model channels-last (how much of our
 speed-up is layout alone). Ours: :func:`tasks.lime_explain.explain_lime` as the pipeline calls
-it (the model's inference copy: BatchNorm folded, channels-last; normalisation applied once
-per image; batches of the config's default size for the device). One model object serves
-every side. All get the same image, the same quickshift segmentation (computed once, outside
-the timing) and the same perturbation matrix (stock's ``explain_instance`` is called without
-``random_seed``).
+it (the model's inference copy: BatchNorm folded, channels-last, packed weights; normalisation
+applied once per image; batches of the config's default size for the device and precision).
+One model object serves every side. All get the same image, the same quickshift segmentation
+(computed once, outside the timing) and the same perturbation matrix (stock's
+``explain_instance`` is called without ``random_seed``).
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ def run(size: str) -> list[Result]:
 
     s = dict(SETTINGS[size])
     device = device_for(size)
-    s["batch_size"] = s["batch_size"] or default_batch_size(device)  # what the pipeline's `auto` picks
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    # what the pipeline's `auto` picks for each precision
+    batch_sizes = {amp: s["batch_size"] or default_batch_size(device, amp) for amp in (None, amp_dtype)}
     torch.manual_seed(0)
     model = getattr(torchvision.models, s["arch"])().eval().to(device)  # random weights, both sides
     model_fn = PixelModel(model, MEAN, STD)
@@ -124,15 +125,14 @@ def run(size: str) -> list[Result]:
 
     def ours(amp):
         return lambda: explain_lime(model_fn, [image], [target], num_samples=s["num_samples"], seed=seed,
-                                    batch_size=s["batch_size"], device=device, amp_dtype=amp, cache=cache)[0].weights
-
-    batches = _Batches()  # the network's inputs exactly as ours builds them (normalised once per image)
-    neighborhood_probabilities(PixelModel(_Recorder(batches), MEAN, STD), image, hidden_image(image, segments), segments,
-                               perturbation_matrix(n_segments, s["num_samples"], seed),
-                               batch_size=s["batch_size"], device=device)
+                                    batch_size=batch_sizes[amp], device=device, amp_dtype=amp, cache=cache)[0].weights
 
     def model_alone(amp):
         """The same perturbed batches, built beforehand, through the same network, layout and precision."""
+        batches = _Batches()  # the network's inputs exactly as ours builds them (normalised once per image)
+        neighborhood_probabilities(PixelModel(_Recorder(batches), MEAN, STD), image, hidden_image(image, segments), segments,
+                                   perturbation_matrix(n_segments, s["num_samples"], seed),
+                                   batch_size=batch_sizes[amp], device=device)
         fast = inference_model(model)
 
         def forward():
@@ -144,7 +144,7 @@ def run(size: str) -> list[Result]:
     classify(np.repeat(image[None], STOCK_BATCH_SIZE, axis=0))
     classify_channels_last(np.repeat(image[None], STOCK_BATCH_SIZE, axis=0))
     for amp in (None, amp_dtype):
-        explain_lime(model_fn, [image], [target], num_samples=s["batch_size"], seed=seed, batch_size=s["batch_size"],
+        explain_lime(model_fn, [image], [target], num_samples=batch_sizes[amp], seed=seed, batch_size=batch_sizes[amp],
                      device=device, amp_dtype=amp, cache=cache)
     runs = interleave({"stock": stock, "stock channels-last": lambda: stock(classify_channels_last),
                        "fp32": ours(None), "mixed": ours(amp_dtype),
@@ -152,8 +152,8 @@ def run(size: str) -> list[Result]:
                       repeats=s["repeats"], warmup=0)
     stock_top = top5(runs["stock"][1])
     settings = (f"{s['arch']} random weights, {s['pixels']} px, {s['num_samples']} samples, {n_segments} superpixels, "
-                f"stock batch {STOCK_BATCH_SIZE} (lime's PyTorch tutorial batch_predict, NCHW), ours batch {s['batch_size']} "
-                f"(BatchNorm folded, channels-last)")
+                f"stock batch {STOCK_BATCH_SIZE} (lime's PyTorch tutorial batch_predict, NCHW), ours batch {batch_sizes[None]} "
+                f"fp32 / {batch_sizes[amp_dtype]} mixed (BatchNorm folded, channels-last, packed weights)")
     fp32 = Timing("lime fp32", runs["fp32"][0], runs["stock"][0], runs["fp32"][1], runs["stock"][1])
     mixed = Timing("lime mixed", runs["mixed"][0], runs["stock"][0], runs["mixed"][1], runs["stock"][1])
     precision = str(amp_dtype).removeprefix("torch.")

@@ -212,7 +212,7 @@ class LimeConfig(_Section):
     kernel_width: float = Field(0.25, gt=0, description="Width of LIME's exponential kernel.")
     num_features: PositiveInt = Field(100000, description="Superpixels kept in the ridge fit (lime's default keeps all).")
     batch_size: PositiveIntOrAuto = Field(
-        "auto", description="Perturbed images per model forward; auto: 32 on CPU (cache-sized batches run fastest there), 256 on GPU.")
+        "auto", description="Perturbed images per model forward; auto: 16 on CPU in fp32, 32 with bf16/fp16 (cache-sized batches run fastest there), 256 on GPU.")
     search: LimeSearchConfig = Field(default_factory=LimeSearchConfig, description="Parameter search.")
 
 
@@ -225,7 +225,7 @@ class MetricsConfig(_Section):
     faithfulness: bool = Field(True, description="Deletion and insertion AUC of every map.")
     steps: PositiveInt = Field(20, description="Deletion/insertion steps.")
     baseline: Literal["blur", "mean"] = Field("blur", description="What deleted pixels become: a blurred copy or the dataset mean.")
-    batch_size: PositiveInt = Field(64, description="Perturbed images per forward in deletion/insertion.")
+    batch_size: PositiveIntOrAuto = Field("auto", description="Perturbed images per forward in deletion/insertion; auto: as LIME's on CPU, 64 on GPU.")
     road: bool = Field(False, description="Also score CAM maps with ROAD (grad-cam's ROADCombined; one sparse solve per image and percentile, slow).")
     road_percentiles: list[Annotated[int, Field(gt=0, lt=100)]] = Field([20, 40, 60, 80], min_length=1, description="Percentiles of removed pixels ROAD averages over.")
 
@@ -240,7 +240,7 @@ class ExplainConfig(_Section):
     topk: PositiveInt = Field(5, description="Classes kept per image in the predictions table.")
     target: Literal["predicted", "label"] = Field("predicted", description="Class each map explains: the top-1 prediction or the image's label.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact).")
-    scorecam_batch_size: PositiveInt = Field(64, description="Masked images per forward in ScoreCAM (grad-cam uses 16; 64 is ~2.5x faster on CPU).")
+    scorecam_batch_size: PositiveIntOrAuto = Field("auto", description="Masked images per forward in ScoreCAM (grad-cam uses 16); auto: as LIME's on CPU, 64 on GPU.")
     ablationcam_batch_size: PositiveInt = Field(128, description="Ablated channels per forward in AblationCAM (grad-cam uses 32; 128 is ~4x faster on CPU).")
     lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")

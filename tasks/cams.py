@@ -31,10 +31,15 @@ from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
+from tasks.batch_sizes import perturbation_batch_size
 from tasks.errors import ConfigError
 from tasks.inference import inference_model
 from tasks.memory_format import channels_last_weights
 from tasks.metrics import autocast_context
+
+
+GPU_SCORECAM_BATCH_SIZE = 64
+"""ScoreCAM's masked images per forward on accelerators when none is given (measured on an H200)."""
 
 
 class BatchedScoreCAM(ScoreCAM):
@@ -46,12 +51,13 @@ class BatchedScoreCAM(ScoreCAM):
     library materialises all ``B x C`` masked inputs at once), a mask bit-identical to an
     earlier one of the same image (every dead channel gives the all-zero mask) is scored once,
     the masked inputs are channels-last and go through the model's inference copy (BatchNorm
-    folded, channels-last weights, no hooks: :mod:`tasks.inference`; scores move by ~1e-6),
-    and the forwards may run under autocast.
+    folded, channels-last packed weights, no hooks: :mod:`tasks.inference`; scores move by
+    ~1e-6), the inner batch suits the device (``None``: :mod:`tasks.batch_sizes`) and the
+    forwards may run under autocast.
     """
 
     def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
-                 batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> None:
+                 batch_size: int | None = None, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform)
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
@@ -60,6 +66,7 @@ class BatchedScoreCAM(ScoreCAM):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
         model = inference_model(self.model)
+        batch_size = self.batch_size or perturbation_batch_size(self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE)
         with torch.no_grad():
             for image, target in enumerate(targets):
                 upsampled = upsample(torch.from_numpy(activations[image:image + 1]).to(self.device))
@@ -69,8 +76,8 @@ class BatchedScoreCAM(ScoreCAM):
                 masks = ((upsampled - mins) / (maxs - mins + 1e-8))[0]
                 distinct, reuse = _distinct_masks(masks)
                 distinct_scores = torch.empty(len(distinct), dtype=torch.float32)
-                for start in range(0, len(distinct), self.batch_size):
-                    channels = torch.as_tensor(distinct[start:start + self.batch_size], device=self.device)
+                for start in range(0, len(distinct), batch_size):
+                    channels = torch.as_tensor(distinct[start:start + batch_size], device=self.device)
                     batch = input_tensor[image][None] * masks[channels][:, None]
                     if batch.dim() == 4:
                         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -157,7 +164,7 @@ def forward_with_cams(
     targets: Sequence[int] | None,
     methods: Sequence[str],
     *,
-    scorecam_batch_size: int = 64,
+    scorecam_batch_size: int | None = None,
     ablationcam_batch_size: int = 128,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,
@@ -170,8 +177,8 @@ def forward_with_cams(
         images: preprocessed model inputs ``[B, 3, H, W]`` (moved to the model's device).
         targets: the class explained for each image; ``None``: each image's top-1 prediction.
         methods: names from :data:`CAM_METHODS`.
-        scorecam_batch_size: masked inputs per forward for ScoreCAM (library: 16; 64 runs ~2.5x faster
-            on CPU, see benchmarks/RESULTS.md).
+        scorecam_batch_size: masked inputs per forward for ScoreCAM (library: 16); None: by device
+            and precision (:mod:`tasks.batch_sizes`; on GPUs :data:`GPU_SCORECAM_BATCH_SIZE`).
         ablationcam_batch_size: ablated channels per forward for AblationCAM (library: 32; only
             the layers after the target layer see the batch, so 128 is ~4x faster on CPU).
         reshape_transform: grad-cam's hook for non-CNN layers (``[B, tokens, C] -> [B, C, h, w]``).
@@ -213,7 +220,7 @@ def compute_cams(
     targets: Sequence[int] | None,
     methods: Sequence[str],
     *,
-    scorecam_batch_size: int = 64,
+    scorecam_batch_size: int | None = None,
     ablationcam_batch_size: int = 128,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     amp_dtype: torch.dtype | None = None,

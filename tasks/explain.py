@@ -107,6 +107,11 @@ def load_inputs(model, records: list[dict], target_mode: str, with_masks: bool) 
     return inputs, errors
 
 
+def _batch_size(setting: int | str) -> int | None:
+    """A configured batch size, None for ``auto`` (the method then picks one by device and precision)."""
+    return None if setting == "auto" else int(setting)
+
+
 def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[int], image_ids: list[str],
                amp_dtype) -> tuple[np.ndarray, list[dict], dict[int, ItemError]]:
     """LIME maps of a batch (scaled to max |weight| = 1, a ranking-preserving scale), search trials,
@@ -119,7 +124,7 @@ def _lime_maps(config: AuditConfig, model, batch: torch.Tensor, targets: list[in
     images = [((pixels.cpu() * std[0] + mean[0]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for pixels in batch]
     hide_color = None if settings.hide_color is None else tuple(settings.hide_color)
     cache = SegmentationCache(max_entries=max(1, len(images)))
-    batch_size = None if settings.batch_size == "auto" else settings.batch_size  # None: per device
+    batch_size = _batch_size(settings.batch_size)
     maps = np.full((len(images), *images[0].shape[:2]), np.nan, dtype=np.float32)
     trials, failed = [], {}
     # one image per call (explain_lime loops over images anyway), so a model that fails on one image fails only that image
@@ -160,7 +165,7 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
     label_targets = [item.true_label for item in inputs] if explain.target == "label" else None
     cam_methods = [method for method in explain.methods if method != "lime"]
     logits, maps = forward_with_cams(model.module, layer, batch, label_targets, cam_methods, amp_dtype=amp_dtype,
-                                     scorecam_batch_size=explain.scorecam_batch_size, ablationcam_batch_size=explain.ablationcam_batch_size)
+                                     scorecam_batch_size=_batch_size(explain.scorecam_batch_size), ablationcam_batch_size=explain.ablationcam_batch_size)
     probabilities = torch.softmax(logits.float(), dim=-1)
     targets = label_targets or probabilities.argmax(dim=-1).tolist()
     image_ids = [item.record["image_id"] for item in inputs]
@@ -200,7 +205,7 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
         keep = np.flatnonzero(usable)
         for method, method_maps in stored.items():
             deletion, insertion = deletion_insertion(model.module, batch[keep], method_maps[keep], [targets[i] for i in keep],
-                                                     steps=metrics.steps, baseline=metrics.baseline, batch_size=metrics.batch_size, amp_dtype=amp_dtype)
+                                                     steps=metrics.steps, baseline=metrics.baseline, batch_size=_batch_size(metrics.batch_size), amp_dtype=amp_dtype)
             road = (road_scores(model.module, batch[keep], method_maps[keep], [targets[i] for i in keep], metrics.road_percentiles, config.seed)
                     if metrics.road and method != "lime" else np.full(len(keep), np.nan))
             for i, d, n, r in zip(keep, deletion, insertion, road):

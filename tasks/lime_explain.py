@@ -32,6 +32,7 @@ from skimage.segmentation import felzenszwalb, quickshift, slic
 from torch import Tensor, nn
 
 from tasks.errors import ConfigError, NonFiniteError
+from tasks.batch_sizes import perturbation_batch_size
 from tasks.inference import inference_model
 from tasks.metrics import autocast_context, deletion_insertion, mask_iou
 from tasks.models import PixelModel
@@ -55,15 +56,13 @@ _NOT_PARAMETERS = {"image", "channel_axis", "mask", "return_tree"}
 ModelFn = Callable[[Tensor], Tensor]
 """Maps float32 images ``[N, 3, H, W]`` with pixel values in [0, 1] to logits ``[N, classes]``."""
 
-#: Perturbed images per forward when none is given, by device type: cache-sized batches run
-#: fastest on CPUs (ResNet18 at 224 px on 2 cores: 32 is ~1.15x faster than 256), large ones
-#: fill GPUs.
-DEFAULT_BATCH_SIZES = {"cpu": 32, "cuda": 256}
+GPU_BATCH_SIZE = 256
+"""Perturbed images per forward on accelerators when none is given (CPUs: :mod:`tasks.batch_sizes`)."""
 
 
-def default_batch_size(device: torch.device | str) -> int:
-    """LIME's perturbed images per forward on ``device`` (:data:`DEFAULT_BATCH_SIZES`, else 256)."""
-    return DEFAULT_BATCH_SIZES.get(torch.device(device).type, 256)
+def default_batch_size(device: torch.device | str, amp_dtype: torch.dtype | None = None) -> int:
+    """LIME's perturbed images per forward on ``device`` at ``amp_dtype`` when none is given."""
+    return perturbation_batch_size(device, amp_dtype, accelerator=GPU_BATCH_SIZE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +201,7 @@ def neighborhood_probabilities(
     Raises :class:`NonFiniteError` when the model returns NaN/Inf for any perturbed image.
     """
     device = torch.device(device)
-    batch_size = batch_size or default_batch_size(device)
+    batch_size = batch_size or default_batch_size(device, amp_dtype)
     normalise, network = _split_normalisation(model_fn)
     # Normalisation is per pixel, so normalising the two source images once equals normalising
     # every perturbed image: the batches below are the network's inputs as they are.
@@ -287,7 +286,7 @@ def explain_lime(
         hide_color: colour of a switched-off superpixel in the image's scale; None: its mean.
         kernel_width, num_features, distance_metric: as ``LimeImageExplainer``/``explain_instance``.
         seed: seeds the perturbation matrix exactly as ``LimeImageExplainer(random_state=seed)``.
-        batch_size: perturbed images per model call; None: :func:`default_batch_size` of the device.
+        batch_size: perturbed images per model call; None: :func:`default_batch_size` of the device and precision.
         device: where perturbations are built and the model runs (default: the model's device).
         amp_dtype: autocast dtype for the model calls, or None.
         cache: reuse segmentations across calls (parameter search, seeds).
@@ -381,7 +380,7 @@ def lime_search(
     if not entries:
         raise ConfigError("grid", "needs at least one parameter set")
     device = _device_of(model_fn) if device is None else torch.device(device)
-    batch_size = batch_size or default_batch_size(device)
+    batch_size = batch_size or default_batch_size(device, amp_dtype)
     if cache is None:
         cache = SegmentationCache()
     image = _hwc(image)

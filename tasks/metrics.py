@@ -22,6 +22,7 @@ from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 from tasks.errors import ConfigError, ItemError
+from tasks.batch_sizes import perturbation_batch_size
 from tasks.inference import inference_model
 
 RULES = ("top_q", "otsu")
@@ -223,7 +224,7 @@ def deletion_insertion_curves(
     *,
     steps: int = 20,
     baseline: str = "blur",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     blur_sigma: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,7 +233,7 @@ def deletion_insertion_curves(
     Pixels are ranked by saliency (ties: earlier pixel first); step ``i`` of ``steps`` has the
     top ``round(i * pixels / steps)`` pixels replaced by the baseline (deletion) or revealed on
     top of it (insertion). All ``2 * (steps + 1)`` images of every input are scored in model
-    calls of ``batch_size`` on the images' device.
+    calls of ``batch_size`` on the images' device (None: :mod:`tasks.batch_sizes`, 64 on GPUs).
 
     Returns:
         ``(deletion [B, steps+1], insertion [B, steps+1], fractions [steps+1])`` where
@@ -261,6 +262,7 @@ def deletion_insertion_curves(
     # Job j: image j // (2 (steps+1)), curve (deletion 0 / insertion 1), step.
     per_image = 2 * (steps + 1)
     probabilities = torch.empty(count * per_image, dtype=torch.float32)
+    batch_size = batch_size or perturbation_batch_size(device, amp_dtype, accelerator=64)
     model = inference_model(model)
     with torch.no_grad():
         for start in range(0, count * per_image, batch_size):
@@ -286,7 +288,7 @@ def deletion_insertion(
     *,
     steps: int = 20,
     baseline: str = "blur",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     blur_sigma: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +302,8 @@ def deletion_insertion(
         targets: the class whose softmax probability each curve follows.
         steps: equal pixel-count steps from nothing to everything changed.
         baseline: ``blur`` or ``mean`` (see :func:`baseline_images`).
-        batch_size: images per model call (all curves of all images share the calls).
+        batch_size: images per model call (all curves of all images share the calls); None: by
+            device and precision.
         amp_dtype: autocast dtype for the model calls, or None for full precision.
 
     Returns:

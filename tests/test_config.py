@@ -46,6 +46,8 @@ def test_empty_config_is_the_demo_default():
         ({"device": "gpu0"}, "device"),
         ({"explain": {"lime": {"batch_size": "big"}}}, "explain.lime.batch_size"),
         ({"explain": {"lime": {"batch_size": 0}}}, "explain.lime.batch_size"),
+        ({"explain": {"scorecam_batch_size": "max"}}, "explain.scorecam_batch_size"),
+        ({"explain": {"metrics": {"batch_size": -1}}}, "explain.metrics.batch_size"),
     ],
 )
 def test_invalid_option_is_reported_with_its_field_path(data, field):

@@ -8,6 +8,7 @@ from lime import lime_image
 from scipy import ndimage
 from torch import nn
 
+from tasks.batch_sizes import CPU_BATCH_SIZES
 from tasks.errors import ConfigError
 from tasks.lime_explain import (
     LimeResult,
@@ -236,15 +237,17 @@ def test_a_pixel_model_is_normalised_once_per_image_with_the_same_probabilities(
     assert len(network_inputs) == 3  # 40 samples in batches of 16
 
 
-def test_default_batch_on_cpu_is_cache_sized(model):
+@pytest.mark.parametrize(("amp_dtype", "precision"), [(None, "fp32"), (torch.bfloat16, "mixed")])
+def test_default_batch_on_cpu_is_cache_sized_for_the_precision(model, amp_dtype, precision):
     sizes: list[int] = []
 
     def recording_model(batch: torch.Tensor) -> torch.Tensor:
         sizes.append(batch.shape[0])
         return model(batch)
 
-    explain_lime(recording_model, [make_image(7)], [0], num_samples=70, seed=0)
-    assert sizes == [32, 32, 6]
+    explain_lime(recording_model, [make_image(7)], [0], num_samples=70, seed=0, amp_dtype=amp_dtype)
+    size = CPU_BATCH_SIZES[precision]
+    assert sizes == [size] * (70 // size) + [70 % size]
 
 
 def test_nonfinite_model_outputs_stop_lime_before_the_fit(model):
