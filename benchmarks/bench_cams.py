@@ -22,7 +22,7 @@ SETTINGS = {
     # perturbation CAMs: images per call; gradient family: images per chunk. cpu uses 128 px:
     # stock ScoreCAM needs 512 full forwards per image (~3.5 min at 224 px on a loaded 2-core box).
     "tiny": dict(arch="resnet18", pixels=64, perturbation_images=1, chunk=2, repeats=1),
-    "cpu": dict(arch="resnet18", pixels=128, perturbation_images=1, chunk=8, repeats=2),
+    "cpu": dict(arch="resnet18", pixels=128, perturbation_images=1, chunk=8, repeats=3),
     "gpu": dict(arch="resnet50", pixels=224, perturbation_images=2, chunk=32, repeats=3),
 }
 

@@ -32,7 +32,7 @@ SETTINGS = {
     # cpu: 300 samples, not 1,000, so two rounds fit a shared 2-core machine; every side's time
     # is linear in the samples (fixed batch sizes), so the ratios carry over.
     "tiny": dict(pixels=64, num_samples=40, arch="resnet18", repeats=1, batch_size=20),
-    "cpu": dict(pixels=224, num_samples=300, arch="resnet18", repeats=2, batch_size=None),  # None: the device's default
+    "cpu": dict(pixels=224, num_samples=300, arch="resnet18", repeats=3, batch_size=None),  # None: the device's default
     "gpu": dict(pixels=224, num_samples=1000, arch="resnet50", repeats=3, batch_size=None),
 }
 STOCK_BATCH_SIZE = 10  # the seed study's lime_image batch size

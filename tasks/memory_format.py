@@ -20,17 +20,18 @@ def channels_last_weights(model: object) -> Iterator[None]:
     """Within the block, ``model``'s 4-D parameters are channels-last (no-op for non-modules).
 
     Values are unchanged; only strides move. Parameters keep their identity (``.data`` is
-    swapped), so optimisers and hooks holding them are unaffected.
+    swapped) and get their original storage back afterwards, so optimisers, hooks and the
+    cached inference copy (:mod:`tasks.inference`, keyed by storage) are unaffected.
     """
     if not isinstance(model, nn.Module):
         yield
         return
-    converted = [p for p in model.parameters()
+    converted = [(p, p.data) for p in model.parameters()
                  if p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last)]
-    for parameter in converted:
-        parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    for parameter, original in converted:
+        parameter.data = original.contiguous(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        for parameter in converted:
-            parameter.data = parameter.data.contiguous()
+        for parameter, original in converted:
+            parameter.data = original

@@ -200,3 +200,16 @@ def test_non_modules_pass_through():
         return x
 
     assert inference_model(model_fn) is model_fn
+
+
+def test_channels_last_scope_gives_back_the_original_storage_so_the_cached_copy_survives():
+    from tasks.memory_format import channels_last_weights
+
+    model = _with_running_stats(torchvision.models.resnet18(num_classes=4))
+    fast = inference_model(model)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    with channels_last_weights(model):  # what AblationCAM's forwards run under
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert model.conv1.weight.is_contiguous()
+    assert inference_model(model) is fast
