@@ -43,7 +43,7 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 SETTINGS = {
     "tiny": dict(probe_images=8, explain_images=8, repeats=1, demo_runs=1),
-    "cpu": dict(probe_images=250, explain_images=64, repeats=5, demo_runs=2),
+    "cpu": dict(probe_images=250, explain_images=64, repeats=7, demo_runs=2),
     "gpu": dict(probe_images=250, explain_images=64, repeats=3, demo_runs=2),
 }
 GOALS = {"netdissect_rss": 1.25, "overhead_ratio": 1.15, "demo_warm_s": 90.0, "demo_cold_s": 480.0}

@@ -3,7 +3,7 @@
 An eager ``Conv2d`` hands oneDNN a plain (NCHW or channels-last) weight, which oneDNN reorders
 into its blocked layout inside every call. For the many small-batch forwards of LIME, ScoreCAM
 and deletion/insertion that reorder is a visible share of the work: ResNet18 on 2 CPU cores
-runs ~15 % faster at 128 px and ~3 % at 224 px with the weights reordered once (benchmarks/
+runs 7-15 % faster at 128 px and 1-4 % at 224 px with the weights reordered once (benchmarks/
 RESULTS.md). ``torch.ops.mkldnn._convolution_pointwise`` with a weight from
 ``torch.ops.mkldnn._reorder_convolution_weight`` is the pair torch's own inductor emits for CPU
 convolutions; here it runs eagerly, with no compilation.
