@@ -31,8 +31,8 @@ from scipy import stats
 from skimage.segmentation import felzenszwalb, quickshift, slic
 from torch import Tensor, nn
 
-from tasks.errors import ConfigError, NonFiniteError
 from tasks.batch_sizes import perturbation_batch_size
+from tasks.errors import ConfigError, NonFiniteError
 from tasks.inference import inference_model
 from tasks.metrics import autocast_context, deletion_insertion, mask_iou
 from tasks.models import PixelModel

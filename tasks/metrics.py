@@ -216,6 +216,10 @@ def baseline_images(images: Tensor, baseline: str, blur_sigma: float | None = No
     raise ConfigError("baseline", f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
 
 
+GPU_METRICS_BATCH_SIZE = 64
+"""Deletion/insertion images per forward on accelerators when none is given."""
+
+
 def deletion_insertion_curves(
     model: Callable[[Tensor], Tensor],
     images: Tensor,
@@ -233,7 +237,8 @@ def deletion_insertion_curves(
     Pixels are ranked by saliency (ties: earlier pixel first); step ``i`` of ``steps`` has the
     top ``round(i * pixels / steps)`` pixels replaced by the baseline (deletion) or revealed on
     top of it (insertion). All ``2 * (steps + 1)`` images of every input are scored in model
-    calls of ``batch_size`` on the images' device (None: :mod:`tasks.batch_sizes`, 64 on GPUs).
+    calls of ``batch_size`` on the images' device (None: :mod:`tasks.batch_sizes`; on GPUs
+    :data:`GPU_METRICS_BATCH_SIZE`).
 
     Returns:
         ``(deletion [B, steps+1], insertion [B, steps+1], fractions [steps+1])`` where
@@ -262,7 +267,7 @@ def deletion_insertion_curves(
     # Job j: image j // (2 (steps+1)), curve (deletion 0 / insertion 1), step.
     per_image = 2 * (steps + 1)
     probabilities = torch.empty(count * per_image, dtype=torch.float32)
-    batch_size = batch_size or perturbation_batch_size(device, amp_dtype, accelerator=64)
+    batch_size = batch_size or perturbation_batch_size(device, amp_dtype, accelerator=GPU_METRICS_BATCH_SIZE)
     model = inference_model(model)
     with torch.no_grad():
         for start in range(0, count * per_image, batch_size):
