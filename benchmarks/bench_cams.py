@@ -3,7 +3,7 @@
 Stock side: one grad-cam object per method (``ScoreCAM(model, target_layers=[layer])`` etc.,
 default inner batch sizes), called on the image batch with ``ClassifierOutputTarget`` targets;
 each object is created and released inside the timed call, so its hooks never touch the other
-side's forwards. Ours: :func:`tasks.cams.forward_with_cams` with the pipeline's defaults, which
+side's forwards. Ours: :func:`tasks.explain.cams.forward_with_cams` with the pipeline's defaults, which
 also returns the logits. Both sides use the same model object, inputs and targets.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(size: str) -> list[Result]:
     import torchvision
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.cams import forward_with_cams
+    from tasks.explain.cams import forward_with_cams
 
     s = SETTINGS[size]
     device = device_for(size)

@@ -4,7 +4,7 @@ The stock side below follows the structure of the reference implementation (Oika
 ``similarity.py``): a softmax over concepts, each unit's top images by ``topk``, then a Python
 loop over units that gathers the unit's top rows, forms ``1 + p_r (p(c|x) - 1)`` and sums
 ``log(. + min_prob)`` over ranks; finally ``log p(c)`` by logsumexp over units. It is written
-here, independently of :mod:`tasks.clip_dissect`, as ground truth. Both sides get the same
+here, independently of :mod:`tasks.dissect.clip_dissect`, as ground truth. Both sides get the same
 image-concept matrix ``P = 100 · I @ Tᵀ`` (random unit-norm features of CLIP's 512 dimensions)
 and the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / max(|stock|, 1)``
 (scores reach hundreds, where float32 spacing alone is ~3e-5).
@@ -70,12 +70,12 @@ def run(size: str) -> list[Result]:
 
 
 def feature_result(size: str) -> Result:
-    """Images per second of :func:`tasks.clip_dissect.clip_image_features` (reported, no goal)."""
+    """Images per second of :func:`tasks.dissect.clip_dissect.clip_image_features` (reported, no goal)."""
     try:
         import open_clip
 
-        from tasks.clip_dissect import clip_image_features
-        from tasks.toy_clip import register_toy_clip
+        from tasks.dissect.clip_dissect import clip_image_features
+        from tasks.world.toy_clip import register_toy_clip
     except ImportError as error:
         return Result.skipped(TARGETS[2], f"missing library: {error}")
     s = FEATURE_SETTINGS[size]
@@ -96,7 +96,7 @@ def feature_result(size: str) -> Result:
 
 def similarity_results(size: str) -> list[Result]:
     """Targets 4's speed-up and peak RSS of soft_wpmi against the per-unit reference loop."""
-    from tasks.clip_dissect import soft_wpmi
+    from tasks.dissect.clip_dissect import soft_wpmi
 
     s = SETTINGS[size]
     device = device_for(size)
@@ -153,7 +153,7 @@ def fresh_process_peak(size: str) -> dict[str, float]:
 
 
 def _measure_alone(size: str) -> None:
-    from tasks.clip_dissect import soft_wpmi
+    from tasks.dissect.clip_dissect import soft_wpmi
 
     s = SETTINGS[size]
     clip_feats, target_feats = inputs(s["images"], s["concepts"], s["units"], torch.device("cpu"))

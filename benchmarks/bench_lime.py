@@ -6,7 +6,7 @@ Pytorch.ipynb``: each uint8 ``[H, W, 3]`` image through ``ToTensor`` and ``Norma
 ``torch.stack``, softmax), the model as torchvision builds it (NCHW, fp32). A second stock
 classifier, reported beside the target, permutes the whole uint8 batch instead: its tensor is
 channels-last by stride, so torch runs the unchanged model channels-last (how much of our
-speed-up is layout alone). Ours: :func:`tasks.lime_explain.explain_lime` as the pipeline calls
+speed-up is layout alone). Ours: :func:`tasks.explain.lime.explain_lime` as the pipeline calls
 it (the model's inference copy: BatchNorm folded, channels-last, packed weights; normalisation
 applied once per image; batches of the config's default size for the device and precision).
 One model object serves every side. All get the same image, the same quickshift segmentation
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.harness import Result, Timing, device_for, interleave
-from tasks.inference import inference_model
+from tasks.compute.inference import inference_model
 
 TARGETS = ("1 LIME fp32 speed-up", "1 LIME mixed-precision speed-up", "1 LIME fp32 overhead over the model",
            "1 LIME mixed-precision overhead over the model", "1 LIME fp32 speed-up vs a channels-last stock classifier")
@@ -88,7 +88,7 @@ def run(size: str) -> list[Result]:
     import torchvision
     from lime import lime_image
 
-    from tasks.lime_explain import (
+    from tasks.explain.lime import (
         SegmentationCache,
         default_batch_size,
         explain_lime,
@@ -96,8 +96,8 @@ def run(size: str) -> list[Result]:
         neighborhood_probabilities,
         perturbation_matrix,
     )
-    from tasks.models import PixelModel
-    from tasks.metrics import autocast_context
+    from tasks.data.models import PixelModel
+    from tasks.compute.precision import autocast_context
 
     s = dict(SETTINGS[size])
     device = device_for(size)

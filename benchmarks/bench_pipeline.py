@@ -1,6 +1,6 @@
 """Targets 5-7: Network Dissection's memory and speed, Prefect's overhead, the demo end to end.
 
-5. Network Dissection of layer1-layer4 through the pipeline's own path (:func:`tasks.dissect.netdissect_rows`)
+5. Network Dissection of layer1-layer4 through the pipeline's own path (:func:`tasks.dissect.stage.netdissect_rows`)
    on N and 4N world probe images, each in a fresh subprocess: the growth of the resident-set
    high-water mark (VmHWM) over the process's RSS just before the dissection (model loaded,
    imports done), so import-time peaks cannot hide growth; and seconds per 1,000 probe images.
@@ -92,10 +92,11 @@ def _load() -> list[float]:
 def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
     """Network Dissection of the first model's layers on ``n_images`` probe images, in this process:
     seconds, RSS before, peak and growth (MiB). Meant to run in a fresh process per size."""
-    from flows.config import parse_config
-    from tasks.dissect import model_layers, netdissect_rows, threshold_files
-    from tasks.probe import open_probe
-    from tasks.runtime import resolve_device, using_model
+    from tasks.core.config import parse_config
+    from tasks.dissect.stage import model_layers, netdissect_rows, threshold_files
+    from tasks.dissect.probe import open_probe
+    from tasks.compute.device import resolve_device
+    from tasks.data.loaded_models import using_model
 
     data = json.loads(json.dumps(config_data))
     data["dissect"]["probe"]["limit"] = n_images
@@ -153,13 +154,13 @@ def netdissect_results(size: str) -> list[Result]:
 
 def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
-    from flows.config import parse_config
+    from tasks.core.config import parse_config
     from flows.explain import explain_model
     from flows.runner import local_run_settings, subflow_task_runner
     from storage.parquet import ResultsStore
     from storage.runs import new_run_id
-    from tasks.explain import explain_chunk
-    from tasks.image_sets import list_image_set
+    from tasks.explain.tasks import explain_chunk
+    from tasks.data.image_sets import list_image_set
 
     data = base_config(size)
     data["images"]["limit"] = SETTINGS[size]["explain_images"]

@@ -53,8 +53,8 @@ def profile_lime(samples: int = 200) -> None:
     from lime import lime_image
 
     from benchmarks.bench_lime import MEAN, STD, STOCK_BATCH_SIZE, stock_classifier, test_image
-    from tasks.lime_explain import explain_lime, segment
-    from tasks.models import PixelModel
+    from tasks.explain.lime import explain_lime, segment
+    from tasks.data.models import PixelModel
 
     torch.manual_seed(0)
     timed = _Timed(torchvision.models.resnet18().eval())
@@ -84,7 +84,7 @@ def profile_scorecam(pixels: int = 128) -> None:
     import torchvision
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.cams import forward_with_cams
+    from tasks.explain.cams import forward_with_cams
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()

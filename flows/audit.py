@@ -10,18 +10,19 @@ from datetime import datetime, timezone
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.config import AuditConfig, ConfigErrors, load_config
+from tasks.core.config import AuditConfig, ConfigErrors, load_config
 from flows.dissect import dissect_model
 from flows.explain import explain_model
 from flows.runner import AuditThreadPoolTaskRunner, flow_task_runner, local_run_settings, subflow_task_runner
 from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
-from tasks.dissect import probe_task
-from tasks.image_sets import list_image_set
-from tasks.prepare import prepare_world
-from tasks.runtime import resolve_device
-from tasks.summary import summarize_run, summarize_task
+from tasks.dissect.tasks import probe_task
+from tasks.data.image_sets import list_image_set
+from tasks.world.tasks import prepare_world
+from tasks.compute.device import resolve_device
+from tasks.results.summary import summarize_run
+from tasks.results.tasks import summarize_task
 
 STAGES = ("dissect", "explain")
 

@@ -55,7 +55,7 @@ class _UsageError(Exception):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from flows.config import load_config
+    from tasks.core.config import load_config
     from flows.preflight import check
 
     config = load_config(args.config)
@@ -66,7 +66,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from flows.audit import run_audit
-    from flows.config import load_config
+    from tasks.core.config import load_config
     from flows.preflight import check
 
     config = load_config(args.config)
@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
 
 def _writable_results(results: str) -> None:
     """A results root that cannot be written is a config problem, found before any work starts."""
-    from flows.config import ConfigErrors
+    from tasks.core.config import ConfigErrors
     from storage.integrity import require_writable
     from storage.parquet import ResultsStore, StorageError
 
@@ -141,7 +141,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _known_run(store, run_id: str) -> None:
-    from tasks.summary import require_run
+    from tasks.results.summary import require_run
 
     try:
         require_run(store, run_id)
@@ -151,7 +151,7 @@ def _known_run(store, run_id: str) -> None:
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
     from storage.parquet import ResultsStore
-    from tasks.summary import summarize_run
+    from tasks.results.summary import summarize_run
 
     store = ResultsStore(_results_root(args))
     _known_run(store, args.run_id)
@@ -164,7 +164,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from storage.parquet import ResultsStore
-    from tasks.report import write_report
+    from tasks.results.report import write_report
 
     store = ResultsStore(_results_root(args))
     _known_run(store, args.run_id)
@@ -174,9 +174,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from storage.parquet import ResultsStore, safe_name
-    from tasks.drift import write_drift
-    from tasks.figures import drift_summary
-    from tasks.report import REPORTS
+    from tasks.results.drift import write_drift
+    from tasks.results.figures import drift_summary
+    from tasks.results.report import REPORTS
 
     store = ResultsStore(_results_root(args))
     for run_id in (args.run_a, args.run_b):
@@ -200,9 +200,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_world_make(args: argparse.Namespace) -> int:
-    from tasks.synthetic import WorldSpec, generate_world
+    from tasks.world.synthetic import generate_world
+    from tasks.core.config import WorldConfig
 
-    spec = WorldSpec(seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val)
+    spec = WorldConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val)
     try:
         root = generate_world(Path(args.dir), spec)
     except FileExistsError as error:
@@ -225,7 +226,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.audit import audit_from_file
-    from flows.config import load_config
+    from tasks.core.config import load_config
     from flows.preflight import check
 
     config = load_config(args.config)
@@ -299,11 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     world_sub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     make = world_sub.add_parser("make", help="Generate a world into DIR.", description="Generate a synthetic world in Broden's format into DIR (absent or empty).")
     make.add_argument("dir", help="output folder (absent or empty)")
-    from tasks.synthetic import WorldSpec
+    from tasks.core.config import WorldConfig
 
-    for option, default, text in (("--seed", WorldSpec.seed, "generator seed"), ("--image-size", WorldSpec.image_size, "image side in pixels"),
-                                  ("--n-train", WorldSpec.n_train, "training images"), ("--n-val", WorldSpec.n_val, "held-out images")):
-        make.add_argument(option, type=int, default=default, help=f"{text} (default: {default})")
+    for option, field in (("--seed", "seed"), ("--image-size", "image_size"), ("--n-train", "n_train"), ("--n-val", "n_val")):
+        info = WorldConfig.model_fields[field]
+        make.add_argument(option, type=int, default=info.default, help=f"{info.description} (default: {info.default})")
     make.set_defaults(handler=_cmd_world_make)
 
     sub.choices["validate"].set_defaults(handler=_cmd_validate)
@@ -319,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_offline_prefect()
     args = build_parser().parse_args(argv)
-    from flows.config import ConfigErrors
-    from tasks.errors import XaiAuditError
+    from tasks.core.config import ConfigErrors
+    from tasks.core.errors import XaiAuditError
 
     try:
         return args.handler(args)

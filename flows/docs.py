@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from flows.config import AuditConfig
+from tasks.core.config import AuditConfig
 from storage.schemas import describe_tables
 
 

@@ -5,9 +5,10 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.config import AuditConfig
+from tasks.core.config import AuditConfig
 from storage.parquet import ResultsStore
-from tasks.explain import EXPLAIN_TABLES, chunk_unit, explain_chunk
+from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
+from tasks.explain.tasks import explain_chunk
 
 
 def chunk_done(store: ResultsStore, run_id: str, model: str, index: int) -> bool:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator
 
-import torch
-import torchvision
-
-from flows.config import AuditConfig, ConfigErrors, ModelConfig
-from tasks.errors import ConfigError, XaiAuditError
+from tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
+from tasks.core.errors import ConfigError, XaiAuditError
+from tasks.data.sources.registry import model_source
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -21,35 +19,16 @@ def _closest(name: str, valid: list[str]) -> str:
     return f"closest: {', '.join(close)}" if close else f"valid: {', '.join(valid[:30])}{' ...' if len(valid) > 30 else ''}"
 
 
-def _skeleton(model: ModelConfig) -> torch.nn.Module | None:
-    """The model's architecture without weights, or None when only running its code would tell."""
-    if model.source == "demo":
-        from tasks.synthetic import SHAPES
-
-        arch, classes = "resnet18", len(SHAPES)
-    elif model.source == "places365":
-        arch, classes = model.arch, 365
-    elif model.source in ("torchvision", "checkpoint"):
-        arch, classes = model.arch, model.num_classes or (len(model.class_names) if isinstance(model.class_names, list) else None)
-    else:
-        return None
-    with torch.device("meta"):
-        return torchvision.models.get_model(arch, **({"num_classes": classes} if classes else {}))
-
-
 def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
-    """Unknown architectures, weights and layer names of one model entry."""
+    """Unknown architectures and weights (as the entry's source checks them) and layer names of one model entry."""
     field = f"models.{index}"
-    if model.source in ("torchvision", "places365", "checkpoint"):
-        archs = sorted(torchvision.models.list_models(module=torchvision.models))
-        if model.arch not in archs:
-            yield f"{field}.arch", f"unknown architecture {model.arch!r}; {_closest(str(model.arch), archs)}"
-            return
-    if model.source == "torchvision":
-        valid = [weights.name for weights in torchvision.models.get_model_weights(model.arch)] + ["DEFAULT"]
-        if model.weights not in valid:
-            yield f"{field}.weights", f"unknown weights {model.weights!r} for {model.arch}; valid: {', '.join(valid)}"
-    skeleton = _skeleton(model)
+    try:
+        source = model_source(model.source, field)
+    except ConfigError as error:
+        yield error.field, error.message
+        return
+    yield from source.problems(model, field)
+    skeleton = source.skeleton(model)
     if skeleton is None:
         return
     names = [name for name, _ in skeleton.named_modules() if name]
@@ -61,7 +40,7 @@ def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
 
 def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Image and concept sets that are empty or unreadable."""
-    from tasks.image_sets import iter_image_set
+    from tasks.data.image_sets import iter_image_set
 
     if config.explain.enabled and config.images.kind != "world":
         try:
@@ -71,7 +50,7 @@ def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
             yield error.field, error.message
     concepts = config.dissect.concepts
     if config.dissect.enabled and "clip_dissect" in config.dissect.methods and concepts.source == "file":
-        from tasks.clip_dissect import load_concepts
+        from tasks.dissect.clip_dissect import load_concepts
 
         try:
             load_concepts(concepts.path, field="dissect.concepts.path")
@@ -83,7 +62,7 @@ def lime_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Segmentation algorithms and parameters of LIME and its search grid that scikit-image lacks."""
     if not config.explain.enabled or "lime" not in config.explain.methods:
         return
-    from tasks.lime_explain import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
+    from tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
 
     lime = config.explain.lime
     entries = [("explain.lime.segmentation_params", lime.segmentation, lime.segmentation_params)]
@@ -108,7 +87,7 @@ def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
         return
     import inspect
 
-    from tasks.clip_dissect import SIMILARITY_FUNCTIONS
+    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
 
     top_k = inspect.signature(SIMILARITY_FUNCTIONS[dissect.clip.similarity]).parameters.get("top_k")
     if top_k is not None and dissect.probe.limit < top_k.default:
@@ -116,11 +95,29 @@ def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
                f"{dissect.clip.similarity} ranks per unit; raise the limit or pick another similarity function")
 
 
+def registry_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """Method names the registries do not know: explainers, labellers, CLIP-Dissect similarities."""
+    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
+    from tasks.dissect.labellers import LABELLERS
+    from tasks.explain.registry import EXPLAINERS
+
+    for field, names, registry in (("explain.methods", config.explain.methods, EXPLAINERS),
+                                   ("dissect.methods", config.dissect.methods, LABELLERS)):
+        unknown = [name for name in names if name not in registry]
+        if unknown:
+            yield field, f"unknown method(s) {unknown}; valid: {sorted(registry)}"
+    if config.dissect.clip.similarity not in SIMILARITY_FUNCTIONS:
+        yield ("dissect.clip.similarity",
+               f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}")
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
-    problems = [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
+    problems = list(registry_problems(config))
+    problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
     problems += list(lime_problems(config))
-    problems += list(probe_problems(config))
+    if not any(field == "dissect.clip.similarity" for field, _ in problems):  # it looks the similarity up
+        problems += list(probe_problems(config))
     try:
         problems += list(set_problems(config))
     except XaiAuditError as error:

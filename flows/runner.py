@@ -28,7 +28,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from flows.config import AuditConfig
+from tasks.core.config import AuditConfig
 
 GPU_TAG = "gpu"
 GPU_RESOURCE = "GPU"

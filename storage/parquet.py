@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.schemas import SCHEMA_VERSION, schema_of
-from tasks.errors import XaiAuditError
+from tasks.core.errors import XaiAuditError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 

@@ -1,4 +1,7 @@
-"""One Arrow schema per results table (the **contract** of DESIGN.md); writers validate against them."""
+"""One Arrow schema per results table; writers validate against them.
+
+The schemas are the tables' **contract**: README.md's "Tables" reference is generated from them
+(``make docs``, flows/docs.py)."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -117,6 +120,12 @@ TABLES: dict[str, pa.Schema] = {
         ("components_json", pa.string(), "The objective's parts as JSON: deletion_auc, insertion_auc, stability, top_k_jaccard, n_segments."),
         ("best", pa.bool_(), "This trial has the image's lowest objective."),
     ),
+    "scores": _schema(
+        "One row per (image, method, value) of a registered metric that has no table of its own (tasks/metrics/base.py).",
+        _RUN, _MODEL, _IMAGE, _METHOD,
+        ("metric", pa.string(), "The value's name, as its metric declares it."),
+        ("value", pa.float64(), "The value; its direction (higher or lower is better) is the metric's declaration."),
+    ),
     "errors": _schema(
         "One row per failed item: what failed, where and why.",
         _RUN,
@@ -232,6 +241,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("road_mean", pa.float64(), "Mean ROAD score (grad-cam's ROADCombined, higher is better); null where ROAD was not computed."),
         ("localization_rank", pa.int32(), "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth."),
         ("faithfulness_rank", pa.int32(), "1 for the highest faithfulness; null without faithfulness rows."),
+        ("scores", pa.map_(pa.string(), pa.float64()), "Mean of each value in the scores table (metrics without a table of their own), by name."),
     ),
     "summary_lime_params": _schema(
         "One row per (model, LIME parameter set) of the search: its results over all images, ranked.",

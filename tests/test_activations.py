@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import activations as act
-from tasks.errors import ConfigError
+from tasks.dissect import activations as act
+from tasks.core.errors import ConfigError
 
 
 class Tiny(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from tasks.artifacts import KEYS
+from tasks.results.artifacts import KEYS
 from tests.fixtures.audit_runs import NAME, two_audited_runs
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 import torchvision
 
-from tasks.batch_sizes import CPU_BATCH_SIZES, perturbation_batch_size
-from tasks.cams import compute_cams
-from tasks.lime_explain import GPU_BATCH_SIZE, default_batch_size
+from tasks.compute.batch_sizes import CPU_BATCH_SIZES, perturbation_batch_size
+from tasks.explain.cams import compute_cams
+from tasks.explain.lime import GPU_BATCH_SIZE, default_batch_size
 
 
 def test_cpu_sizes_depend_on_precision_and_accelerators_get_the_callers_size():

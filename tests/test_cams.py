@@ -9,9 +9,9 @@ import torchvision
 from torch import nn
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from tasks.cams import CAM_METHODS, compute_cams, forward_with_cams
-from tasks.errors import ConfigError
-from tasks.inference import inference_model
+from tasks.explain.cams import CAM_METHODS, compute_cams, forward_with_cams
+from tasks.core.errors import ConfigError
+from tasks.compute.inference import inference_model
 
 LIBRARY_CLASSES = {
     "gradcam": library.GradCAM,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from tasks import clip_dissect as cd
-from tasks.errors import ConfigError
+from tasks.dissect import clip_dissect as cd
+from tasks.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.config import AuditConfig, ConfigErrors, load_config, parse_config
+from tasks.core.config import AuditConfig, ConfigErrors, load_config, parse_config
 from flows.docs import GENERATED_BLOCKS, block_text, iter_options
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_empty_config_is_the_demo_default():
         ({"models": [{"name": "m", "source": "torchvision", "arch": "resnet18"}]}, "models.0"),
         ({"models": [{"name": "m", "source": "nowhere"}]}, "models.0.source"),
         ({"models": []}, "models"),
-        ({"explain": {"methods": ["gradcam", "telepathy"]}}, "explain.methods"),
+        ({"explain": {"methods": ["gradcam", "gradcam"]}}, "explain.methods"),
         ({"device": "gpu0"}, "device"),
         ({"explain": {"lime": {"batch_size": "big"}}}, "explain.lime.batch_size"),
         ({"explain": {"lime": {"batch_size": 0}}}, "explain.lime.batch_size"),
@@ -52,6 +52,21 @@ def test_empty_config_is_the_demo_default():
 )
 def test_invalid_option_is_reported_with_its_field_path(data, field):
     assert field in problems_of(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "valid_name"),
+    [
+        ({"explain": {"methods": ["gradcam", "telepathy"]}}, "explain.methods", "scorecam"),
+        ({"dissect": {"methods": ["clip_dissect", "phrenology"]}}, "dissect.methods", "netdissect"),
+        ({"dissect": {"clip": {"similarity": "cosine"}}}, "dissect.clip.similarity", "soft_wpmi"),
+    ],
+)
+def test_unknown_registry_names_are_reported_before_any_work(data, field, valid_name):
+    from flows.preflight import registry_problems
+
+    problems = dict(registry_problems(parse_config(data)))
+    assert set(problems) == {field} and valid_name in problems[field]
 
 
 def test_missing_file_is_reported_relative_to_the_config_folder(tmp_path):

@@ -10,7 +10,7 @@ from distributed.worker import thread_state
 from prefect import flow, task
 
 from flows.audit import run_audit
-from flows.config import ConfigErrors, parse_config
+from tasks.core.config import ConfigErrors, parse_config
 from flows.runner import GpuDaskTaskRunner, flow_task_runner
 from storage.parquet import ResultsStore
 from storage.schemas import ALL_TABLES
@@ -110,7 +110,7 @@ def test_a_two_process_local_cluster_writes_the_tables_of_the_thread_runner(pref
 
     assert reference.status == scaled.status == "completed"
     (cluster,) = CountingCluster.instances  # one cluster for the flow and both subflows
-    assert cluster.ran.get("explain_chunk") == N_IMAGES and cluster.ran.get("netdissect_task") == 1, cluster.ran
+    assert cluster.ran.get("explain_chunk") == N_IMAGES and cluster.ran.get("label_task") == 1, cluster.ran
     left, right = ResultsStore(tmp_path / "threads"), ResultsStore(tmp_path / "dask")
     for table in ("predictions", "saliency", "agreement", "faithfulness", "neurons"):
         assert len(comparable_rows(left, table)) > 0, table

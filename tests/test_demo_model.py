@@ -12,12 +12,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from tasks import demo_model
-from tasks.demo_model import DemoTrainSpec, ensure_demo_model, load_demo_model
-from tasks.errors import CheckpointError
-from tasks.synthetic import SHAPES, WorldSpec, ensure_world
+from tasks.world import demo_model
+from tasks.world.demo_model import DemoTrainSpec, ensure_demo_model, load_demo_model
+from tasks.core.errors import CheckpointError
+from tasks.world.synthetic import SHAPES, ensure_world
+from tasks.core.config import WorldConfig
 
-TINY_WORLD = WorldSpec(seed=7, n_train=16, n_val=8)
+TINY_WORLD = WorldConfig(seed=7, n_train=16, n_val=8)
 TINY_TRAIN = DemoTrainSpec(epochs=1, batch_size=8)
 
 

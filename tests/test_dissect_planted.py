@@ -3,7 +3,7 @@
 The planted model (``tests/fixtures/planted_models.py``) has one unit per world colour, a
 striped-texture unit, a circle-interior unit and a constant unit in its layer ``detectors``. Both
 labelling methods run through the project's wiring (config → probe → model registry →
-``tasks.dissect`` → flow → ``neurons`` table), so these tests protect the whole path, not only the
+``tasks.dissect.tasks`` → flow → ``neurons`` table), so these tests protect the whole path, not only the
 numerics (which have their own tests).
 """
 from __future__ import annotations
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import AuditConfig, parse_config
-from tasks.dissect import (
+from tasks.core.config import AuditConfig, parse_config
+from tasks.dissect.stage import (
     clip_dissect_rows,
     clip_similarity,
     concept_set,
     netdissect_rows,
     pooled_layer_activations,
 )
-from tasks.probe import open_probe
-from tasks.runtime import using_model
-from tasks.synthetic import COLORS
+from tasks.dissect.probe import open_probe
+from tasks.data.loaded_models import using_model
+from tasks.world.synthetic import COLORS
 from tests.fixtures.planted_models import LAYER, PLANTED_CONCEPTS, UNITS, model_config
 
 # 201 images: enough pixels for stable IoUs, a second to generate.
@@ -177,7 +177,7 @@ def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(disse
     deleted, a resume writes that file alone, and the table again holds each key once."""
     from flows.audit import run_audit
     from storage.parquet import ResultsStore
-    from tasks.dissect import neurons_unit
+    from tasks.dissect.stage import neurons_unit
 
     config, results, run_id, neurons = dissected
     store = ResultsStore(results)

@@ -13,7 +13,7 @@ import pytest
 from flows.cli import main
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
-from tasks.drift import previous_run
+from tasks.results.drift import previous_run
 from tests.fixtures.audit_runs import two_audited_runs
 
 

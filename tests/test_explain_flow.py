@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from flows.audit import run_audit
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
-from tasks.metrics import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
-from tasks.road import road_scores
+from tasks.metrics.maps import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
+from tasks.metrics.road import road_scores
 
 METHODS = ["gradcam", "gradcam++", "eigencam", "lime"]
 
@@ -50,10 +50,10 @@ def test_every_explain_table_has_one_row_per_key(explained):
 def test_metrics_recompute_from_the_saliency_table(explained):
     """The saliency table alone (plus the image and its mask) reproduces every stored metric."""
     config, store, run_id = explained
-    from tasks.explain import ground_truth_mask
-    from tasks.image_sets import iter_image_set, record_row
-    from tasks.images import load_rgb
-    from tasks.runtime import using_model
+    from tasks.explain.stage import ground_truth_mask
+    from tasks.data.image_sets import iter_image_set, record_row
+    from tasks.data.images import load_rgb
+    from tasks.data.loaded_models import using_model
 
     saliency = store.read("saliency", run_id)
     agreement = store.read("agreement", run_id).set_index(["image_id", "method_a", "method_b"])
@@ -91,11 +91,11 @@ def test_ground_truth_mask_follows_the_model_geometry():
     """A box drawn on a 200x100 image lands where resize-256 + crop-224 puts it."""
     from types import SimpleNamespace
 
-    from tasks.explain import ground_truth_mask
-    from tasks.models import _standard_preprocess
+    from tasks.explain.stage import ground_truth_mask
+    from tasks.data.sources.base import standard_preprocess
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    model = SimpleNamespace(preprocess=_standard_preprocess(256, 224, mean, std), mean=mean, std=std)
+    model = SimpleNamespace(preprocess=standard_preprocess(256, 224, mean, std), mean=mean, std=std)
     mask = ground_truth_mask(model, {"image_id": "x", "box": [0, 0, 99, 99]}, (200, 100))
     assert mask.shape == (224, 224)
     # Resize scales 100 -> 256 (x2.56), so the box covers x < 256 of 512, then the crop drops 144 px.

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from flows.audit import run_audit
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
@@ -73,7 +73,7 @@ def test_resuming_a_run_redoes_only_missing_chunks_without_duplicates(prefect_ha
 
 
 def test_resume_refuses_a_different_config(prefect_harness, image_folder, tmp_path):
-    from flows.config import ConfigErrors
+    from tasks.core.config import ConfigErrors
 
     results = str(tmp_path / "results")
     first = run_audit(tiny_config(image_folder), results)

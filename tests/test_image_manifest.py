@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from storage.parquet import ResultsStore
-from tasks.image_sets import image_chunk_unit, iter_image_set, list_image_set, read_image_chunk, record_row
+from tasks.data.image_sets import image_chunk_unit, iter_image_set, list_image_set, read_image_chunk, record_row
 
 
 def _folder(root, names):

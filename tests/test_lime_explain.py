@@ -8,9 +8,9 @@ from lime import lime_image
 from scipy import ndimage
 from torch import nn
 
-from tasks.batch_sizes import CPU_BATCH_SIZES
-from tasks.errors import ConfigError
-from tasks.lime_explain import (
+from tasks.compute.batch_sizes import CPU_BATCH_SIZES
+from tasks.core.errors import ConfigError
+from tasks.explain.lime import (
     LimeResult,
     SegmentationCache,
     default_objective,
@@ -21,7 +21,7 @@ from tasks.lime_explain import (
     perturbation_matrix,
     segment,
 )
-from tasks.models import PixelModel
+from tasks.data.models import PixelModel
 
 SIZE = 128  # lime's quickshift defaults find only a handful of superpixels in smaller images
 
@@ -251,7 +251,7 @@ def test_default_batch_on_cpu_is_cache_sized_for_the_precision(model, amp_dtype,
 
 
 def test_nonfinite_model_outputs_stop_lime_before_the_fit(model):
-    from tasks.errors import NonFiniteError
+    from tasks.core.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="not finite"):
         explain_lime(lambda batch: model(batch) * float("nan"), [make_image(8)], [0], num_samples=20, seed=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.errors import ConfigError, ItemError
-from tasks.metrics import (
+from tasks.core.errors import ConfigError, ItemError
+from tasks.metrics.maps import (
     NonFiniteMapError,
     agreement_rows,
     binarize,

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections import OrderedDict
 from pathlib import Path
+from typing import get_args
 from urllib.error import URLError
 
 import numpy as np
@@ -17,17 +18,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from tasks import models
-from tasks.errors import CheckpointError, ConfigError
-from tasks.models import (
-    ModelSpec,
-    PreprocessSpec,
-    default_cam_layer,
-    load_model,
-    read_places365_categories,
-    resolve_layer,
-    weights_identity,
-)
+from tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
+from tasks.core.errors import CheckpointError, ConfigError
+from tasks.data.models import default_cam_layer, load_model, resolve_layer, weights_identity
+from tasks.data.sources import base, places365
+from tasks.data.sources.registry import SOURCES
 
 
 def _random_resnet18(num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -77,7 +72,7 @@ def test_torchvision_weights_load_from_hub_cache_under_published_name(tmp_path, 
     # while downloading, never for a file already in the cache.
     torch.save(state, checkpoints / filename)
 
-    loaded = load_model(ModelSpec(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
+    loaded = load_model(ModelConfig(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
 
     assert offline == []
     _assert_same_weights(loaded.module, state)
@@ -94,15 +89,15 @@ def test_torchvision_default_alias_resolves_to_the_enum_default(tmp_path, monkey
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(_random_resnet18().state_dict(), checkpoints / "resnet18-f37072fd.pth")
-    a = load_model(ModelSpec(name="a", source="torchvision", arch="resnet18", weights="DEFAULT"))
-    b = load_model(ModelSpec(name="b", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
+    a = load_model(ModelConfig(name="a", source="torchvision", arch="resnet18", weights="DEFAULT"))
+    b = load_model(ModelConfig(name="b", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
     assert a.identity == b.identity
 
 
 def test_torchvision_missing_file_offline_is_a_config_error_naming_the_cache_path(tmp_path, monkeypatch, offline):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(ConfigError) as info:
-        load_model(ModelSpec(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
+        load_model(ModelConfig(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
     assert info.value.field == "model.weights"
     assert "resnet18-f37072fd.pth" in str(info.value) and "hub" in str(info.value)
     assert offline == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
@@ -110,18 +105,22 @@ def test_torchvision_missing_file_offline_is_a_config_error_naming_the_cache_pat
 
 def test_unknown_arch_and_weights_list_the_valid_names():
     with pytest.raises(ConfigError) as arch:
-        load_model(ModelSpec(name="m", source="torchvision", arch="resnet19", weights="IMAGENET1K_V1"))
+        load_model(ModelConfig(name="m", source="torchvision", arch="resnet19", weights="IMAGENET1K_V1"))
     assert arch.value.field == "model.arch"
     assert "closest: resnet18" in str(arch.value) and "vgg16" in str(arch.value)
 
     with pytest.raises(ConfigError) as weights:
-        load_model(ModelSpec(name="m", source="torchvision", arch="resnet50", weights="IMAGENET1K_V3"))
+        load_model(ModelConfig(name="m", source="torchvision", arch="resnet50", weights="IMAGENET1K_V3"))
     assert weights.value.field == "model.weights"
     assert "IMAGENET1K_V1" in str(weights.value) and "IMAGENET1K_V2" in str(weights.value)
 
     with pytest.raises(ConfigError) as source:
-        load_model(ModelSpec(name="m", source="onnx"), field="models.2")
+        load_model(ModelConfig.model_construct(name="m", source="onnx"), field="models.2")
     assert source.value.field == "models.2.source" and "places365" in str(source.value)
+
+
+def test_every_source_the_config_accepts_is_registered_once():
+    assert list(SOURCES) == list(get_args(ModelConfig.model_fields["source"].annotation))
 
 
 # --------------------------------------------------------------------------- places365
@@ -154,7 +153,7 @@ def test_places365_uses_checkpoint_and_categories_already_in_the_cache(cache, of
     state = _places365_checkpoint(folder / "resnet18_places365.pth.tar")
     names = _places365_categories(folder / "categories_places365.txt")
 
-    loaded = load_model(ModelSpec(name="places", source="places365", arch="resnet18"))
+    loaded = load_model(ModelConfig(name="places", source="places365", arch="resnet18"))
 
     assert offline == []
     _assert_same_weights(loaded.module, state)
@@ -166,7 +165,8 @@ def test_places365_uses_checkpoint_and_categories_already_in_the_cache(cache, of
 def test_places365_accepts_local_checkpoint_with_categories_beside_it(tmp_path, cache, offline):
     state = _places365_checkpoint(tmp_path / "my_places.pth.tar", seed=3)
     names = _places365_categories(tmp_path / "categories_places365.txt")
-    loaded = load_model(ModelSpec(name="p", source="places365", arch="resnet18", weights=str(tmp_path / "my_places.pth.tar")))
+    loaded = load_model(ModelConfig(name="p", source="places365", arch="resnet18",
+                                    weights=str(tmp_path / "my_places.pth.tar")))
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == names
     assert offline == []
@@ -176,7 +176,7 @@ def test_places365_new_zip_format_and_explicit_categories_path(tmp_path, cache, 
     state = _random_resnet18(num_classes=365, seed=4).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth.tar")
     names = _places365_categories(tmp_path / "cats.txt")
-    loaded = load_model(ModelSpec(name="p", source="places365", arch="resnet18",
+    loaded = load_model(ModelConfig(name="p", source="places365", arch="resnet18",
                                   weights=str(tmp_path / "w.pth.tar"), categories=str(tmp_path / "cats.txt")))
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == names
@@ -184,7 +184,7 @@ def test_places365_new_zip_format_and_explicit_categories_path(tmp_path, cache, 
 
 def test_places365_missing_cache_offline_names_where_to_put_the_file(cache, offline):
     with pytest.raises(ConfigError) as info:
-        load_model(ModelSpec(name="p", source="places365", arch="resnet18"))
+        load_model(ModelConfig(name="p", source="places365", arch="resnet18"))
     assert str(cache / "places365" / "resnet18_places365.pth.tar") in str(info.value)
     assert offline == ["http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar"]
 
@@ -193,9 +193,9 @@ def test_places365_categories_must_index_every_class_once(tmp_path):
     bad = tmp_path / "cats.txt"
     bad.write_text("/a/airfield 0\n/b/bar 0\n")
     with pytest.raises(ConfigError, match="indices"):
-        read_places365_categories(bad)
+        places365.read_categories(bad)
     with pytest.raises(ConfigError):
-        load_model(ModelSpec(name="p", source="places365", arch="vgg16"))
+        load_model(ModelConfig(name="p", source="places365", arch="vgg16"))
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -206,10 +206,10 @@ def test_checkpoint_safetensors_with_class_names_and_preprocess(tmp_path):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "m.safetensors"))
     (tmp_path / "classes.txt").write_text("cat\n\ndog\nbird\n")
-    loaded = load_model(ModelSpec(
+    loaded = load_model(ModelConfig(
         name="ckpt", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.safetensors"),
         class_names=str(tmp_path / "classes.txt"),
-        preprocess=PreprocessSpec(resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        preprocess=PreprocessConfig(resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
     ))
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == ["cat", "dog", "bird"]
@@ -223,7 +223,8 @@ def test_checkpoint_safetensors_with_class_names_and_preprocess(tmp_path):
 def test_checkpoint_pt_wrapped_in_model_key_with_dataparallel_prefix(tmp_path):
     state = _random_resnet18(num_classes=4, seed=6).state_dict()
     torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "m.pt")
-    loaded = load_model(ModelSpec(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pt"), num_classes=4))
+    loaded = load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pt"),
+                                    num_classes=4))
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == ["class_0", "class_1", "class_2", "class_3"]
 
@@ -231,13 +232,14 @@ def test_checkpoint_pt_wrapped_in_model_key_with_dataparallel_prefix(tmp_path):
 def test_checkpoint_with_wrong_num_classes_names_the_shape_mismatch(tmp_path):
     torch.save(_random_resnet18(num_classes=4).state_dict(), tmp_path / "m.pth")
     with pytest.raises(CheckpointError) as info:
-        load_model(ModelSpec(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pth"), num_classes=5))
+        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pth"),
+                               num_classes=5))
     assert "fc.weight (file [4, 512], model [5, 512])" in str(info.value)
 
 
 def test_checkpoint_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_model(ModelSpec(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "nope.pt")))
+        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "nope.pt")))
     assert info.value.field == "model.path"
 
 
@@ -266,8 +268,8 @@ def user_package(tmp_path, monkeypatch):
 
 
 def test_python_callable_with_class_names_and_preprocess(user_package):
-    loaded = load_model(ModelSpec(name="py", source="python", callable=f"{user_package}:tiny",
-                                  class_names=["a", "b", "c"], preprocess=PreprocessSpec(resize=40, crop=32)))
+    loaded = load_model(ModelConfig(name="py", source="python", callable=f"{user_package}:tiny",
+                                  class_names=["a", "b", "c"], preprocess=PreprocessConfig(resize=40, crop=32)))
     assert not loaded.module.training
     assert loaded.class_names == ["a", "b", "c"]
     assert loaded.preprocess(Image.new("RGB", (50, 70))).shape == (3, 32, 32)
@@ -277,25 +279,26 @@ def test_python_callable_with_class_names_and_preprocess(user_package):
 
 def test_python_callable_errors_name_the_field(user_package, tmp_path):
     cases = [
-        (ModelSpec(name="p", source="python", callable=f"{user_package}:tiny"), "model.class_names"),
-        (ModelSpec(name="p", source="python", callable=f"{user_package}:tiny", num_classes=5), "model.class_names"),
-        (ModelSpec(name="p", source="python", callable=f"{user_package}:not_a_model", num_classes=3), "model.callable"),
-        (ModelSpec(name="p", source="python", callable=f"{user_package}:missing", num_classes=3), "model.callable"),
-        (ModelSpec(name="p", source="python", callable="tiny", num_classes=3), "model.callable"),
-        (ModelSpec(name="p", source="python", callable=f"{user_package}:tiny", num_classes=3,
-                   preprocess=PreprocessSpec(resize=2, crop=2)), "model.preprocess"),  # 2 px < two 3x3 convs
+        (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny"), "model.class_names"),
+        (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny", num_classes=5), "model.class_names"),
+        (ModelConfig(name="p", source="python", callable=f"{user_package}:not_a_model", num_classes=3),
+         "model.callable"),
+        (ModelConfig(name="p", source="python", callable=f"{user_package}:missing", num_classes=3), "model.callable"),
+        (ModelConfig(name="p", source="python", callable="tiny", num_classes=3), "model.callable"),
+        (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny", num_classes=3,
+                   preprocess=PreprocessConfig(resize=2, crop=2)), "model.preprocess"),  # 2 px < two 3x3 convs
     ]
     for spec, field in cases:
         with pytest.raises(ConfigError) as info:
             load_model(spec)
         assert info.value.field == field, spec
-    assert load_model(ModelSpec(name="p", source="python", callable=f"{user_package}:tiny", num_classes=3)).class_names == [
-        "class_0", "class_1", "class_2"]
+    tiny = ModelConfig(name="p", source="python", callable=f"{user_package}:tiny", num_classes=3)
+    assert load_model(tiny).class_names == ["class_0", "class_1", "class_2"]
 
 
 def test_python_callable_string_is_imported_never_evaluated(tmp_path):
     marker = tmp_path / "evaluated"
-    spec = ModelSpec(name="p", source="python", num_classes=3,
+    spec = ModelConfig(name="p", source="python", num_classes=3,
                      callable=f"__import__('os').system('touch {marker}'):f")
     with pytest.raises(ConfigError):
         load_model(spec)
@@ -306,7 +309,7 @@ def test_python_callable_string_is_imported_never_evaluated(tmp_path):
 
 
 def test_demo_source_builds_preprocessing_from_meta(tmp_path, monkeypatch):
-    from tasks import demo_model
+    from tasks.world import demo_model
 
     folder = tmp_path / "demo"
     folder.mkdir()
@@ -315,9 +318,12 @@ def test_demo_source_builds_preprocessing_from_meta(tmp_path, monkeypatch):
     meta = {"arch": "resnet18", "class_names": ["circle", "square", "triangle", "star"],
             "image_size": 64, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}
     (folder / "meta.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(demo_model, "ensure_demo_model", lambda *a, **k: folder)
+    worlds = []
+    monkeypatch.setattr(demo_model, "ensure_demo_model", lambda world, *a, **k: worlds.append(world) or folder)
 
-    loaded = load_model(ModelSpec(name="demo", source="demo"))
+    loaded = load_model(ModelConfig(name="demo", source="demo"), world=WorldConfig(seed=3))
+
+    assert worlds == [WorldConfig(seed=3)]  # the model trained on the run's world
 
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == meta["class_names"]
@@ -325,7 +331,7 @@ def test_demo_source_builds_preprocessing_from_meta(tmp_path, monkeypatch):
     x = loaded.preprocess(Image.new("RGB", (128, 96), (255, 255, 255)))
     assert x.shape == (3, 64, 64)
     assert torch.allclose(x[:, 0, 0], torch.tensor([2.5, 3.0, 3.5]), atol=1e-5)
-    explicit = load_model(ModelSpec(name="demo", source="demo", path=str(folder)))
+    explicit = load_model(ModelConfig(name="demo", source="demo", path=str(folder)))
     assert explicit.identity == loaded.identity
 
 
@@ -364,15 +370,15 @@ def test_weights_identity_changes_with_any_weight_and_identity_is_stable(tmp_pat
 
     for model, name in ((a, "a.safetensors"), (b, "b.safetensors")):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / name))
-    spec = ModelSpec(name="x", source="checkpoint", arch="resnet18", path=str(tmp_path / "a.safetensors"))
-    first, again = load_model(spec), load_model(ModelSpec(**{**spec.__dict__, "name": "renamed"}))
-    other = load_model(ModelSpec(**{**spec.__dict__, "path": str(tmp_path / "b.safetensors")}))
+    spec = ModelConfig(name="x", source="checkpoint", arch="resnet18", path=str(tmp_path / "a.safetensors"))
+    first, again = load_model(spec), load_model(spec.model_copy(update={"name": "renamed"}))
+    other = load_model(spec.model_copy(update={"path": str(tmp_path / "b.safetensors")}))
     assert first.identity == again.identity  # the user's label is not part of the identity
     assert first.identity != other.identity
-    resized = load_model(ModelSpec(**{**spec.__dict__, "preprocess": PreprocessSpec(resize=128, crop=112)}))
+    resized = load_model(spec.model_copy(update={"preprocess": PreprocessConfig(resize=128, crop=112)}))
     assert resized.identity != first.identity
 
 
 def test_module_level_constants_match_the_published_files():
-    assert models.PLACES365_URL.format(arch="resnet18").endswith("/models_places365/resnet18_places365.pth.tar")
-    assert np.allclose(models.IMAGENET_MEAN, (0.485, 0.456, 0.406))
+    assert places365.URL.format(arch="resnet18").endswith("/models_places365/resnet18_places365.pth.tar")
+    assert np.allclose(base.IMAGENET_MEAN, (0.485, 0.456, 0.406))

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import netdissect as nd
-from tasks.errors import ConfigError
+from tasks.dissect import netdissect as nd
+from tasks.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np, torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
-    from tasks.netdissect import DissectBatch, dissect_layer
+    from tasks.dissect.netdissect import DissectBatch, dissect_layer
 
     n_images, naive = int(sys.argv[1]), sys.argv[2] == "naive"
     units, low, size, batch = 64, 8, 32, 32

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tasks.netdissect as nd
-from flows.config import parse_config
-from tasks.dissect import model_layers, netdissect_rows
-from tasks.probe import open_probe
-from tasks.runtime import using_model
+import tasks.dissect.netdissect as nd
+from tasks.core.config import parse_config
+from tasks.dissect.stage import model_layers, netdissect_rows
+from tasks.dissect.probe import open_probe
+from tasks.data.loaded_models import using_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_another_quantile_computes_its_own_thresholds(quantile_passes):
 
 def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_path):
     from storage.parquet import ResultsStore
-    from tasks.dissect import netdissect_errors_unit
+    from tasks.dissect.stage import labelling_errors_unit
 
     store = ResultsStore(str(tmp_path))
 
@@ -77,7 +77,7 @@ def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_
                  "message": f"NaN/Inf activations in {', '.join(layers)}"} for image_id in image_ids]
 
     first_layers, resumed_layers = ["layer1", "layer2", "layer3"], ["layer3"]
-    store.write("errors", "run", netdissect_errors_unit("m", first_layers), rows(["a", "b"], first_layers))
-    store.write("errors", "run", netdissect_errors_unit("m", resumed_layers), rows(["c"], resumed_layers))
-    store.write("errors", "run", netdissect_errors_unit("m", resumed_layers), rows(["c"], resumed_layers))  # retried
+    store.write("errors", "run", labelling_errors_unit("m", "netdissect", first_layers), rows(["a", "b"], first_layers))
+    store.write("errors", "run", labelling_errors_unit("m", "netdissect", resumed_layers), rows(["c"], resumed_layers))
+    store.write("errors", "run", labelling_errors_unit("m", "netdissect", resumed_layers), rows(["c"], resumed_layers))  # retried
     assert sorted(store.read("errors", "run")["item_id"]) == ["a", "b", "c"]

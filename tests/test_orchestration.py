@@ -17,13 +17,14 @@ import yaml
 from PIL import Image
 
 import flows.explain
-import tasks.explain
+import tasks.explain.stage
+import tasks.explain.tasks
 from flows.audit import interrupted_run, open_run, run_audit
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
-from tasks.explain import EXPLAIN_TABLES
-from tasks.oom import is_out_of_memory, run_with_backoff
+from tasks.explain.stage import EXPLAIN_TABLES
+from tasks.compute.oom import is_out_of_memory, run_with_backoff
 from tests.fixtures.audit_runs import kill_when_written
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def fits_up_to(limit: int, error: type[Exception] = RuntimeError, message: str =
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_item(caplog):
     function, seen = fits_up_to(3)
-    with caplog.at_level(logging.WARNING, logger="tasks.oom"):
+    with caplog.at_level(logging.WARNING, logger="tasks.compute.oom"):
         batches = run_with_backoff(function, list(range(10)), 8)
     assert [item for batch in batches for item in batch] == list(range(10))
     assert seen == [8, 4, 2, 2, 2, 2, 2]
@@ -98,14 +99,14 @@ def tiny_config(image_folder, name="orchestration", **explain):
 
 
 def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(prefect_harness, image_folder, tmp_path, monkeypatch):
-    real, sizes = tasks.explain.explain_batch, []
+    real, sizes = tasks.explain.stage.explain_batch, []
 
     def explain_batch(config, model, layer, inputs):
         sizes.append(len(inputs))
         if len(inputs) > 1:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(config, model, layer, inputs)
-    monkeypatch.setattr(tasks.explain, "explain_batch", explain_batch)
+    monkeypatch.setattr(tasks.explain.stage, "explain_batch", explain_batch)
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
     predictions = ResultsStore(results).read("predictions", outcome.run_id)
@@ -115,16 +116,16 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(prefect
 
 
 def test_a_transient_task_failure_is_retried_and_the_run_completes(prefect_harness, image_folder, tmp_path, monkeypatch):
-    real, calls = tasks.explain.explain_records, []
+    real, calls = tasks.explain.tasks.explain_records, []
 
     def explain_records(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise ConnectionError("flaky storage (simulated)")
         return real(*args, **kwargs)
-    monkeypatch.setattr(tasks.explain, "explain_records", explain_records)
+    monkeypatch.setattr(tasks.explain.tasks, "explain_records", explain_records)
     # same task, no wait between attempts
-    monkeypatch.setattr(flows.explain, "explain_chunk", tasks.explain.explain_chunk.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(flows.explain, "explain_chunk", tasks.explain.tasks.explain_chunk.with_options(retry_delay_seconds=0))
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
     store = ResultsStore(results)

@@ -9,7 +9,7 @@ from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
 import flows.runner as runner
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from flows.runner import AuditThreadPoolTaskRunner, GPU_TAG, flow_task_runner, gpu_limit_enforced, local_run_settings
 
 

@@ -18,10 +18,11 @@ from PIL import Image
 from flows.cli import main
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
-from tasks import figures
-from tasks import report as report_module
-from tasks.report import write_report
-from tasks.summary import empty_frame
+from tasks.results import figures
+from tasks.results import report as report_module
+from tasks.results import tasks as results_tasks
+from tasks.results.report import write_report
+from tasks.results.summary import empty_frame
 from tests.fixtures.audit_runs import METHODS, N_IMAGES, two_audited_runs
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -210,7 +211,7 @@ def test_reports_go_to_object_store_roots_too():
 def test_a_failing_report_becomes_an_error_row_and_keeps_the_tables(prefect_harness, tmp_path, monkeypatch):
     """The run's tables outlive a report bug: status partial, an errors row of stage report."""
     from flows.audit import run_audit
-    from flows.config import parse_config
+    from tasks.core.config import parse_config
 
     images = tmp_path / "images"
     images.mkdir()
@@ -220,7 +221,7 @@ def test_a_failing_report_becomes_an_error_row_and_keeps_the_tables(prefect_harn
     def broken_report(store, run_id):
         raise RuntimeError("no disk left for figures")
 
-    monkeypatch.setattr(report_module, "write_report", broken_report)
+    monkeypatch.setattr(results_tasks, "write_report", broken_report)
     config = parse_config({"name": "report-failure", "dissect": {"enabled": False}, "images": {"kind": "folder", "root": str(images)},
                            "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
                                        "num_classes": 3, "preprocess": {"resize": 32, "crop": 32}}],

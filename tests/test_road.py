@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.road import road_scores
+from tasks.metrics.road import road_scores
 
 
 class LeftHalfBrightness(nn.Module):

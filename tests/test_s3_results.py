@@ -23,7 +23,7 @@ from flows.cli import main
 from storage.parquet import ResultsStore
 from storage.query import run_query
 from storage.runs import RunRecord, list_runs
-from tasks.explain import EXPLAIN_TABLES
+from tasks.explain.stage import EXPLAIN_TABLES
 from tests.fixtures.audit_runs import kill_when_written
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,8 +41,9 @@ from PIL import Image
 
 from flows.cli import main
 from storage.parquet import ResultsStore
-from tasks import models as model_registry
-from tasks.synthetic import WorldSpec, generate_world
+from tasks.data.sources import places365
+from tasks.world.synthetic import generate_world
+from tasks.core.config import WorldConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DISSECT = "seed-dissect-resnet18-imagenet-vs-places365.yaml"
@@ -121,7 +122,7 @@ def study(prefect_harness, tmp_path_factory):
     configs.mkdir()
     for name in SEED_CONFIGS:
         shutil.copy(REPO / "configs" / name, configs / name)
-    generate_world(data / "broden1_224", WorldSpec(seed=3, image_size=64, n_train=4, n_val=N_PROBE))
+    generate_world(data / "broden1_224", WorldConfig(seed=3, image_size=64, n_train=4, n_val=N_PROBE))
     (data / "20k.txt").write_text("\n".join(WORDS) + "\n")
     _write_images(data / "imagenet-samples")
     _write_torchvision_weights(root / "torch" / "hub" / "checkpoints")
@@ -188,7 +189,7 @@ def test_the_seed_configs_name_the_study_setup():
 def test_readme_names_every_file_these_configs_download_or_read():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Reproducing the study\n", 1)[1].split("\n## ", 1)[0]
-    needed = {model_registry.PLACES365_URL.format(arch="resnet18"), model_registry.PLACES365_CATEGORIES_URL}
+    needed = {places365.URL.format(arch="resnet18"), places365.CATEGORIES_URL}
     for name in SEED_CONFIGS:
         config = yaml.safe_load((REPO / "configs" / name).read_text())
         needed.add(f"configs/{name}")

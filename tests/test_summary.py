@@ -3,6 +3,7 @@ ground truth for the neuron statistics, empty runs, and idempotent rewrites."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,11 @@ from flows.cli import main
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
 from storage.schemas import SUMMARY_TABLES
-from tasks.summary import RUN_SUMMARY_TABLES, summarize_run, summary_tables
+from tasks.metrics.base import Metric, Score
+from tasks.metrics.registry import register, unregister
+from tasks.results import figures
+from tasks.results.report import leaderboard_table, write_report
+from tasks.results.summary import RUN_SUMMARY_TABLES, method_leaderboard, score_map, summarize_run, summary_tables
 from tests.fixtures.audit_runs import LAYERS, METHODS, N_IMAGES, two_audited_runs
 
 
@@ -192,8 +197,6 @@ def test_concept_histograms_keep_the_top_n_by_count():
 
 
 def test_road_mean_averages_the_stored_road_scores_and_stays_null_without_them():
-    from tasks.summary import method_leaderboard
-
     saliency = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
                              "target": 0})
     faithfulness = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
@@ -204,3 +207,64 @@ def test_road_mean_averages_the_stored_road_scores_and_stays_null_without_them()
     assert methods.loc["gradcam", "road_mean"] == pytest.approx(0.1)
     assert pd.isna(methods.loc["lime", "road_mean"])
     assert {*methods.columns, "method", "run_id"} == set(SUMMARY_TABLES["summary_methods"].names)
+
+
+class _Blur(Metric):
+    """A toy metric without a table of its own: it writes ``scores`` rows, lower is better."""
+
+    name = "toy_blur"
+    category = "toy"
+    scores = (Score("blur", "blur", "lower", "toy blur"),)
+
+    def rows(self, batch):
+        return {self.table: []}
+
+
+@pytest.fixture
+def toy_metric():
+    metric = register(_Blur())
+    try:
+        yield metric
+    finally:
+        unregister(metric)
+
+
+def test_a_registered_metrics_scores_reach_the_leaderboards_with_its_direction(toy_metric, tmp_path, monkeypatch):
+    store = ResultsStore(tmp_path)
+    RunRecord(run_id="toy", config_name="c", config_json="{}", config_hash="h", device="cpu").save(store)
+    methods = ["gradcam", "lime"]
+    blank = np.zeros(4, np.float16).tobytes()
+    store.write("saliency", "toy", "chunk-0", [{"model": "m", "image_id": image, "method": method, "target": 0,
+                                                "height": 2, "width": 2, "map": blank}
+                                               for image in ("a", "b") for method in methods])
+    blur = {("gradcam", "a"): 0.2, ("gradcam", "b"): 0.6, ("lime", "a"): 0.9, ("lime", "b"): None}
+    rows = [{"model": "m", "image_id": image, "method": method, "metric": "blur", "value": value}
+            for (method, image), value in blur.items()]
+    # a value no registered metric declares still gets its mean, without an arrow
+    rows.append({"model": "m", "image_id": "a", "method": "lime", "metric": "mystery", "value": 3.0})
+    store.write("scores", "toy", "chunk-0", rows)
+    summarize_run(store, "toy")
+
+    written = store.read("summary_methods", "toy").set_index("method")
+    assert score_map(written.loc["gradcam", "scores"]) == pytest.approx({"blur": 0.4})
+    # lime's null blur value is skipped, not averaged as 0
+    assert score_map(written.loc["lime", "scores"]) == pytest.approx({"blur": 0.9, "mystery": 3.0})
+
+    table = leaderboard_table(written.reset_index())
+    assert {"blur ↓", "mystery", "deletion_auc_mean ↓", "insertion_auc_mean ↑", "faithfulness ↑"} <= {*table.columns}
+    assert "scores" not in table.columns
+    assert "<th>blur ↓</th>" in Path(write_report(store, "toy")).read_text()
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure) or path)
+    figures.leaderboard(written.reset_index(), tmp_path / "leaderboard.png")
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert titles == ["m: toy blur ↓", "m: mystery"], "only the scores keys have values in this run"
+
+
+def test_a_run_without_scores_rows_has_no_scores_map():
+    saliency = pd.DataFrame({"model": "m", "image_id": ["a", "b"], "method": "gradcam", "target": 0})
+    empty = pd.DataFrame()
+    no_scores = pd.DataFrame(columns=["model", "image_id", "method", "metric", "value"])
+    methods = method_leaderboard(saliency, empty, empty, empty, no_scores)
+    assert score_map(methods.loc[0, "scores"]) == {} and pd.isna(methods.loc[0, "scores"])

@@ -8,22 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import synthetic
-from tasks.synthetic import (
-    COLOR_RGB,
-    COLORS,
-    LAYOUTS,
-    SHAPES,
-    TEXTURES,
-    Scene,
-    WorldSpec,
-    ensure_world,
-    generate_world,
-    shape_mask,
-    world_concepts,
-)
+from tasks.world import synthetic
+from tasks.world.synthetic import COLOR_RGB, COLORS, LAYOUTS, SHAPES, TEXTURES, Scene, ensure_world, generate_world, shape_mask, world_concepts
+from tasks.core.config import WorldConfig
 
-TINY = WorldSpec(seed=3, n_train=24, n_val=8)
+TINY = WorldConfig(seed=3, n_train=24, n_val=8)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +44,7 @@ def test_same_seed_gives_byte_identical_files(world: Path, tmp_path: Path) -> No
 
 
 def test_different_seed_changes_images_and_masks(world: Path, tmp_path: Path) -> None:
-    other = _world_bytes(generate_world(tmp_path / "other", WorldSpec(seed=4, n_train=24, n_val=8)))
+    other = _world_bytes(generate_world(tmp_path / "other", WorldConfig(seed=4, n_train=24, n_val=8)))
     first = _world_bytes(world)
     masks = [name for name in first if name.endswith("_object.png")]
     assert sum(first[m] != other[m] for m in masks) > len(masks) // 2
@@ -177,7 +166,7 @@ def test_layout_places_the_shape(world: Path) -> None:
 
 
 def test_failed_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def explode(out: Path, spec: WorldSpec) -> None:
+    def explode(out: Path, spec: WorldConfig) -> None:
         (out / "index.csv").write_text("half")
         raise RuntimeError("killed")
 
@@ -196,11 +185,11 @@ def test_generate_world_refuses_a_non_empty_directory(tmp_path: Path) -> None:
 
 def test_ensure_world_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XAI_AUDIT_CACHE", str(tmp_path))
-    spec = WorldSpec(seed=5, n_train=4, n_val=2)
+    spec = WorldConfig(seed=5, n_train=4, n_val=2)
     root = ensure_world(spec)
     assert (root / "index.csv").is_file()
 
-    def fail(out: Path, spec: WorldSpec) -> None:
+    def fail(out: Path, spec: WorldConfig) -> None:
         raise AssertionError("the cached world was generated again")
 
     monkeypatch.setattr(synthetic, "_write_world", fail)

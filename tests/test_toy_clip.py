@@ -8,9 +8,10 @@ import open_clip
 import pytest
 import torch
 
-from tasks import toy_clip
-from tasks.synthetic import WorldSpec, describe, ensure_world
-from tasks.toy_clip import (
+from tasks.world import toy_clip
+from tasks.world.synthetic import describe, ensure_world
+from tasks.core.config import WorldConfig
+from tasks.world.toy_clip import (
     CHECKPOINT_NAME,
     TOY_CLIP_NAME,
     ClipTrainSpec,
@@ -22,7 +23,7 @@ from tasks.toy_clip import (
     zero_shot_accuracy,
 )
 
-TINY_WORLD = WorldSpec(seed=9, n_train=16, n_val=8)
+TINY_WORLD = WorldConfig(seed=9, n_train=16, n_val=8)
 TINY_TRAIN = ClipTrainSpec(steps=2, batch_size=8, warmup_steps=1)
 ATTRS = {"color": "red", "object": "star", "texture": "striped", "scene": "corner"}
 

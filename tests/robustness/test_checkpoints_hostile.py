@@ -13,8 +13,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from tasks.errors import CheckpointError
-from tasks.models import ModelSpec, load_model, read_state_dict
+from tasks.core.config import ModelConfig
+from tasks.core.errors import CheckpointError
+from tasks.data.models import load_model
+from tasks.data.weights import read_state_dict
 
 
 class _SystemPayload:
@@ -47,7 +49,7 @@ def test_checkpoint_with_os_system_payload_is_refused_and_never_runs(tmp_path, s
     path = tmp_path / f"evil{suffix}"
     _armed_torch_file(path, marker)
     with pytest.raises(CheckpointError) as info:
-        load_model(ModelSpec(name="evil", source="checkpoint", arch="resnet18", path=str(path)))
+        load_model(ModelConfig(name="evil", source="checkpoint", arch="resnet18", path=str(path)))
     assert not marker.exists()
     message = str(info.value)
     assert str(path) in message and "refused" in message and "system" in message
@@ -71,7 +73,7 @@ def test_payload_in_torch_hub_cache_is_refused_before_torchvision_unpickles_it(t
     marker = tmp_path / "pwned"
     _armed_torch_file(checkpoints / "resnet18-f37072fd.pth", marker)
     with pytest.raises(CheckpointError, match="refused"):
-        load_model(ModelSpec(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
+        load_model(ModelConfig(name="rn", source="torchvision", arch="resnet18", weights="IMAGENET1K_V1"))
     assert not marker.exists()
 
 
@@ -82,7 +84,7 @@ def test_payload_in_places365_checkpoint_is_refused(tmp_path, monkeypatch):
     torch.save({"epoch": 1, "state_dict": {"module.x": _SystemPayload(marker)}}, path, _use_new_zipfile_serialization=False)
     (tmp_path / "categories_places365.txt").write_text("/a/airfield 0\n")
     with pytest.raises(CheckpointError, match="refused"):
-        load_model(ModelSpec(name="p", source="places365", arch="resnet18", weights=str(path)))
+        load_model(ModelConfig(name="p", source="places365", arch="resnet18", weights=str(path)))
     assert not marker.exists()
 
 
@@ -97,7 +99,8 @@ def test_wrong_architecture_names_unexpected_keys_with_counts(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pth")
     with pytest.raises(CheckpointError) as info:
-        load_model(ModelSpec(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "r34.pth"), num_classes=10))
+        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "r34.pth"),
+                               num_classes=10))
     message = str(info.value)
     # resnet34 has 3/4/6/3 blocks per stage where resnet18 has 2/2/2/2
     assert "r34.pth: does not match ResNet" in message
@@ -111,7 +114,8 @@ def test_missing_keys_are_named(tmp_path):
     del state["layer2.0.bn1.running_var"], state["fc.bias"]
     torch.save(state, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match=r"2 missing keys: layer2\.0\.bn1\.running_var, fc\.bias"):
-        load_model(ModelSpec(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "partial.pt"), num_classes=2))
+        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "partial.pt"),
+                               num_classes=2))
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 10])

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flows.cli import main
-from flows.config import ConfigErrors, load_config, parse_config
+from tasks.core.config import ConfigErrors, load_config, parse_config
 from tests.robustness.audit_files import tiny_audit, write_config, write_images
 
 CLIP_DISSECT = {"enabled": True, "methods": ["clip_dissect"]}

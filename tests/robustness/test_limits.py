@@ -7,10 +7,10 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-from flows.config import parse_config
-from tasks.errors import ItemError
-from tasks.image_sets import iter_image_set
-from tasks.images import load_rgb
+from tasks.core.config import parse_config
+from tasks.core.errors import ItemError
+from tasks.data.image_sets import iter_image_set
+from tasks.data.images import load_rgb
 from tests.robustness.audit_files import write_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +20,8 @@ N_ENTRIES = 100_000
 _LISTING_SCRIPT = r"""
 import json, sys, tracemalloc
 from itertools import islice
-from flows.config import parse_config
-from tasks.image_sets import iter_image_set
+from tasks.core.config import parse_config
+from tasks.data.image_sets import iter_image_set
 
 config = parse_config(json.loads(sys.argv[1]))
 
@@ -73,7 +73,7 @@ def test_a_100k_entry_list_is_listed_lazily_with_flat_memory(tmp_path):
 def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path):
     """The run lists the set into the images table chunk by chunk: the flow never holds every record."""
     from storage.parquet import ResultsStore
-    from tasks.image_sets import list_image_set, read_image_chunk
+    from tasks.data.image_sets import list_image_set, read_image_chunk
 
     (tmp_path / "list.txt").write_text("".join(f"images/{index:06d}.jpg\n" for index in range(N_ENTRIES)))
     config = parse_config({"images": {"kind": "list", "root": str(tmp_path), "list_file": str(tmp_path / "list.txt")},
@@ -92,7 +92,7 @@ def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path
 _CLIP_DISSECT_SCRIPT = r"""
 import json, sys
 import torch
-from tasks.clip_dissect import compute_similarity, image_concept_matrix, label_units, load_concepts
+from tasks.dissect.clip_dissect import compute_similarity, image_concept_matrix, label_units, load_concepts
 
 def kib(key):
     for line in open("/proc/self/status"):

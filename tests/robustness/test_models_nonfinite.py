@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from flows.audit import run_audit
-from flows.config import parse_config
+from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
-from tasks.dissect import finite_clip_dissect_rows, netdissect_rows
-from tasks.probe import Probe
-from tasks.synthetic import WorldSpec, generate_world
+from tasks.dissect.stage import finite_clip_dissect_rows, netdissect_rows
+from tasks.dissect.probe import Probe
+from tasks.world.synthetic import generate_world
+from tasks.core.config import WorldConfig
 from tests.robustness.audit_files import tiny_audit, write_images
 from tests.robustness.nan_models import NanUnitNet
 
@@ -106,12 +107,12 @@ def test_clip_dissect_leaves_out_nan_images_and_broken_units_and_names_them():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Path:
-    root = generate_world(tmp_path_factory.mktemp("world") / "w", WorldSpec(image_size=32, n_train=1, n_val=8))
+    root = generate_world(tmp_path_factory.mktemp("world") / "w", WorldConfig(image_size=32, n_train=1, n_val=8))
     return root
 
 
 def test_netdissect_leaves_out_images_with_nan_activations_and_names_them(small_world, tmp_path):
-    from tasks.images import BrodenProbeSet
+    from tasks.data.images import BrodenProbeSet
 
     items = [item for item in BrodenProbeSet(small_world, split="val")]
     ids, paths = [item.image_id for item in items], [str(item.path) for item in items]

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from flows.cli import main
-from flows.config import parse_config
-from tasks.clip_dissect import load_concepts
-from tasks.errors import ConfigError, ItemError
-from tasks.images import BrodenItem, BrodenProbeSet, ImageRecord
-from tasks.probe import dissect_batches, open_probe
-from tasks.synthetic import WorldSpec, generate_world
+from tasks.core.config import parse_config
+from tasks.dissect.clip_dissect import load_concepts
+from tasks.core.errors import ConfigError, ItemError
+from tasks.data.images import BrodenItem, BrodenProbeSet, ImageRecord
+from tasks.dissect.probe import dissect_batches, open_probe
+from tasks.world.synthetic import generate_world
+from tasks.core.config import WorldConfig
 from tests.robustness.audit_files import write_config
 
 N_VAL = 8
@@ -28,7 +29,7 @@ N_VAL = 8
 
 @pytest.fixture(scope="module")
 def pristine_world(tmp_path_factory) -> Path:
-    return generate_world(tmp_path_factory.mktemp("world") / "w", WorldSpec(image_size=32, n_train=1, n_val=N_VAL))
+    return generate_world(tmp_path_factory.mktemp("world") / "w", WorldConfig(image_size=32, n_train=1, n_val=N_VAL))
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Model sources: one module per place models come from (see :mod:`tasks.data.sources.registry`)."""

@@ -1,0 +1,28 @@
+"""Config name -> model source: the one place that lists where models come from.
+
+A new source is one module defining a :class:`~tasks.data.sources.base.ModelSource` plus one entry
+in :data:`BUILTIN` (and its name in ``ModelConfig.source``, which the config schema validates).
+"""
+from __future__ import annotations
+
+from tasks.core.errors import ConfigError
+from tasks.data.sources.base import ModelSource
+from tasks.data.sources.checkpoint import CheckpointSource
+from tasks.data.sources.demo import DemoSource
+from tasks.data.sources.places365 import Places365Source
+from tasks.data.sources.python import PythonSource
+from tasks.data.sources.torchvision import TorchvisionSource
+
+BUILTIN: tuple[ModelSource, ...] = (TorchvisionSource(), Places365Source(), CheckpointSource(), PythonSource(),
+                                    DemoSource())
+
+SOURCES: dict[str, ModelSource] = {source.name: source for source in BUILTIN}
+"""Every source by its ``models[].source`` name."""
+
+
+def model_source(name: str, field: str = "model") -> ModelSource:
+    """The source called ``name``; ConfigError at ``<field>.source`` naming the valid ones otherwise."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ConfigError(f"{field}.source", f"unknown source {name!r}; valid: {', '.join(SOURCES)}") from None

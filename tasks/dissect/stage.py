@@ -1,0 +1,212 @@
+"""Neuron labelling of one model as table rows: the config-aware glue around CLIP-Dissect and
+Network Dissection (concept sets, the CLIP model, cached activations and thresholds).
+
+The Prefect wrappers in :mod:`tasks.dissect.tasks` reuse the process's loaded models and write
+one ``neurons`` file per (model, layer, method) work unit; the labellers of
+:mod:`tasks.dissect.labellers` call these functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from storage.parquet import ResultsStore, safe_name
+from storage.schemas import TABLES
+from tasks.compute.device import resolve_device
+from tasks.core.cache import cache_dir, content_key
+from tasks.core.config import AuditConfig
+from tasks.core.errors import ItemError
+from tasks.core.rows import error_row
+from tasks.data.models import default_cam_layer, resolve_layer
+from tasks.dissect.activations import cached_pooled_activations, finite_selection, read_cached_tensor, write_tensor_atomic
+from tasks.dissect.clip_dissect import (
+    broden_concept_categories,
+    cached_clip_image_features,
+    cached_clip_text_features,
+    clip_identity,
+    compute_similarity,
+    concepts_from_broden_labels,
+    image_concept_matrix,
+    label_units,
+    load_concepts,
+)
+from tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
+from tasks.dissect.probe import Probe, dissect_batches, pixel_batches
+from tasks.world.synthetic import world_concepts
+from tasks.world.toy_clip import ensure_toy_clip, register_toy_clip
+
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def neurons_unit(model: str, layer: str, method: str) -> str:
+    """The deterministic work-unit name of one (model, layer, method) labelling."""
+    return f"{safe_name(model)}-{safe_name(layer)}-{method}"
+
+
+def labelling_errors_unit(model: str, method: str, layers: list[str]) -> str:
+    """The ``errors`` unit of one labelling pass of ``method`` over ``layers``.
+
+    One layer's pass shares its ``neurons`` unit's name. A pass over several layers is named by
+    its layer set: a resume labels only the layers still missing, so the earlier pass's rows are
+    kept, while re-running the same layers replaces its own file (no duplicates).
+    """
+    if len(layers) == 1:
+        return neurons_unit(model, layers[0], method)
+    digest = hashlib.sha256("\n".join(layers).encode()).hexdigest()[:12]
+    return f"{safe_name(model)}-{method}-{digest}"
+
+
+def model_layers(model, layers: list[str] | None) -> list[str]:
+    """The layers to label: the configured ones (checked), else ResNet's stages, else the CAM layer."""
+    if layers:
+        for name in layers:
+            resolve_layer(model.module, name, field="models.layers")
+        return list(layers)
+    stages = [name for name in RESNET_STAGES if name in model.layer_names]
+    return stages or [default_cam_layer(model.module, model.input_size)]
+
+
+def concept_set(config: AuditConfig, probe: Probe, class_names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The configured concepts and, where known, each concept's category."""
+    settings = config.dissect.concepts
+    if settings.source == "world":
+        pairs = world_concepts()
+        return [name for name, _ in pairs], dict(pairs)
+    if settings.source == "broden":
+        label_csv = Path(probe.root) / "label.csv"
+        return concepts_from_broden_labels(label_csv, settings.categories), broden_concept_categories(label_csv)
+    if settings.source == "file":
+        return load_concepts(settings.path, field="dissect.concepts.path"), {}
+    return load_concepts(class_names, field="dissect.concepts"), {}
+
+
+_clip_lock = threading.Lock()
+
+
+@lru_cache(maxsize=2)
+def _load_clip(name: str, pretrained: str | None, device: str):
+    import open_clip  # seconds to import; only CLIP-Dissect needs it
+    if name == "xai-toy-clip":
+        register_toy_clip()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name), clip_identity(name, pretrained)
+
+
+def clip_model(config: AuditConfig):
+    """(model, preprocess, tokenizer, identity) of the configured CLIP, loaded once per process."""
+    settings = config.dissect.clip
+    pretrained = settings.pretrained
+    if pretrained is None and settings.model == "xai-toy-clip":
+        pretrained = str(ensure_toy_clip(config.world))
+    with _clip_lock:
+        return _load_clip(settings.model, pretrained, str(resolve_device(config.device)))
+
+
+def clip_similarity(config: AuditConfig, probe: Probe, concepts: list[str]) -> torch.Tensor:
+    """The probe-image × concept CLIP matrix (features cached per CLIP, probe set and concept set)."""
+    settings = config.dissect.clip
+    model, preprocess, tokenizer, identity = clip_model(config)
+    device = resolve_device(config.device)
+    image_feats = cached_clip_image_features(
+        model, preprocess, lambda: pixel_batches(probe, preprocess, settings.batch_size, config.dissect.probe.workers),
+        clip_identity=identity, probe_identity=probe.identity, device=device, batch_size=settings.batch_size)
+    text_feats = cached_clip_text_features(model, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device)
+    return image_concept_matrix(image_feats, text_feats)
+
+
+def pooled_layer_activations(config: AuditConfig, model, layers: list[str], probe: Probe) -> dict[str, torch.Tensor]:
+    """Pooled activations of every layer, one pass over the probe set, cached on disk."""
+    settings = config.dissect.probe
+    return cached_pooled_activations(
+        model.module, layers, lambda: pixel_batches(probe, model.preprocess, settings.batch_size, settings.workers),
+        model_identity=model.identity, probe_identity=probe.identity, pooling=config.dissect.pooling,
+        device=resolve_device(config.device))
+
+
+def clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
+                      concepts: list[str], categories: dict[str, str]) -> pd.DataFrame:
+    """CLIP-Dissect labels of one layer's units."""
+    scores = compute_similarity(config.dissect.clip.similarity, similarity_matrix, activations,
+                                device=resolve_device(config.device))
+    return label_units(scores, concepts, activations, probe.image_ids, top_k=config.dissect.top_concepts,
+                       top_images=config.dissect.top_images, concept_category=categories)
+
+
+def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe,
+                    nonfinite: dict[str, None] | None = None) -> dict[str, pd.DataFrame]:
+    """Network Dissection labels of several layers, sharing each pass over the probe set; images
+    with NaN/Inf activations are left out and named in ``nonfinite``."""
+
+    settings, probe_settings = config.dissect.netdissect, config.dissect.probe
+    broden = probe.broden()
+    device = resolve_device(config.device)
+    # a model without a content identity (a test double) cannot key a cache: its thresholds are computed
+    files = threshold_files(model, probe, layers, settings.quantile, device) if getattr(model, "identity", None) else {}
+    cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
+    thresholds = cached if files and all(value is not None for value in cached.values()) else None
+    frames = dissect_layers(
+        lambda: dissect_batches(probe, model.preprocess, model.module, layers, probe_settings.batch_size, device,
+                                workers=probe_settings.workers, nonfinite=nonfinite),
+        broden.label_names, broden.label_category, thresholds=thresholds, quantile=settings.quantile,
+        iou_threshold=settings.iou_threshold, categories=settings.categories, top_k=config.dissect.top_concepts,
+        top_images=config.dissect.top_images, device=device)
+    if files and thresholds is None:
+        for layer, frame in frames.items():
+            write_tensor_atomic(torch.tensor(frame["threshold"].to_numpy(dtype="float32")), files[layer])
+    return frames
+
+
+THRESHOLDS_VERSION = 1  # bump when the threshold estimate changes: it keys the cache
+
+
+def threshold_files(model, probe: Probe, layers: list[str], quantile: float, device: torch.device) -> dict[str, Path]:
+    """Where each layer's Network Dissection thresholds are cached.
+
+    The thresholds (the first pass over the probe set) depend only on the weights, the
+    preprocessing, the probe images, the quantile and the device's arithmetic; caching them lets
+    a warm run skip that pass (the IoU pass reproduces the same rows from the same float32 values).
+    """
+
+    folder = cache_dir("netdissect_thresholds", model=model.identity, preprocess=repr(model.preprocess), probe=probe.identity,
+                       quantile=quantile, bins=DEFAULT_BINS, device=device.type, version=THRESHOLDS_VERSION)
+    return {layer: folder / f"{content_key(layer=layer)}.safetensors" for layer in layers}
+
+
+def finite_clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
+                             concepts: list[str], categories: dict[str, str], model_name: str, layer: str) -> tuple[pd.DataFrame, list[dict]]:
+    """:func:`clip_dissect_rows` without NaN/Inf activations, and the ``errors`` rows naming each
+    probe image left out and each unit left unlabelled because of them."""
+    images, units = finite_selection(activations)
+    errors = [nonfinite_activation_row(model_name, f"{model_name}/{layer}/unit {unit}",
+                                       f"unit {unit} of {layer} has no finite activation on any probe image; it is not labelled")
+              for unit in torch.nonzero(~units).flatten().tolist()]
+    errors += [nonfinite_activation_row(model_name, probe.image_ids[index],
+                                        f"NaN/Inf activations in {layer}; image left out of CLIP-Dissect for this layer")
+               for index in torch.nonzero(~images).flatten().tolist()]
+    if errors:
+        kept = torch.nonzero(images).flatten().tolist()
+        probe = replace(probe, image_ids=[probe.image_ids[i] for i in kept], paths=[probe.paths[i] for i in kept])
+        similarity_matrix, activations = similarity_matrix[images.to(similarity_matrix.device)], activations[images][:, units]
+    frame = clip_dissect_rows(config, similarity_matrix, activations, probe, concepts, categories)
+    frame["unit"] = torch.nonzero(units).flatten().cpu().numpy()[frame["unit"].to_numpy()]  # back to the layer's own unit numbers
+    return frame, errors
+
+
+def nonfinite_activation_row(model_name: str, item_id: str, message: str) -> dict:
+    """The ``errors`` row of a probe image or unit left out because its activations are NaN/Inf."""
+    return error_row("dissect", model_name, ItemError(item_id, message, "NonFiniteActivationError"))
+
+
+def write_neurons(store: ResultsStore, run_id: str, model_name: str, layer: str, method: str, frame: pd.DataFrame) -> int:
+    """Write one (model, layer, method) unit of ``neurons`` (only the table's columns); returns its row count."""
+    frame = frame.assign(model=model_name, layer=layer, method=method)
+    columns = [column for column in frame.columns if column in TABLES["neurons"].names]
+    store.write("neurons", run_id, neurons_unit(model_name, layer, method), frame[columns])
+    return len(frame)

@@ -1,0 +1,50 @@
+"""The dissect stage's Prefect tasks: probe listing, layer resolution, one labelling work unit."""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from storage.parquet import ResultsStore
+from tasks.core.config import AuditConfig
+from tasks.data.loaded_models import using_model
+from tasks.dissect.labellers import labeller
+from tasks.dissect.probe import open_probe
+from tasks.dissect.stage import labelling_errors_unit, model_layers, write_neurons
+
+
+def _model_config(config: AuditConfig, model_name: str):
+    return next(model for model in config.models if model.name == model_name)
+
+
+@task(name="dissect-layers", task_run_name="resolve layers of {model_name}")
+def layers_task(config: AuditConfig, model_name: str) -> list[str]:
+    """The layers of ``model_name`` to label (checked against the model)."""
+    model_config = _model_config(config, model_name)
+    with using_model(config, model_config) as model:
+        return model_layers(model, model_config.layers)
+
+
+@task(name="label-units", task_run_name="{method} {model_name} {layers}", tags=["gpu"],
+      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def label_task(config: AuditConfig, model_name: str, method: str, all_layers: list[str], layers: list[str],
+               results: str, run_id: str) -> int:
+    """Label ``layers`` of ``model_name`` with ``method``; one ``neurons`` file per layer, returns the row count.
+
+    The ``errors`` file is written first: a layer's ``neurons`` file marks its unit done.
+    """
+    probe = open_probe(config)
+    with using_model(config, _model_config(config, model_name)) as model:
+        labels = labeller(method).label(config, model, all_layers, layers, probe)
+    store = ResultsStore(results)
+    store.write("errors", run_id, labelling_errors_unit(model_name, method, layers), labels.errors)
+    rows = sum(write_neurons(store, run_id, model_name, layer, method, frame) for layer, frame in labels.frames.items())
+    get_run_logger().info("%s %s: %d units over %d layer(s)", method, model_name, rows, len(labels.frames))
+    return rows
+
+
+@task(name="probe-set", task_run_name="probe set")
+def probe_task(config: AuditConfig, results: str, run_id: str) -> int:
+    """List and check the probe set once; its unusable images become ``errors`` rows."""
+    probe = open_probe(config)
+    ResultsStore(results).write("errors", run_id, "probe", probe.errors)
+    return len(probe.image_ids)

@@ -1,0 +1,350 @@
+"""Class activation maps through the grad-cam package, every gradient CAM of a chunk from one pass.
+
+grad-cam's ``BaseCAM.__call__`` runs its own forward and backward for every method. Here one
+forward (which also yields the logits for the predictions) and one backward (from the targets'
+logits down to the target layer only) capture the layer's activations and gradients; each
+method then combines those same tensors with its library class's own ``compute_cam_per_layer``
+and ``aggregate_multi_layers``, so its formula, ReLU and ``scale_cam_image`` scaling are
+grad-cam's, not a copy. ScoreCAM and AblationCAM need perturbation forwards of their own; they
+run through grad-cam subclasses that change how those forwards are batched, not what they
+compute.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
+from tasks.core.errors import ConfigError
+from tasks.compute.inference import inference_model
+from tasks.compute.memory_format import channels_last_weights
+from tasks.compute.precision import autocast_context
+from tasks.explain.base import ExplainContext, Explainer, Explanations
+
+
+GPU_SCORECAM_BATCH_SIZE = 64
+"""ScoreCAM's masked images per forward on accelerators when none is given (measured on an H200)."""
+
+
+class BatchedScoreCAM(ScoreCAM):
+    """grad-cam's ScoreCAM with its masked-input forwards built lazily and deduplicated.
+
+    The weights are the library's: softmax over channels of the target score of the input
+    multiplied by each channel's min-max normalised, bilinearly upsampled activation. What
+    differs: masks and masked inputs exist for one image and one inner batch at a time (the
+    library materialises all ``B x C`` masked inputs at once), a mask bit-identical to an
+    earlier one of the same image (every dead channel gives the all-zero mask) is scored once,
+    the masked inputs are channels-last and go through the model's inference copy (BatchNorm
+    folded, channels-last packed weights, no hooks: :mod:`tasks.compute.inference`; scores move by
+    ~1e-6), the inner batch suits the device (``None``: :mod:`tasks.compute.batch_sizes`) and the
+    forwards may run under autocast.
+    """
+
+    def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
+                 batch_size: int | None = None, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, target_layers, reshape_transform=reshape_transform)
+        self.batch_size = batch_size
+        self.amp_dtype = amp_dtype
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
+        scores = torch.empty(activations.shape[:2], dtype=torch.float32)
+        model = inference_model(self.model)
+        batch_size = self.batch_size or perturbation_batch_size(self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE)
+        with torch.no_grad():
+            for image, target in enumerate(targets):
+                upsampled = upsample(torch.from_numpy(activations[image:image + 1]).to(self.device))
+                flat = upsampled.view(upsampled.size(0), upsampled.size(1), -1)
+                maxs = flat.max(dim=-1)[0][:, :, None, None]
+                mins = flat.min(dim=-1)[0][:, :, None, None]
+                masks = ((upsampled - mins) / (maxs - mins + 1e-8))[0]
+                distinct, reuse = _distinct_masks(masks)
+                distinct_scores = torch.empty(len(distinct), dtype=torch.float32)
+                for start in range(0, len(distinct), batch_size):
+                    channels = torch.as_tensor(distinct[start:start + batch_size], device=self.device)
+                    batch = input_tensor[image][None] * masks[channels][:, None]
+                    if batch.dim() == 4:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with autocast_context(self.device, self.amp_dtype):
+                        outputs = model(batch)
+                    distinct_scores[start:start + len(channels)] = target(outputs.float()).cpu()
+                scores[image] = distinct_scores[torch.from_numpy(reuse)]
+        return torch.nn.Softmax(dim=-1)(scores).numpy()
+
+
+class BatchedAblationCAM(AblationCAM):
+    """grad-cam's AblationCAM without recomputing the layers before the target layer.
+
+    The library swaps the target layer for an ``AblationLayer`` that ignores its input and
+    returns the cached activations with some channels ablated, yet it feeds the network
+    ``batch_size`` copies of the image, so everything before the target layer runs once per
+    ablated channel and is thrown away. The only change here: the network is fed one copy,
+    and the ablation layer's output (one row per ablated channel) carries the batch through the
+    rest of the network (with channels-last weights, as in ScoreCAM). Weights, ablation values
+    and inner batching are the library's. This
+    assumes what runs after the target layer meets earlier tensors only by broadcasting (true
+    for CNN blocks and transformer residual streams when the target is a whole block).
+    """
+
+    def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
+                 batch_size: int = 128, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, target_layers, reshape_transform=reshape_transform, batch_size=batch_size)
+        # The library's default ablation layer is one module shared by every AblationCAM.
+        self.ablation_layer = type(self.ablation_layer)()
+        self.amp_dtype = amp_dtype
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        handle = target_layer.register_forward_hook(self.save_activation)
+        with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
+            outputs = self.model(input_tensor).float()
+            handle.remove()
+            original_scores = np.float32([target(output).cpu().item() for target, output in zip(targets, outputs)])
+
+        ablation_layer = self.ablation_layer
+        replace_layer_recursive(self.model, target_layer, ablation_layer)
+        number_of_channels = activations.shape[1]
+        weights = []
+        try:
+            with torch.no_grad(), channels_last_weights(self.model):
+                for batch_index, (target, tensor) in enumerate(zip(targets, input_tensor)):
+                    new_scores = []
+                    channels_to_ablate = ablation_layer.activations_to_be_ablated(
+                        activations[batch_index, :], self.ratio_channels_to_ablate)
+                    number_channels_to_ablate = len(channels_to_ablate)
+                    for i in range(0, number_channels_to_ablate, self.batch_size):
+                        count = min(self.batch_size, number_channels_to_ablate - i)
+                        ablation_layer.set_next_batch(
+                            input_batch_index=batch_index, activations=self.activations, num_channels_to_ablate=count)
+                        with autocast_context(self.device, self.amp_dtype):
+                            scores = target(self.model(tensor[None]).float())
+                        new_scores.extend(scores.cpu().tolist())
+                        ablation_layer.indices = ablation_layer.indices[count:]
+                    weights.extend(self.assemble_ablation_scores(
+                        new_scores, original_scores[batch_index], channels_to_ablate, number_of_channels))
+        finally:
+            replace_layer_recursive(self.model, ablation_layer, target_layer)
+
+        weights = np.float32(weights).reshape(activations.shape[:2])
+        original_scores = original_scores[:, None]
+        return (original_scores - weights) / original_scores
+
+
+CAM_METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+    "eigencam": EigenCAM,
+    "scorecam": BatchedScoreCAM,
+    "ablationcam": BatchedAblationCAM,
+}
+"""Config name -> grad-cam class (ScoreCAM and AblationCAM: the batched subclasses above)."""
+
+def forward_with_cams(
+    model: nn.Module,
+    target_layer: nn.Module,
+    images: Tensor,
+    targets: Sequence[int] | None,
+    methods: Sequence[str],
+    *,
+    scorecam_batch_size: int | None = None,
+    ablationcam_batch_size: int = 128,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, dict[str, np.ndarray]]:
+    """The logits of a batch and its CAMs, every gradient-based CAM from one forward/backward pass.
+
+    Args:
+        model: a classifier returning logits ``[B, classes]``; put in eval mode, as grad-cam does.
+        target_layer: the module whose output the CAMs read (called once per forward).
+        images: preprocessed model inputs ``[B, 3, H, W]`` (moved to the model's device).
+        targets: the class explained for each image; ``None``: each image's top-1 prediction.
+        methods: names from :data:`CAM_METHODS`.
+        scorecam_batch_size: masked inputs per forward for ScoreCAM (library: 16); None: by device
+            and precision (:mod:`tasks.compute.batch_sizes`; on GPUs :data:`GPU_SCORECAM_BATCH_SIZE`).
+        ablationcam_batch_size: ablated channels per forward for AblationCAM (library: 32; only
+            the layers after the target layer see the batch, so 128 is ~4x faster on CPU).
+        reshape_transform: grad-cam's hook for non-CNN layers (``[B, tokens, C] -> [B, C, h, w]``).
+        amp_dtype: run forwards under autocast with this dtype (``torch.bfloat16``/``float16``).
+
+    The backward runs only when a method's grad-cam class ``uses_gradients``.
+
+    Returns:
+        ``(logits [B, classes] float32, {method: float32 [B, H, W] maps in [0, 1]})``; each map
+        equals what grad-cam's class of that name returns for the same model, layer, input and
+        ``ClassifierOutputTarget``.
+    """
+    cams = {name: _cam(cam_class(name), model, target_layer, reshape_transform, scorecam_batch_size,
+                       ablationcam_batch_size, amp_dtype) for name in methods}
+    model.eval()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    need_grads = any(cam.uses_gradients for cam in cams.values())
+    logits, activations, gradients = _capture(
+        model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype)
+    if targets is None:
+        targets = logits.argmax(dim=-1).tolist()
+    if len(targets) != images.shape[0]:
+        raise ValueError(f"{len(targets)} targets for {images.shape[0]} images")
+    target_objects = [ClassifierOutputTarget(int(t)) for t in targets]
+
+    maps: dict[str, np.ndarray] = {}
+    for name, cam in cams.items():
+        cam.activations_and_grads = _Captured(activations, gradients)
+        per_layer = cam.compute_cam_per_layer(images, target_objects, eigen_smooth=False)
+        maps[name] = cam.aggregate_multi_layers(per_layer)
+    return logits, maps
+
+
+def compute_cams(
+    model: nn.Module,
+    target_layer: nn.Module,
+    images: Tensor,
+    targets: Sequence[int] | None,
+    methods: Sequence[str],
+    *,
+    scorecam_batch_size: int | None = None,
+    ablationcam_batch_size: int = 128,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """CAMs of a batch, ``{method: float32 [B, H, W] in [0, 1]}``; see :func:`forward_with_cams`."""
+    return forward_with_cams(
+        model, target_layer, images, targets, methods,
+        scorecam_batch_size=scorecam_batch_size, ablationcam_batch_size=ablationcam_batch_size,
+        reshape_transform=reshape_transform, amp_dtype=amp_dtype)[1]
+
+
+def cam_class(name: str) -> type[BaseCAM]:
+    """The grad-cam class of a config name; ConfigError naming the valid ones otherwise."""
+    try:
+        return CAM_METHODS[name]
+    except KeyError:
+        raise ConfigError("methods", f"unknown CAM method {name!r}; valid: {', '.join(sorted(CAM_METHODS))}") from None
+
+
+def _cam(cls, model, target_layer, reshape_transform, scorecam_batch_size, ablationcam_batch_size, amp_dtype):
+    """A grad-cam object of ``cls`` whose own hooks are removed: it only combines and scales."""
+    options: dict[str, Any] = {}
+    if cls is BatchedScoreCAM:
+        options = {"batch_size": scorecam_batch_size, "amp_dtype": amp_dtype}
+    elif cls is BatchedAblationCAM:
+        options = {"batch_size": ablationcam_batch_size, "amp_dtype": amp_dtype}
+    cam = cls(model, [target_layer], reshape_transform=reshape_transform, **options)
+    cam.activations_and_grads.release()
+    return cam
+
+
+class _Captured:
+    """Stands in for grad-cam's ActivationsAndGradients, holding tensors captured elsewhere."""
+
+    def __init__(self, activations: Tensor, gradients: Tensor | None) -> None:
+        self.activations = [activations]
+        self.gradients = [] if gradients is None else [gradients]
+
+    def release(self) -> None:
+        self.activations, self.gradients = [], []
+
+
+def _capture(model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype):
+    """Logits, target-layer activations and (optionally) d(target logit)/d(activations), on CPU.
+
+    The layers before the target layer run without autograd; the hook switches it on for the
+    rest of the network, and the backward stops at the target layer: the gradients equal
+    those of grad-cam's full ``loss.backward()`` at that layer, for a fraction of the work.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(module, inputs, output):
+        if not need_grads:
+            captured["activations"] = output
+            return None
+        torch.set_grad_enabled(True)
+        leaf = output.detach().requires_grad_(True)
+        captured["activations"] = leaf
+        # A clone, so an in-place op after the layer cannot modify the leaf.
+        return leaf.clone()
+
+    handle = target_layer.register_forward_hook(hook)
+    # inference_mode(False): a caller's inference mode would forbid the tail's autograd.
+    with torch.inference_mode(False):
+        try:
+            with torch.no_grad(), autocast_context(images.device, amp_dtype):
+                logits = model(images)
+        finally:
+            handle.remove()
+        if "activations" not in captured:
+            raise ValueError("the target layer did not run in the model's forward")
+        leaf = captured["activations"]
+        gradients = None
+        if need_grads:
+            chosen = logits.argmax(dim=-1).tolist() if targets is None else targets
+            loss = sum(ClassifierOutputTarget(int(t))(row) for t, row in zip(chosen, logits))
+            gradients = torch.autograd.grad(loss, leaf)[0]
+    activations = leaf.detach()
+    if reshape_transform is not None:
+        activations = reshape_transform(activations)
+        gradients = None if gradients is None else reshape_transform(gradients)
+    activations = activations.float().cpu()
+    gradients = None if gradients is None else gradients.float().cpu()
+    return logits.detach().float(), activations, gradients
+
+
+def _distinct_masks(masks: Tensor) -> tuple[list[int], np.ndarray]:
+    """The channels of ``masks [C, H, W]`` whose mask differs from every earlier one, and for
+    each channel the position (in that list) of the channel whose score it can reuse.
+
+    Candidates are grouped by an integer hash of the float bits computed on the masks' device
+    (exact arithmetic, so equal masks always hash alike); masks with equal hashes are then
+    compared exactly, so a match is always bit-identical.
+    """
+    flat = masks.reshape(masks.shape[0], -1).float().contiguous()
+    bits = flat.view(torch.int32)
+    multipliers = torch.randint(1, 2**31 - 1, (flat.shape[1],), generator=torch.Generator().manual_seed(0))
+    multipliers = multipliers.to(flat.device)
+    fingerprints = torch.cat([(bits[start:start + 64].long() * multipliers).sum(dim=1)
+                              for start in range(0, len(bits), 64)]).cpu().tolist()
+    distinct: list[int] = []
+    reuse = np.empty(masks.shape[0], dtype=np.int64)
+    groups: dict[int, list[int]] = {}
+    for channel, fingerprint in enumerate(fingerprints):
+        group = groups.setdefault(fingerprint, [])
+        match = next((index for index in group if torch.equal(flat[distinct[index]], flat[channel])), None)
+        if match is None:
+            match = len(distinct)
+            group.append(match)
+            distinct.append(channel)
+        reuse[channel] = match
+    return distinct, reuse
+
+
+class CamFamily(Explainer):
+    """The grad-cam family: every gradient CAM of a batch from one shared pass (:func:`compute_cams`)."""
+
+    methods = tuple(CAM_METHODS)
+
+    def explain(self, context: ExplainContext, images: Tensor, targets: Sequence[int],
+                methods: Sequence[str]) -> Explanations:
+        settings = context.settings
+        maps = compute_cams(context.model.module, context.layer, images, targets, methods, amp_dtype=context.amp_dtype,
+                            scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
+                            ablationcam_batch_size=settings.ablationcam_batch_size)
+        return Explanations(maps)

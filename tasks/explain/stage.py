@@ -1,0 +1,180 @@
+"""Explain one chunk of images with one model: predictions, saliency maps and their metrics.
+
+:func:`explain_records` is the pure part (records in, table rows out); the Prefect task in
+:mod:`tasks.explain.tasks` adds orchestration and writes the chunk's files. The stage asks the
+explainer registry for maps and the metric registry for scores, so it never branches on a
+method's or a metric's name. Metrics are computed from the maps exactly as stored (float16), so
+recomputing them from the ``saliency`` table gives the stored values.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from storage.maps import decode_map, encode_map
+from storage.parquet import safe_name
+from tasks.compute.oom import run_with_backoff
+from tasks.compute.precision import PRECISIONS, autocast_context
+from tasks.core.config import AuditConfig, ModelConfig
+from tasks.core.errors import ItemError
+from tasks.core.rows import error_row
+from tasks.data.images import load_rgb
+from tasks.data.models import default_cam_layer, resolve_layer
+from tasks.explain.base import ExplainContext
+from tasks.explain.registry import families
+from tasks.metrics.base import ScoredBatch
+from tasks.metrics.maps import require_finite
+from tasks.metrics.registry import METRICS
+
+# Tables every explain chunk writes (an empty file when it has no rows); ``errors`` last, so a
+# chunk counts as done once its errors file exists.
+EXPLAIN_TABLES = ("predictions", "saliency", "agreement", "localization", "faithfulness", "lime_trials", "scores", "errors")
+
+
+def chunk_unit(model: str, index: int) -> str:
+    """The deterministic work-unit name of a model's ``index``-th image chunk."""
+    return f"{safe_name(model)}-chunk{index:05d}"
+
+
+@dataclass
+class ChunkRows:
+    """The rows one chunk contributes to each of :data:`EXPLAIN_TABLES`."""
+
+    tables: dict[str, list[dict]] = field(default_factory=lambda: {table: [] for table in EXPLAIN_TABLES})
+
+    def add(self, table: str, rows: list[dict]) -> None:
+        if table not in self.tables:
+            raise ValueError(f"explain chunks write {', '.join(EXPLAIN_TABLES)}, not {table!r}")
+        self.tables[table].extend(rows)
+
+
+@dataclass
+class _Input:
+    record: dict
+    pixels: torch.Tensor
+    gt_mask: np.ndarray | None
+    true_label: int | None
+
+
+def _true_label(record: dict, class_names: list[str]) -> int | None:
+    if record.get("label") is not None:
+        return int(record["label"])
+    return class_names.index(record["label_name"]) if record.get("label_name") in class_names else None
+
+
+def ground_truth_mask(model, record: dict, image_size: tuple[int, int]) -> np.ndarray | None:
+    """The record's object mask (a mask file or a box) in model-input geometry, or None.
+
+    The mask goes through the model's own preprocessing as a white-on-black image, so resize
+    and crop match the image's exactly; it is then thresholded at half intensity.
+    """
+    if record.get("mask_path"):
+        with Image.open(record["mask_path"]) as mask_file:
+            mask = np.asarray(mask_file.convert("RGB")).any(axis=-1)
+        if mask.shape != (image_size[1], image_size[0]):
+            raise ItemError(record["image_id"], f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image_size[0]}x{image_size[1]}")
+        drawn = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
+    elif record.get("box"):
+        drawn = Image.new("RGB", image_size)
+        ImageDraw.Draw(drawn).rectangle(tuple(record["box"]), fill=(255, 255, 255))
+    else:
+        return None
+    channel = model.preprocess(drawn)[0] * model.std[0] + model.mean[0]
+    return (channel > 0.5).numpy()
+
+
+def load_inputs(model, records: list[dict], target_mode: str, with_masks: bool) -> tuple[list[_Input], list[dict]]:
+    """Decode and preprocess each record; a broken image or mask, or a missing label when maps must
+    explain the label, becomes an error row instead of an exception."""
+    inputs, errors = [], []
+    for record in records:
+        try:
+            true_label = _true_label(record, model.class_names)
+            if target_mode == "label" and true_label is None:
+                raise ItemError(record["image_id"], "explain.target is 'label' but the image has no label among the model's classes")
+            image = load_rgb(record["path"], item_id=record["image_id"])
+            mask = ground_truth_mask(model, record, image.size) if with_masks else None
+            inputs.append(_Input(record, model.preprocess(image), mask, true_label))
+        except (ItemError, OSError) as error:
+            errors.append(error_row("explain", model.name, error, record["image_id"]))
+    return inputs, errors
+
+
+def predict(module: torch.nn.Module, batch: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The batch's logits (float32), the forward that picks each image's predicted class."""
+    with torch.no_grad(), autocast_context(batch.device, amp_dtype):
+        return module(batch).float()
+
+
+def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: list[_Input]) -> ChunkRows:
+    """Every configured explanation and metric of one batch of decoded images."""
+    explain = config.explain
+    amp_dtype = PRECISIONS[explain.precision]
+    device = next(model.module.parameters()).device
+    batch = torch.stack([item.pixels for item in inputs]).to(device)
+    model.module.eval()
+    probabilities = torch.softmax(predict(model.module, batch, amp_dtype), dim=-1)
+    label_targets = [item.true_label for item in inputs] if explain.target == "label" else None
+    targets = label_targets or probabilities.argmax(dim=-1).tolist()
+    image_ids = [item.record["image_id"] for item in inputs]
+    context = ExplainContext(model, layer, explain, config.seed, amp_dtype, image_ids)
+    rows = ChunkRows()
+    maps: dict[str, np.ndarray] = {}
+    failed: dict[int, ItemError] = {}
+    road_methods: set[str] = set()
+    for family, methods in families(explain.methods):
+        explained = family.explain(context, batch, targets, methods)
+        maps.update({method: explained.maps[method] for method in methods})
+        failed.update(explained.failed)
+        road_methods.update(methods if family.road else ())
+        for table, table_rows in explained.rows.items():
+            rows.add(table, table_rows)
+    top_prob, top_label = probabilities.topk(min(explain.topk, probabilities.shape[1]), dim=-1)
+    stored = {method: np.stack([decode_map(encode_map(m)) for m in maps[method]]) for method in explain.methods}
+    usable = np.ones(len(inputs), dtype=bool)
+    for index, item in enumerate(inputs):
+        base = {"model": model.name, "image_id": image_ids[index]}
+        try:
+            if not torch.isfinite(probabilities[index]).all():
+                raise ItemError(image_ids[index], "the model's output is not finite (NaN/Inf)", "NonFiniteOutputError")
+            if index in failed:
+                raise failed[index]
+            for method in stored:
+                require_finite(stored[method][index], f"{image_ids[index]} ({method})")
+        except ItemError as error:
+            usable[index] = False
+            rows.add("errors", [error_row("explain", model.name, error, image_ids[index])])
+            continue
+        labels, probs = top_label[index].tolist(), top_prob[index].tolist()
+        rows.add("predictions", [{**base, "label": labels[0], "label_name": model.class_names[labels[0]], "prob": probs[0],
+                                  "true_label": item.true_label,
+                                  "topk": [{"label": label, "name": model.class_names[label], "prob": prob}
+                                           for label, prob in zip(labels, probs)]}])
+        rows.add("saliency", [{**base, "method": method, "target": targets[index], **encode_map(stored[method][index])}
+                              for method in stored])
+    scored = ScoredBatch(model.name, model.module, batch, stored, targets, image_ids, [item.gt_mask for item in inputs],
+                         usable, explain.metrics, config.seed, amp_dtype, frozenset(road_methods))
+    for metric in METRICS.values():
+        if metric.enabled(explain.metrics):
+            for table, table_rows in metric.rows(scored).items():
+                rows.add(table, table_rows)
+    return rows
+
+
+def explain_records(config: AuditConfig, model_config: ModelConfig, model, records: list[dict],
+                    logger: logging.Logger | None = None) -> ChunkRows:
+    """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`)."""
+    layer = resolve_layer(model.module, model_config.cam_layer or default_cam_layer(model.module, model.input_size), field="models.cam_layer")
+    inputs, errors = load_inputs(model, records, config.explain.target, config.explain.metrics.localization)
+    rows = ChunkRows()
+    rows.add("errors", errors)
+    batches = run_with_backoff(lambda batch: explain_batch(config, model, layer, batch), inputs, config.explain.batch_size,
+                               logger or logging.getLogger(__name__))
+    for batch_rows in batches:
+        for table, table_rows in batch_rows.tables.items():
+            rows.add(table, table_rows)
+    return rows

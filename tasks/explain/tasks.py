@@ -1,0 +1,37 @@
+"""The explain stage's Prefect task: one image chunk of one model, its files written atomically."""
+from __future__ import annotations
+
+import logging
+
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+from prefect.tasks import exponential_backoff
+
+from storage.parquet import ResultsStore
+from tasks.core.config import AuditConfig
+from tasks.data.image_sets import read_image_chunk
+from tasks.data.loaded_models import using_model
+from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit, explain_records
+
+
+def _logger() -> logging.Logger:
+    """The task run's logger inside Prefect, this module's logger outside."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+@task(name="explain-chunk", task_run_name="explain {model_name} chunk {chunk_index}", tags=["gpu"],
+      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, results: str, run_id: str) -> dict[str, int]:
+    """Explain one chunk of the run's ``images`` table and write its files; returns the row count per table."""
+    store = ResultsStore(results)
+    records = read_image_chunk(store, run_id, chunk_index)
+    model_config = next(model for model in config.models if model.name == model_name)
+    with using_model(config, model_config) as model:
+        rows = explain_records(config, model_config, model, records, _logger())
+    unit = chunk_unit(model_name, chunk_index)
+    for table in EXPLAIN_TABLES:
+        store.write(table, run_id, unit, rows.tables[table])
+    return {table: len(rows.tables[table]) for table in EXPLAIN_TABLES}
