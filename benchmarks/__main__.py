@@ -8,6 +8,7 @@ NAME is a benchmark module without its ``bench_`` prefix (``lime``, ``cams``, ``
 ``pipeline``). The JSON is rewritten after every benchmark, so a run cut short keeps what it
 measured; ``--budget`` skips (and records) the benchmarks not started within that many seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ ON_REQUEST = ("demo_cold",)  # benchmarks that run only when --only names them
 
 def benchmark_names() -> list[str]:
     """Every ``bench_<name>`` module of the package, by name, sorted."""
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__)
-                  if m.name.startswith("bench_"))
+    return sorted(
+        m.name[len("bench_") :] for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")
+    )
 
 
 def run_suite(size: str, only: list[str] | None, out: Path, budget: float | None = None) -> dict[str, Any]:
@@ -52,8 +54,13 @@ def run_suite(size: str, only: list[str] | None, out: Path, budget: float | None
     # pick different kernels round differently, and maps could not be compared to 1e-5.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    run: dict[str, Any] = {"size": size, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "machine": machine(), "benchmarks": {}, "results": []}
+    run: dict[str, Any] = {
+        "size": size,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "benchmarks": {},
+        "results": [],
+    }
     for name in names:
         if only and name not in only:
             continue
@@ -83,7 +90,7 @@ def _run_one(name: str, size: str) -> tuple[float, list[Result]]:
         results = module.run(size)
     except ImportError as error:  # a library missing on this machine (e.g. the GPU box)
         results = _placeholders(name, "skipped", f"missing library: {error}")
-    except Exception as error:  # one broken benchmark must not lose the others' numbers
+    except Exception as error:  # noqa: BLE001 - one broken benchmark must not lose the others' numbers
         traceback.print_exc()
         results = _placeholders(name, "error", f"{type(error).__name__}: {error}")
     return time.perf_counter() - started, results
@@ -93,7 +100,7 @@ def _placeholders(name: str, status: str, why: str) -> list[Result]:
     """One unmeasured result per target the module declares (its ``TARGETS``), else one for the module."""
     try:
         targets = importlib.import_module(f"benchmarks.bench_{name}").TARGETS
-    except Exception:
+    except Exception:  # noqa: BLE001 - a module that fails to import still gets its placeholder row
         targets = (name,)
     return [Result(target, None, status=status, note=why) for target in targets]
 
@@ -115,7 +122,9 @@ def default_out(size: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=SIZES, default="cpu")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"benchmarks to run; all: {', '.join(benchmark_names())}")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"benchmarks to run; all: {', '.join(benchmark_names())}"
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<date>-<host>.json)")
     parser.add_argument("--markdown", type=Path, help="update this RESULTS.md's block for the run's size")
     parser.add_argument("--budget", type=float, help="seconds after which benchmarks not yet started are skipped")

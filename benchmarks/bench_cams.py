@@ -6,6 +6,7 @@ each object is created and released inside the timed call, so its hooks never to
 side's forwards. Ours: :func:`tasks.explain.cams.forward_with_cams` with the pipeline's defaults, which
 also returns the logits. Both sides use the same model object, inputs and targets.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,13 @@ import torch
 
 from benchmarks.harness import Result, Timing, device_for, interleave
 
-TARGETS = ("2 ScoreCAM fp32 speed-up", "2 AblationCAM fp32 speed-up", "2 ScoreCAM mixed-precision speed-up",
-           "2 AblationCAM mixed-precision speed-up", "3 gradient CAM family speed-up")
+TARGETS = (
+    "2 ScoreCAM fp32 speed-up",
+    "2 AblationCAM fp32 speed-up",
+    "2 ScoreCAM mixed-precision speed-up",
+    "2 AblationCAM mixed-precision speed-up",
+    "3 gradient CAM family speed-up",
+)
 
 GRADIENT_FAMILY = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 
@@ -27,8 +33,10 @@ SETTINGS = {
 }
 
 
-INNER_BATCHES = ("inner batches: stock grad-cam's defaults (ScoreCAM 16, AblationCAM 32), ours the config's "
-                 "(ScoreCAM auto: 16 fp32 / 32 mixed on CPUs, 64 on GPUs; AblationCAM 128)")
+INNER_BATCHES = (
+    "inner batches: stock grad-cam's defaults (ScoreCAM 16, AblationCAM 32), ours the config's "
+    "(ScoreCAM auto: 16 fp32 / 32 mixed on CPUs, 64 on GPUs; AblationCAM 128)"
+)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,12 +66,17 @@ def run(size: str) -> list[Result]:
         def call():
             with cls(model=model, target_layers=[layer]) as cam:
                 return cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in chosen])
+
         return call
 
     def stock_family():
-        return {name: stock(cls, chunk, chunk_targets)() for name, cls in zip(
-            GRADIENT_FAMILY, (library.GradCAM, library.GradCAMPlusPlus, library.XGradCAM, library.LayerCAM,
-                              library.HiResCAM))}
+        return {
+            name: stock(cls, chunk, chunk_targets)()
+            for name, cls in zip(
+                GRADIENT_FAMILY,
+                (library.GradCAM, library.GradCAMPlusPlus, library.XGradCAM, library.LayerCAM, library.HiResCAM),
+            )
+        }
 
     def ours(methods, batch, chosen, amp=None):
         return lambda: forward_with_cams(model, layer, batch, chosen, methods, amp_dtype=amp)[1]
@@ -71,37 +84,61 @@ def run(size: str) -> list[Result]:
     # Warm every path once on one small image (the timed rounds then run warm).
     small = chunk[:1, :, :32, :32]
     forward_with_cams(model, layer, small, chunk_targets[:1], ["scorecam", "ablationcam", *GRADIENT_FAMILY])
-    runs = interleave({
-        "stock scorecam": stock(library.ScoreCAM, images, targets),
-        "scorecam": ours(["scorecam"], images, targets),
-        "scorecam mixed": ours(["scorecam"], images, targets, amp_dtype),
-        "stock ablationcam": stock(library.AblationCAM, images, targets),
-        "ablationcam": ours(["ablationcam"], images, targets),
-        "ablationcam mixed": ours(["ablationcam"], images, targets, amp_dtype),
-        "stock family": stock_family,
-        "family": ours(list(GRADIENT_FAMILY), chunk, chunk_targets),
-    }, repeats=s["repeats"], warmup=0)
+    runs = interleave(
+        {
+            "stock scorecam": stock(library.ScoreCAM, images, targets),
+            "scorecam": ours(["scorecam"], images, targets),
+            "scorecam mixed": ours(["scorecam"], images, targets, amp_dtype),
+            "stock ablationcam": stock(library.AblationCAM, images, targets),
+            "ablationcam": ours(["ablationcam"], images, targets),
+            "ablationcam mixed": ours(["ablationcam"], images, targets, amp_dtype),
+            "stock family": stock_family,
+            "family": ours(list(GRADIENT_FAMILY), chunk, chunk_targets),
+        },
+        repeats=s["repeats"],
+        warmup=0,
+    )
 
     setting = f"{s['arch']} random weights, layer4, {s['pixels']} px"
     precision = str(amp_dtype).removeprefix("torch.")
     results = []
-    for method, target, mixed_target in (("scorecam", TARGETS[0], TARGETS[2]),
-                                         ("ablationcam", TARGETS[1], TARGETS[3])):
+    for method, target, mixed_target in (("scorecam", TARGETS[0], TARGETS[2]), ("ablationcam", TARGETS[1], TARGETS[3])):
         stock_times, stock_maps = runs[f"stock {method}"]
         fp32 = Timing(method, runs[method][0], stock_times, runs[method][1][method], stock_maps)
         difference = float(np.abs(fp32.ours_output - stock_maps).max())
-        results.append(Result.speedup(
-            target, fp32, goal=1.5, note=f"{setting}, {len(targets)} image(s); {INNER_BATCHES}",
-            max_abs_diff=difference, maps_identical=difference <= 1e-5))
+        results.append(
+            Result.speedup(
+                target,
+                fp32,
+                goal=1.5,
+                note=f"{setting}, {len(targets)} image(s); {INNER_BATCHES}",
+                max_abs_diff=difference,
+                maps_identical=difference <= 1e-5,
+            )
+        )
         mixed = Timing(method, runs[f"{method} mixed"][0], stock_times, runs[f"{method} mixed"][1][method], stock_maps)
         correlation = pearson(mixed.ours_output, stock_maps)
-        results.append(Result.speedup(
-            mixed_target, mixed, goal=None, note=f"{precision} autocast vs stock fp32; {setting}",
-            pearson_vs_stock_fp32=correlation, pearson_goal_met=correlation >= 0.99))
+        results.append(
+            Result.speedup(
+                mixed_target,
+                mixed,
+                goal=None,
+                note=f"{precision} autocast vs stock fp32; {setting}",
+                pearson_vs_stock_fp32=correlation,
+                pearson_goal_met=correlation >= 0.99,
+            )
+        )
     stock_times, stock_maps = runs["stock family"]
     family = Timing("family", runs["family"][0], stock_times, runs["family"][1], stock_maps)
     difference = max(float(np.abs(family.ours_output[name] - stock_maps[name]).max()) for name in GRADIENT_FAMILY)
-    results.append(Result.speedup(
-        TARGETS[4], family, goal=3.0, note=f"{', '.join(GRADIENT_FAMILY)}; {setting}, chunk of {len(chunk_targets)}",
-        max_abs_diff=difference, maps_identical=difference <= 1e-5))
+    results.append(
+        Result.speedup(
+            TARGETS[4],
+            family,
+            goal=3.0,
+            note=f"{', '.join(GRADIENT_FAMILY)}; {setting}, chunk of {len(chunk_targets)}",
+            max_abs_diff=difference,
+            maps_identical=difference <= 1e-5,
+        )
+    )
     return results

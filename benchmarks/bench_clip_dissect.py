@@ -9,6 +9,7 @@ image-concept matrix ``P = 100 · I @ Tᵀ`` (random unit-norm features of CLIP'
 and the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / max(|stock|, 1)``
 (scores reach hundreds, where float32 spacing alone is ~3e-5).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,17 @@ import sys
 
 import torch
 
-from benchmarks.harness import Result, Timing, device_for, interleave, module_json, peak_rss_mib, reset_peak_rss, rss_mib, timed
+from benchmarks.harness import (
+    Result,
+    Timing,
+    device_for,
+    interleave,
+    module_json,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    timed,
+)
 
 TARGETS = ("4 CLIP-Dissect soft_wpmi speed-up", "4 CLIP-Dissect soft_wpmi peak RSS", "4 CLIP image features throughput")
 
@@ -35,9 +46,16 @@ FEATURE_SETTINGS = {
 EMBEDDING = 512
 
 
-def reference_soft_wpmi(clip_feats: torch.Tensor, target_feats: torch.Tensor, top_k: int = 100, a: float = 10,
-                        lam: float = 1, min_prob: float = 1e-7, p_start: float = 0.998,
-                        p_end: float = 0.97) -> torch.Tensor:
+def reference_soft_wpmi(
+    clip_feats: torch.Tensor,
+    target_feats: torch.Tensor,
+    top_k: int = 100,
+    a: float = 10,
+    lam: float = 1,
+    min_prob: float = 1e-7,
+    p_start: float = 0.998,
+    p_end: float = 0.97,
+) -> torch.Tensor:
     """soft_wpmi as the reference code computes it: one unit at a time."""
     device = clip_feats.device
     with torch.no_grad():
@@ -46,12 +64,13 @@ def reference_soft_wpmi(clip_feats: torch.Tensor, target_feats: torch.Tensor, to
         p_in = p_start - (torch.arange(top_k, device=device) / top_k * (p_start - p_end)).unsqueeze(1)
         per_unit = []
         for unit in range(target_feats.shape[1]):
-            rows = probs.gather(0, top[:, unit:unit + 1].expand(-1, probs.shape[1]))
+            rows = probs.gather(0, top[:, unit : unit + 1].expand(-1, probs.shape[1]))
             given_unit = 1 + p_in * (rows - 1)
             per_unit.append(torch.sum(torch.log(given_unit + min_prob), dim=0, keepdim=True))
         log_given_unit = torch.cat(per_unit, dim=0)
         log_concept = torch.logsumexp(log_given_unit, dim=0, keepdim=True) - torch.log(
-            log_given_unit.shape[0] * torch.ones([1], device=device))
+            log_given_unit.shape[0] * torch.ones([1], device=device)
+        )
         return log_given_unit - lam * log_concept
 
 
@@ -61,7 +80,7 @@ def inputs(images: int, concepts: int, units: int, device: torch.device) -> tupl
     image_feats = torch.nn.functional.normalize(torch.randn(images, EMBEDDING, generator=generator), dim=1)
     text_feats = torch.nn.functional.normalize(torch.randn(concepts, EMBEDDING, generator=generator), dim=1)
     activations = torch.randn(images, units, generator=generator).relu_()
-    clip_feats = (100.0 * image_feats.to(device) @ text_feats.to(device).T)
+    clip_feats = 100.0 * image_feats.to(device) @ text_feats.to(device).T
     return clip_feats, activations.to(device)
 
 
@@ -89,9 +108,14 @@ def feature_result(size: str) -> Result:
     batches = [batch] * (s["images"] // s["batch_size"])
     clip_image_features(model, None, batches[:1], device)  # warm-up
     seconds, feats = timed(lambda: clip_image_features(model, None, batches, device))
-    return Result(TARGETS[2], round(len(feats) / seconds, 1), None, unit="img/s",
-                  note=f"{s['clip']} random weights, {pixels} px, {len(feats):,} images, batch {s['batch_size']}, fp32",
-                  extra={"seconds": round(seconds, 3)})
+    return Result(
+        TARGETS[2],
+        round(len(feats) / seconds, 1),
+        None,
+        unit="img/s",
+        note=f"{s['clip']} random weights, {pixels} px, {len(feats):,} images, batch {s['batch_size']}, fp32",
+        extra={"seconds": round(seconds, 3)},
+    )
 
 
 def similarity_results(size: str) -> list[Result]:
@@ -125,22 +149,35 @@ def similarity_results(size: str) -> list[Result]:
     small = slice(0, min(8, s["units"]))
     soft_wpmi(clip_feats, target_feats[:, small])  # warm both paths on a few units
     reference_soft_wpmi(clip_feats, target_feats[:, small])
-    runs = interleave({"ours": ours, "stock": lambda: reference_soft_wpmi(clip_feats, target_feats).float().cpu()},
-                      repeats=s["repeats"], warmup=0)
+    runs = interleave(
+        {"ours": ours, "stock": lambda: reference_soft_wpmi(clip_feats, target_feats).float().cpu()},
+        repeats=s["repeats"],
+        warmup=0,
+    )
     timing = Timing("soft_wpmi", runs["ours"][0], runs["stock"][0], runs["ours"][1], runs["stock"][1])
     difference = (timing.ours_output - timing.stock_output).abs()
     relative = difference / timing.stock_output.abs().clamp_min(1.0)
-    extra = {"max_abs_diff": float(difference.max()), "max_rel_diff": float(relative.max()),
-             "identical_1e-4": bool(relative.max() <= 1e-4),
-             "same_top_concept": float((timing.ours_output.argmax(1) == timing.stock_output.argmax(1)).float().mean())}
-    memory = {"process_rss_before_mib": round(resident), "process_peak_rss_mib": round(max(peaks)),
-              "peak_reset": fresh_peak, "inputs_mib": round((clip_feats.numel() + target_feats.numel()) * 4 / 2**20)}
+    extra = {
+        "max_abs_diff": float(difference.max()),
+        "max_rel_diff": float(relative.max()),
+        "identical_1e-4": bool(relative.max() <= 1e-4),
+        "same_top_concept": float((timing.ours_output.argmax(1) == timing.stock_output.argmax(1)).float().mean()),
+    }
+    memory = {
+        "process_rss_before_mib": round(resident),
+        "process_peak_rss_mib": round(max(peaks)),
+        "peak_reset": fresh_peak,
+        "inputs_mib": round((clip_feats.numel() + target_feats.numel()) * 4 / 2**20),
+    }
     if device.type == "cuda":  # the work (and its memory) is on the GPU; host RSS is libraries and CUDA context
         peak, what = max(cuda_peaks), "CUDA peak allocated during one soft_wpmi call (inputs resident)"
     else:  # this process also holds what earlier benchmarks left behind: measure a process of its own
         alone = fresh_process_peak(size)
         memory["fresh_process"] = alone
-        peak, what = alone["peak_rss_mib"], "peak RSS (VmHWM) of a fresh process that builds the inputs and calls soft_wpmi once"
+        peak, what = (
+            alone["peak_rss_mib"],
+            "peak RSS (VmHWM) of a fresh process that builds the inputs and calls soft_wpmi once",
+        )
     return [
         Result.speedup(TARGETS[0], timing, goal=2.0, note=scale, **extra),
         Result(TARGETS[1], round(peak / 1024, 3), 3.0, "max", "GiB", note=f"{what}; {scale}", extra=memory),

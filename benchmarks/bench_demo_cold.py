@@ -1,6 +1,7 @@
 """Target 7, cold: ``xai-audit run configs/demo.yaml`` with an empty cache (minutes: it generates the
 world and trains the demo model and the toy CLIP), so it runs only when named:
 ``python -m benchmarks --only demo_cold``. The warm half of the target is in ``bench_pipeline``."""
+
 from __future__ import annotations
 
 from benchmarks.bench_pipeline import demo_cold_result, private_cache

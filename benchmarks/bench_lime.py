@@ -13,6 +13,7 @@ One model object serves every side. All get the same image, the same quickshift 
 (computed once, outside the timing) and the same perturbation matrix (stock's
 ``explain_instance`` is called without ``random_seed``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,13 @@ from torch import nn
 from benchmarks.harness import Result, Timing, device_for, interleave
 from tasks.compute.inference import inference_model
 
-TARGETS = ("1 LIME fp32 speed-up", "1 LIME mixed-precision speed-up", "1 LIME fp32 overhead over the model",
-           "1 LIME mixed-precision overhead over the model", "1 LIME fp32 speed-up vs a channels-last stock classifier")
+TARGETS = (
+    "1 LIME fp32 speed-up",
+    "1 LIME mixed-precision speed-up",
+    "1 LIME fp32 overhead over the model",
+    "1 LIME mixed-precision overhead over the model",
+    "1 LIME fp32 speed-up vs a channels-last stock classifier",
+)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -88,6 +94,8 @@ def run(size: str) -> list[Result]:
     import torchvision
     from lime import lime_image
 
+    from tasks.compute.precision import autocast_context
+    from tasks.data.models import PixelModel
     from tasks.explain.lime import (
         SegmentationCache,
         default_batch_size,
@@ -96,8 +104,6 @@ def run(size: str) -> list[Result]:
         neighborhood_probabilities,
         perturbation_matrix,
     )
-    from tasks.data.models import PixelModel
-    from tasks.compute.precision import autocast_context
 
     s = dict(SETTINGS[size])
     device = device_for(size)
@@ -119,63 +125,137 @@ def run(size: str) -> list[Result]:
 
     def stock(classifier=classify):
         explanation = lime_image.LimeImageExplainer(random_state=seed).explain_instance(
-            image, classifier, labels=(target,), top_labels=None, num_samples=s["num_samples"],
-            batch_size=STOCK_BATCH_SIZE, segmentation_fn=lambda _: segments)
+            image,
+            classifier,
+            labels=(target,),
+            top_labels=None,
+            num_samples=s["num_samples"],
+            batch_size=STOCK_BATCH_SIZE,
+            segmentation_fn=lambda _: segments,
+        )
         return dict(explanation.local_exp[target])
 
     def ours(amp):
-        return lambda: explain_lime(model_fn, [image], [target], num_samples=s["num_samples"], seed=seed,
-                                    batch_size=batch_sizes[amp], device=device, amp_dtype=amp, cache=cache)[0].weights
+        return lambda: (
+            explain_lime(
+                model_fn,
+                [image],
+                [target],
+                num_samples=s["num_samples"],
+                seed=seed,
+                batch_size=batch_sizes[amp],
+                device=device,
+                amp_dtype=amp,
+                cache=cache,
+            )[0].weights
+        )
 
     def model_alone(amp):
         """The same perturbed batches, built beforehand, through the same network, layout and precision."""
         batches = _Batches()  # the network's inputs exactly as ours builds them (normalised once per image)
-        neighborhood_probabilities(PixelModel(_Recorder(batches), MEAN, STD), image, hidden_image(image, segments), segments,
-                                   perturbation_matrix(n_segments, s["num_samples"], seed),
-                                   batch_size=batch_sizes[amp], device=device)
+        neighborhood_probabilities(
+            PixelModel(_Recorder(batches), MEAN, STD),
+            image,
+            hidden_image(image, segments),
+            segments,
+            perturbation_matrix(n_segments, s["num_samples"], seed),
+            batch_size=batch_sizes[amp],
+            device=device,
+        )
         fast = inference_model(model)
 
         def forward():
             with torch.no_grad(), autocast_context(device, amp):
                 return [fast(batch).float().cpu() for batch in batches]
+
         return forward
 
     # Warm both code paths on a few samples (the timed rounds then run warm, with no untimed full round).
     classify(np.repeat(image[None], STOCK_BATCH_SIZE, axis=0))
     classify_channels_last(np.repeat(image[None], STOCK_BATCH_SIZE, axis=0))
     for amp in (None, amp_dtype):
-        explain_lime(model_fn, [image], [target], num_samples=batch_sizes[amp], seed=seed, batch_size=batch_sizes[amp],
-                     device=device, amp_dtype=amp, cache=cache)
-    runs = interleave({"stock": stock, "stock channels-last": lambda: stock(classify_channels_last),
-                       "fp32": ours(None), "mixed": ours(amp_dtype),
-                       "model fp32": model_alone(None), "model mixed": model_alone(amp_dtype)},
-                      repeats=s["repeats"], warmup=0)
+        explain_lime(
+            model_fn,
+            [image],
+            [target],
+            num_samples=batch_sizes[amp],
+            seed=seed,
+            batch_size=batch_sizes[amp],
+            device=device,
+            amp_dtype=amp,
+            cache=cache,
+        )
+    runs = interleave(
+        {
+            "stock": stock,
+            "stock channels-last": lambda: stock(classify_channels_last),
+            "fp32": ours(None),
+            "mixed": ours(amp_dtype),
+            "model fp32": model_alone(None),
+            "model mixed": model_alone(amp_dtype),
+        },
+        repeats=s["repeats"],
+        warmup=0,
+    )
     stock_top = top5(runs["stock"][1])
-    settings = (f"{s['arch']} random weights, {s['pixels']} px, {s['num_samples']} samples, {n_segments} superpixels, "
-                f"stock batch {STOCK_BATCH_SIZE} (lime's PyTorch tutorial batch_predict, NCHW), ours batch {batch_sizes[None]} "
-                f"fp32 / {batch_sizes[amp_dtype]} mixed (BatchNorm folded, channels-last, packed weights)")
+    settings = (
+        f"{s['arch']} random weights, {s['pixels']} px, {s['num_samples']} samples, {n_segments} superpixels, "
+        f"stock batch {STOCK_BATCH_SIZE} (lime's PyTorch tutorial batch_predict, NCHW), ours batch {batch_sizes[None]} "
+        f"fp32 / {batch_sizes[amp_dtype]} mixed (BatchNorm folded, channels-last, packed weights)"
+    )
     fp32 = Timing("lime fp32", runs["fp32"][0], runs["stock"][0], runs["fp32"][1], runs["stock"][1])
     mixed = Timing("lime mixed", runs["mixed"][0], runs["stock"][0], runs["mixed"][1], runs["stock"][1])
     precision = str(amp_dtype).removeprefix("torch.")
     results = [
-        Result.speedup(TARGETS[0], fp32, goal=1.3, note=settings,
-                       top5_jaccard_vs_stock_fp32=jaccard(top5(fp32.ours_output), stock_top),
-                       max_abs_weight_diff=_weight_diff(fp32.ours_output, fp32.stock_output)),
-        Result.speedup(TARGETS[1], mixed, goal=2.0, note=f"{precision} autocast; {settings}",
-                       top5_jaccard_vs_stock_fp32=jaccard(top5(mixed.ours_output), stock_top),
-                       jaccard_goal=0.8),
+        Result.speedup(
+            TARGETS[0],
+            fp32,
+            goal=1.3,
+            note=settings,
+            top5_jaccard_vs_stock_fp32=jaccard(top5(fp32.ours_output), stock_top),
+            max_abs_weight_diff=_weight_diff(fp32.ours_output, fp32.stock_output),
+        ),
+        Result.speedup(
+            TARGETS[1],
+            mixed,
+            goal=2.0,
+            note=f"{precision} autocast; {settings}",
+            top5_jaccard_vs_stock_fp32=jaccard(top5(mixed.ours_output), stock_top),
+            jaccard_goal=0.8,
+        ),
     ]
-    layout = Timing("lime fp32 vs channels-last stock", runs["fp32"][0], runs["stock channels-last"][0],
-                    runs["fp32"][1], runs["stock channels-last"][1])
-    results.append(Result.speedup(TARGETS[4], layout, goal=None,
-                                  note="stock's classifier_fn permutes the uint8 batch (channels-last strides), else as above",
-                                  top5_jaccard_vs_stock_fp32=jaccard(top5(layout.ours_output), top5(layout.stock_output))))
+    layout = Timing(
+        "lime fp32 vs channels-last stock",
+        runs["fp32"][0],
+        runs["stock channels-last"][0],
+        runs["fp32"][1],
+        runs["stock channels-last"][1],
+    )
+    results.append(
+        Result.speedup(
+            TARGETS[4],
+            layout,
+            goal=None,
+            note="stock's classifier_fn permutes the uint8 batch (channels-last strides), else as above",
+            top5_jaccard_vs_stock_fp32=jaccard(top5(layout.ours_output), top5(layout.stock_output)),
+        )
+    )
     for target, ours_side, model_side in ((TARGETS[2], "fp32", "model fp32"), (TARGETS[3], "mixed", "model mixed")):
         overhead = Timing(target, runs[model_side][0], runs[ours_side][0])  # ratio = ours / model alone
-        results.append(Result(target, round(overhead.ratio, 3), 1.15, "max", "x",
-                              note="our LIME time / model-only time on the same perturbed batches",
-                              extra={"model_only_median_s": round(overhead.ours_median_s, 3),
-                                     "lime_median_s": round(overhead.stock_median_s, 3)}))
+        results.append(
+            Result(
+                target,
+                round(overhead.ratio, 3),
+                1.15,
+                "max",
+                "x",
+                note="our LIME time / model-only time on the same perturbed batches",
+                extra={
+                    "model_only_median_s": round(overhead.ours_median_s, 3),
+                    "lime_median_s": round(overhead.stock_median_s, 3),
+                },
+            )
+        )
     return results
 
 

@@ -15,6 +15,7 @@
 smoke test); ``cpu`` is the issue's setting. Every timing records the load average around it,
 because this machine is shared.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ import yaml
 
 from benchmarks.harness import Result, interleave, module_json, peak_rss_mib, reset_peak_rss, rss_mib
 
-TARGETS = ("5 Network Dissection peak RSS, 4x probe images", "5 Network Dissection seconds per 1,000 probe images",
-           "6 Orchestration overhead (Prefect flow / plain loop)", "7 demo warm")
+TARGETS = (
+    "5 Network Dissection peak RSS, 4x probe images",
+    "5 Network Dissection seconds per 1,000 probe images",
+    "6 Orchestration overhead (Prefect flow / plain loop)",
+    "7 demo warm",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -64,13 +69,30 @@ def tiny_resnet():
 def tiny_config() -> dict:
     """The demo config shrunk to seconds: a random-weight ResNet18, a 32-image world, no toy CLIP."""
     return {
-        "name": "bench-tiny", "seed": 0, "device": "cpu", "world": {"n_train": 1, "n_val": 32},
-        "models": [{"name": "tiny", "source": "python", "callable": "benchmarks.bench_pipeline:tiny_resnet", "num_classes": 3,
-                    "preprocess": {"resize": 64, "crop": 64}, "layers": ["layer1", "layer2", "layer3", "layer4"], "cam_layer": "layer3"}],
+        "name": "bench-tiny",
+        "seed": 0,
+        "device": "cpu",
+        "world": {"n_train": 1, "n_val": 32},
+        "models": [
+            {
+                "name": "tiny",
+                "source": "python",
+                "callable": "benchmarks.bench_pipeline:tiny_resnet",
+                "num_classes": 3,
+                "preprocess": {"resize": 64, "crop": 64},
+                "layers": ["layer1", "layer2", "layer3", "layer4"],
+                "cam_layer": "layer3",
+            }
+        ],
         "dissect": {"methods": ["netdissect"], "probe": {"kind": "world", "split": "val", "batch_size": 8}},
         "images": {"kind": "world", "split": "val", "limit": 8},
-        "explain": {"methods": ["gradcam", "lime"], "chunk_size": 4, "batch_size": 4,
-                    "lime": {"num_samples": 20, "batch_size": 20}, "metrics": {"steps": 4, "baseline": "mean"}},
+        "explain": {
+            "methods": ["gradcam", "lime"],
+            "chunk_size": 4,
+            "batch_size": 4,
+            "lime": {"num_samples": 20, "batch_size": 20},
+            "metrics": {"steps": 4, "baseline": "mean"},
+        },
     }
 
 
@@ -92,11 +114,11 @@ def _load() -> list[float]:
 def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
     """Network Dissection of the first model's layers on ``n_images`` probe images, in this process:
     seconds, RSS before, peak and growth (MiB). Meant to run in a fresh process per size."""
-    from tasks.core.config import parse_config
-    from tasks.dissect.stage import model_layers, netdissect_rows, threshold_files
-    from tasks.dissect.probe import open_probe
     from tasks.compute.device import resolve_device
+    from tasks.core.config import parse_config
     from tasks.data.loaded_models import using_model
+    from tasks.dissect.probe import open_probe
+    from tasks.dissect.stage import model_layers, netdissect_rows, threshold_files
 
     data = json.loads(json.dumps(config_data))
     data["dissect"]["probe"]["limit"] = n_images
@@ -104,7 +126,9 @@ def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
     probe = open_probe(config)
     with using_model(config, config.models[0]) as model:
         layers = model_layers(model, config.models[0].layers)
-        for path in threshold_files(model, probe, layers, config.dissect.netdissect.quantile, resolve_device(config.device)).values():
+        for path in threshold_files(
+            model, probe, layers, config.dissect.netdissect.quantile, resolve_device(config.device)
+        ).values():
             path.unlink(missing_ok=True)  # measure both passes: thresholds, then IoUs
         reset_peak_rss()
         base = rss_mib()
@@ -115,9 +139,17 @@ def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
         started = time.perf_counter()
         netdissect_rows(config, model, layers, probe)  # what a warm run pays: thresholds from the cache
         warm_seconds = time.perf_counter() - started
-    return {"images": len(probe.image_ids), "layers": layers, "seconds": round(seconds, 2), "warm_seconds": round(warm_seconds, 2),
-            "rss_before_mib": round(base, 1), "peak_mib": round(peak, 1), "growth_mib": round(peak - base, 1),
-            "units": sum(len(f) for f in frames.values()), "load": _load()}
+    return {
+        "images": len(probe.image_ids),
+        "layers": layers,
+        "seconds": round(seconds, 2),
+        "warm_seconds": round(warm_seconds, 2),
+        "rss_before_mib": round(base, 1),
+        "peak_mib": round(peak, 1),
+        "growth_mib": round(peak - base, 1),
+        "units": sum(len(f) for f in frames.values()),
+        "load": _load(),
+    }
 
 
 def _netdissect_subprocess(config_data: dict, n_images: int) -> dict[str, Any]:
@@ -136,15 +168,38 @@ def netdissect_results(size: str) -> list[Result]:
     per_thousand = large["seconds"] / large["images"] * 1000
     layers = "-".join((large["layers"][0], large["layers"][-1]))
     return [
-        Result("5 Network Dissection peak RSS, 4x probe images", round(ratio, 3), GOALS["netdissect_rss"], "max", "x",
-               note=f"peak-RSS growth over the pre-dissection RSS, {small['images']} vs {large['images']} images, {layers}",
-               extra={"growth_mib": [small["growth_mib"], large["growth_mib"]], "peak_mib": [small["peak_mib"], large["peak_mib"]],
-                      "rss_before_mib": [small["rss_before_mib"], large["rss_before_mib"]], "images": [small["images"], large["images"]]}),
-        Result("5 Network Dissection seconds per 1,000 probe images", round(per_thousand, 1), None, "max", "s",
-               note=f"{layers} of the {'demo' if size != 'tiny' else 'tiny'} model, thresholds + IoU passes, "
-                    f"{large['images']} images in {large['seconds']:.1f} s; with cached thresholds (a warm run) "
-                    f"{large['warm_seconds'] / large['images'] * 1000:.1f} s per 1,000",
-               extra={"images": large["images"], "seconds": large["seconds"], "warm_seconds": large["warm_seconds"], "load": large["load"]}),
+        Result(
+            "5 Network Dissection peak RSS, 4x probe images",
+            round(ratio, 3),
+            GOALS["netdissect_rss"],
+            "max",
+            "x",
+            note=(
+                f"peak-RSS growth over the pre-dissection RSS, {small['images']} vs {large['images']} images, {layers}"
+            ),
+            extra={
+                "growth_mib": [small["growth_mib"], large["growth_mib"]],
+                "peak_mib": [small["peak_mib"], large["peak_mib"]],
+                "rss_before_mib": [small["rss_before_mib"], large["rss_before_mib"]],
+                "images": [small["images"], large["images"]],
+            },
+        ),
+        Result(
+            "5 Network Dissection seconds per 1,000 probe images",
+            round(per_thousand, 1),
+            None,
+            "max",
+            "s",
+            note=f"{layers} of the {'demo' if size != 'tiny' else 'tiny'} model, thresholds + IoU passes, "
+            f"{large['images']} images in {large['seconds']:.1f} s; with cached thresholds (a warm run) "
+            f"{large['warm_seconds'] / large['images'] * 1000:.1f} s per 1,000",
+            extra={
+                "images": large["images"],
+                "seconds": large["seconds"],
+                "warm_seconds": large["warm_seconds"],
+                "load": large["load"],
+            },
+        ),
     ]
 
 
@@ -154,13 +209,13 @@ def netdissect_results(size: str) -> list[Result]:
 
 def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
-    from tasks.core.config import parse_config
     from flows.explain import explain_model
     from flows.runner import local_run_settings, subflow_task_runner
     from storage.parquet import ResultsStore
     from storage.runs import new_run_id
-    from tasks.explain.tasks import explain_chunk
+    from tasks.core.config import parse_config
     from tasks.data.image_sets import list_image_set
+    from tasks.explain.tasks import explain_chunk
 
     data = base_config(size)
     data["images"]["limit"] = SETTINGS[size]["explain_images"]
@@ -171,11 +226,15 @@ def orchestration_result(size: str) -> Result:
         store = ResultsStore(results)
         n_images = config.images.limit
 
-        def flow_side() -> int:  # with the task runner the audit gives this subflow; both sides list into their run first
+        def flow_side() -> (
+            int
+        ):  # with the task runner the audit gives this subflow; both sides list into their run first
             run_id = new_run_id("flow")
             n_chunks = list_image_set(config, store, run_id)
             with local_run_settings():  # as `xai-audit run` does
-                return explain_model.with_options(task_runner=subflow_task_runner(config))(config, model_name, n_chunks, results, run_id)
+                return explain_model.with_options(task_runner=subflow_task_runner(config))(
+                    config, model_name, n_chunks, results, run_id
+                )
 
         def loop_side() -> int:
             run_id = new_run_id("loop")
@@ -191,12 +250,23 @@ def orchestration_result(size: str) -> Result:
     flow_s, loop_s = runs["flow"][0], runs["loop"][0]
     if runs["flow"][1] != runs["loop"][1]:
         raise RuntimeError(f"the flow ran {runs['flow'][1]} chunks, the loop {runs['loop'][1]}")
-    ratio = statistics.median(f / l for f, l in zip(flow_s, loop_s))
-    return Result("6 Orchestration overhead (Prefect flow / plain loop)", round(ratio, 3), GOALS["overhead_ratio"], "max", "x",
-                  note=f"{n_images} images, gradcam + metrics, {runs['flow'][1]} chunk tasks; median flow / loop over "
-                       f"{len(flow_s)} alternating rounds after a warm-up round (which also starts Prefect's API)",
-                  extra={"flow_s": [round(s, 2) for s in flow_s], "loop_s": [round(s, 2) for s in loop_s],
-                         "load_start": load, "load_end": _load(), "seconds_total": round(total, 1)})
+    ratio = statistics.median(flow / loop for flow, loop in zip(flow_s, loop_s))
+    return Result(
+        "6 Orchestration overhead (Prefect flow / plain loop)",
+        round(ratio, 3),
+        GOALS["overhead_ratio"],
+        "max",
+        "x",
+        note=f"{n_images} images, gradcam + metrics, {runs['flow'][1]} chunk tasks; median flow / loop over "
+        f"{len(flow_s)} alternating rounds after a warm-up round (which also starts Prefect's API)",
+        extra={
+            "flow_s": [round(s, 2) for s in flow_s],
+            "loop_s": [round(s, 2) for s in loop_s],
+            "load_start": load,
+            "load_end": _load(),
+            "seconds_total": round(total, 1),
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +278,14 @@ def demo_run(config_path: Path, results: Path, env: dict[str, str]) -> dict[str,
     from storage.parquet import ResultsStore
     from storage.runs import RunRecord
 
-    command = [str(Path(sys.executable).with_name("xai-audit")), "run", str(config_path), "--results", str(results), "--new"]
+    command = [
+        str(Path(sys.executable).with_name("xai-audit")),
+        "run",
+        str(config_path),
+        "--results",
+        str(results),
+        "--new",
+    ]
     if not Path(command[0]).exists():
         command = [sys.executable, "-m", "flows.cli", *command[1:]]
     load = _load()
@@ -222,9 +299,17 @@ def demo_run(config_path: Path, results: Path, env: dict[str, str]) -> dict[str,
     match = re.search(r"^run (\S+): (\w+)", out.stdout, re.MULTILINE)
     timings = RunRecord.load(ResultsStore(str(results)), match.group(1)).timings if match else {}
     stages = {name: round(value, 1) for name, value in timings.items()}
-    stages["rest"] = round(seconds - sum(timings.values()), 1)  # interpreter + Prefect start, preparation, summary, report
-    return {"seconds": round(seconds, 1), "cpu_s": round(cpu, 1), "status": match.group(2) if match else "?", "stages_s": stages,
-            "load_start": load, "load_end": _load()}
+    stages["rest"] = round(
+        seconds - sum(timings.values()), 1
+    )  # interpreter + Prefect start, preparation, summary, report
+    return {
+        "seconds": round(seconds, 1),
+        "cpu_s": round(cpu, 1),
+        "status": match.group(2) if match else "?",
+        "stages_s": stages,
+        "load_start": load,
+        "load_end": _load(),
+    }
 
 
 def _children_cpu_s() -> float:
@@ -252,12 +337,22 @@ def demo_warm_result(size: str) -> Result:
         runs = [demo_run(config, folder / "results", env) for _ in range(SETTINGS[size]["demo_runs"])]
     median = statistics.median(run["seconds"] for run in runs)
     cache = f"XAI_AUDIT_CACHE={env.get('XAI_AUDIT_CACHE', '~/.cache/xai-audit')}"
-    return Result("7 demo warm", median, GOALS["demo_warm_s"], "max", "s",
-                  note=f"`xai-audit run {config.name}` in a subprocess with {cache}, median of {len(runs)} runs after one that "
-                       f"filled the cache ({fill['seconds']:.0f} s); load {runs[0]['load_start']} at start",
-                  extra={"seconds": [run["seconds"] for run in runs], "cpu_s": [run["cpu_s"] for run in runs],
-                         "stages_s": runs[-1]["stages_s"], "load_start": [run["load_start"] for run in runs],
-                         "filling_run_s": fill["seconds"]})
+    return Result(
+        "7 demo warm",
+        median,
+        GOALS["demo_warm_s"],
+        "max",
+        "s",
+        note=f"`xai-audit run {config.name}` in a subprocess with {cache}, median of {len(runs)} runs after one that "
+        f"filled the cache ({fill['seconds']:.0f} s); load {runs[0]['load_start']} at start",
+        extra={
+            "seconds": [run["seconds"] for run in runs],
+            "cpu_s": [run["cpu_s"] for run in runs],
+            "stages_s": runs[-1]["stages_s"],
+            "load_start": [run["load_start"] for run in runs],
+            "filling_run_s": fill["seconds"],
+        },
+    )
 
 
 def demo_cold_result(size: str) -> Result:
@@ -268,9 +363,15 @@ def demo_cold_result(size: str) -> Result:
         env["XAI_AUDIT_CACHE"] = str(folder / "cache")
         config = demo_config_path(size, folder)
         run = demo_run(config, folder / "results", env)
-    return Result("7 demo cold", run["seconds"], GOALS["demo_cold_s"], "max", "s",
-                  note=f"`xai-audit run {config.name}` in a subprocess with an empty cache; load {run['load_start']} at start",
-                  extra={key: run[key] for key in ("cpu_s", "stages_s", "load_start", "load_end")})
+    return Result(
+        "7 demo cold",
+        run["seconds"],
+        GOALS["demo_cold_s"],
+        "max",
+        "s",
+        note=f"`xai-audit run {config.name}` in a subprocess with an empty cache; load {run['load_start']} at start",
+        extra={key: run[key] for key in ("cpu_s", "stages_s", "load_start", "load_end")},
+    )
 
 
 @contextmanager
@@ -304,13 +405,19 @@ def run(size: str) -> list[Result]:
         raise ImportError(f"the pipeline needs {', '.join(missing)} (pip install -e .)")
     results: list[Result] = []
     with private_cache(size):
-        for name, measure in (("5 Network Dissection", netdissect_results), ("6 Orchestration overhead", orchestration_result),
-                              ("7 demo warm", demo_warm_result)):
+        for name, measure in (
+            ("5 Network Dissection", netdissect_results),
+            ("6 Orchestration overhead", orchestration_result),
+            ("7 demo warm", demo_warm_result),
+        ):
             try:
                 measured = measure(size)
             except Exception as error:  # noqa: BLE001 - one broken target must not lose the others' numbers
-                measured = [Result(target, None, status="error", note=f"{type(error).__name__}: {str(error)[-300:]}")
-                            for target in TARGETS if target.startswith(name)]
+                measured = [
+                    Result(target, None, status="error", note=f"{type(error).__name__}: {str(error)[-300:]}")
+                    for target in TARGETS
+                    if target.startswith(name)
+                ]
             results += measured if isinstance(measured, list) else [measured]
     return results
 

@@ -10,6 +10,7 @@ sorted by every column, and compared value by value: exactly, or within ``--tole
 (relative, for floats). Columns that hold wall times, paths under a root, or the run's own
 bookkeeping are left out (:data:`IGNORED`). Exit status 1 when any table differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,18 @@ import pyarrow.dataset as ds
 
 IGNORED: dict[str, set[str]] = {
     "*": {"run_id"},
-    "runs": {"started_at", "finished_at", "timings_json", "pid", "hostname", "config_json", "config_hash", "versions",
-             "message", "timings"},
+    "runs": {
+        "started_at",
+        "finished_at",
+        "timings_json",
+        "pid",
+        "hostname",
+        "config_json",
+        "config_hash",
+        "versions",
+        "message",
+        "timings",
+    },
     "lime_trials": {"seconds"},
     "summary_lime_params": {"seconds_mean"},
     "summary_lime_best": {"seconds"},
@@ -39,21 +50,27 @@ def read_table(root: Path, table: str) -> pd.DataFrame:
         return pd.DataFrame()
     frame = ds.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
     frame = frame.drop(columns=[c for c in frame.columns if c in IGNORED["*"] | IGNORED.get(table, set())])
-    keys = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, (str, int, float, bool, type(None)))).all()]
+    keys = [
+        c for c in frame.columns if frame[c].map(lambda v: isinstance(v, (str, int, float, bool, type(None)))).all()
+    ]
     return frame.sort_values(keys, kind="mergesort").reset_index(drop=True) if keys else frame
 
 
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
+
+
 def _equal(a: object, b: object, tolerance: float) -> bool:
+    """Equal values; floats (numpy's too) within ``tolerance`` relative; nulls and NaNs equal each other."""
     if isinstance(a, (list, tuple, np.ndarray)) and isinstance(b, (list, tuple, np.ndarray)):
         return len(a) == len(b) and all(_equal(x, y, tolerance) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k], tolerance) for k in a)
-    if isinstance(a, bytes) or isinstance(b, bytes):
-        return a == b
-    if pd.isna(a) if np.isscalar(a) or a is None else False:
-        return bool(pd.isna(b)) if np.isscalar(b) or b is None else False
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or abs(a - b) <= tolerance * max(abs(a), abs(b))
+    missing_a, missing_b = _missing(a), _missing(b)
+    if missing_a or missing_b:
+        return missing_a and missing_b
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)):
+        return a == b or abs(float(a) - float(b)) <= tolerance * max(abs(float(a)), abs(float(b)))
     return a == b
 
 
@@ -69,7 +86,10 @@ def compare(before: Path, after: Path, tolerance: float = 0.0) -> list[tuple[str
             verdicts.append((table, "identical (empty in both)"))
             continue
         if list(left.columns) != list(right.columns):
-            extra, missing = sorted(set(right.columns) - set(left.columns)), sorted(set(left.columns) - set(right.columns))
+            extra, missing = (
+                sorted(set(right.columns) - set(left.columns)),
+                sorted(set(left.columns) - set(right.columns)),
+            )
             shared = [c for c in left.columns if c in right.columns]
             note = f"columns added {extra} removed {missing}; "
             left, right = left[shared], right[shared]
@@ -78,11 +98,21 @@ def compare(before: Path, after: Path, tolerance: float = 0.0) -> list[tuple[str
         if len(left) != len(right):
             verdicts.append((table, f"{note}DIFFERENT: {len(left)} vs {len(right)} rows"))
             continue
-        bad = [(i, c) for c in left.columns for i in range(len(left)) if not _equal(left.at[i, c], right.at[i, c], tolerance)]
+        bad = [
+            (i, c)
+            for c in left.columns
+            for i in range(len(left))
+            if not _equal(left.at[i, c], right.at[i, c], tolerance)
+        ]
         if bad:
             i, c = bad[0]
-            verdicts.append((table, f"{note}DIFFERENT: {len(bad)} value(s), first row {i} column {c}: "
-                                    f"{left.at[i, c]!r} vs {right.at[i, c]!r}"))
+            verdicts.append(
+                (
+                    table,
+                    f"{note}DIFFERENT: {len(bad)} value(s), first row {i} column {c}: "
+                    f"{left.at[i, c]!r} vs {right.at[i, c]!r}",
+                )
+            )
         else:
             verdicts.append((table, f"{note}identical ({len(left)} rows, {len(left.columns)} columns)"))
     return verdicts

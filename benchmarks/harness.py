@@ -17,6 +17,7 @@ in ``extra`` (``max_abs_diff``, ``pearson``, ``jaccard``, ``maps_identical`` ...
 ``interleave`` does the same for more than two sides (one slow stock run shared by several
 of ours). ``Result.skipped`` records a target that could not run and why.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,15 +59,15 @@ class Timing:
         return statistics.median(self.stock_s)
 
 
-def compare(name: str, ours: Callable[[], Any], stock: Callable[[], Any], repeats: int = 3,
-            warmup: int = 1) -> Timing:
+def compare(name: str, ours: Callable[[], Any], stock: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> Timing:
     """Time ``ours()`` against ``stock()``, alternating, ``repeats`` rounds after ``warmup`` rounds."""
     runs = interleave({"ours": ours, "stock": stock}, repeats, warmup)
     return Timing(name, runs["ours"][0], runs["stock"][0], runs["ours"][1], runs["stock"][1])
 
 
-def interleave(sides: dict[str, Callable[[], Any]], repeats: int = 3,
-               warmup: int = 1) -> dict[str, tuple[list[float], Any]]:
+def interleave(
+    sides: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1
+) -> dict[str, tuple[list[float], Any]]:
     """Each side's wall times over ``repeats`` rounds (every round runs every side once, in
     order) and its last output: ``{side: (seconds, output)}``. For more than two sides sharing
     one expensive reference; ``Timing(name, a[0], b[0], a[1], b[1])`` pairs any two of them."""
@@ -119,11 +120,14 @@ class Result:
         return self.measured >= self.goal if self.kind == "min" else self.measured <= self.goal
 
     @classmethod
-    def speedup(cls, target: str, timing: Timing, goal: float | None, note: str = "",
-                **extra: Any) -> Result:
+    def speedup(cls, target: str, timing: Timing, goal: float | None, note: str = "", **extra: Any) -> Result:
         """A ``stock / ours`` ratio with both sides' median and per-round times in ``extra``."""
-        times = {"ours_median_s": round(timing.ours_median_s, 4), "stock_median_s": round(timing.stock_median_s, 4),
-                 "ours_s": [round(s, 4) for s in timing.ours_s], "stock_s": [round(s, 4) for s in timing.stock_s]}
+        times = {
+            "ours_median_s": round(timing.ours_median_s, 4),
+            "stock_median_s": round(timing.stock_median_s, 4),
+            "ours_s": [round(s, 4) for s in timing.ours_s],
+            "stock_s": [round(s, 4) for s in timing.stock_s],
+        }
         return cls(target, round(timing.ratio, 3), goal, "min", "x", note=note, extra={**extra, **times})
 
     @classmethod
@@ -186,8 +190,13 @@ def rss_mib() -> float:
 
 def module_json(module: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
     """Run ``python -m MODULE ARGS`` in a fresh process (its own peak RSS) and parse its last stdout line as JSON."""
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     if out.returncode:
         raise RuntimeError(f"{module} {' '.join(args)[:80]} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

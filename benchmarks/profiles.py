@@ -5,6 +5,7 @@ side) and torch.profiler's top operators for ours, which is what RESULTS.md quot
 speed-up target is missed: if the model's forward is most of both sides, only a faster forward
 (layout, batch size, precision, fewer forwards) can move the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,8 @@ def profile_lime(samples: int = 200) -> None:
     from lime import lime_image
 
     from benchmarks.bench_lime import MEAN, STD, STOCK_BATCH_SIZE, stock_classifier, test_image
-    from tasks.explain.lime import explain_lime, segment
     from tasks.data.models import PixelModel
+    from tasks.explain.lime import explain_lime, segment
 
     torch.manual_seed(0)
     timed = _Timed(torchvision.models.resnet18().eval())
@@ -69,8 +70,14 @@ def profile_lime(samples: int = 200) -> None:
 
     def stock():
         lime_image.LimeImageExplainer(random_state=0).explain_instance(
-            image, classify, labels=(target,), top_labels=None, num_samples=samples, batch_size=STOCK_BATCH_SIZE,
-            segmentation_fn=lambda _: segments)
+            image,
+            classify,
+            labels=(target,),
+            top_labels=None,
+            num_samples=samples,
+            batch_size=STOCK_BATCH_SIZE,
+            segmentation_fn=lambda _: segments,
+        )
 
     ours()
     _share(f"stock lime_image, {samples} samples, batch {STOCK_BATCH_SIZE}", stock, timed)

@@ -4,6 +4,7 @@ RESULTS.md keeps one generated block per size between ``<!-- results:SIZE begin 
 ``<!-- results:SIZE end -->``; regenerating a size replaces only its block (appending it when
 missing), so hand-written notes (profiles, what bounds a missed target) survive.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,9 @@ def markdown_block(run: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in run["results"]:
-        lines.append(f"| {r['target']} | {_measured(r)} | {_goal(r)} | {_met(r)} | {_details(r, 400).replace('|', '/')} |")
+        lines.append(
+            f"| {r['target']} | {_measured(r)} | {_goal(r)} | {_met(r)} | {_details(r, 400).replace('|', '/')} |"
+        )
     lines.append(f"<!-- results:{size} end -->")
     return "\n".join(lines)
 
@@ -51,8 +54,9 @@ def update_markdown(path: str | Path, run: dict[str, Any]) -> None:
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = markdown_block(run)
-    pattern = re.compile(rf"<!-- results:{re.escape(run['size'])} begin.*?<!-- results:{re.escape(run['size'])} end -->",
-                         re.DOTALL)
+    pattern = re.compile(
+        rf"<!-- results:{re.escape(run['size'])} begin.*?<!-- results:{re.escape(run['size'])} end -->", re.DOTALL
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:

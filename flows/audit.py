@@ -1,4 +1,5 @@
 """The audit flow: open a run, dissect and explain every model, summarize, close the run."""
+
 from __future__ import annotations
 
 import os
@@ -10,19 +11,19 @@ from datetime import datetime, timezone
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from tasks.core.config import AuditConfig, ConfigErrors, load_config
 from flows.dissect import dissect_model
 from flows.explain import explain_model
 from flows.runner import AuditThreadPoolTaskRunner, flow_task_runner, local_run_settings, subflow_task_runner
 from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
-from tasks.dissect.tasks import probe_task
-from tasks.data.image_sets import list_image_set
-from tasks.world.tasks import prepare_world
 from tasks.compute.device import resolve_device
+from tasks.core.config import AuditConfig, ConfigErrors, load_config
+from tasks.data.image_sets import list_image_set
+from tasks.dissect.tasks import probe_task
 from tasks.results.summary import summarize_run
 from tasks.results.tasks import summarize_task
+from tasks.world.tasks import prepare_world
 
 STAGES = ("dissect", "explain")
 
@@ -75,8 +76,11 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
         resume = interrupted_run(store, config)
     if resume is None:
         record = RunRecord(
-            run_id=new_run_id(config.name), config_name=config.name, config_json=config.canonical_json(),
-            config_hash=config.config_hash(), device=str(resolve_device(config.device)),
+            run_id=new_run_id(config.name),
+            config_name=config.name,
+            config_json=config.canonical_json(),
+            config_hash=config.config_hash(),
+            device=str(resolve_device(config.device)),
         )
     else:
         try:
@@ -84,7 +88,15 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
         except KeyError as error:
             raise ConfigErrors([("--resume", str(error))]) from None
         if record.config_hash != config.config_hash():
-            raise ConfigErrors([("--resume", f"run {resume} was made with another config (hash {record.config_hash}, now {config.config_hash()})")])
+            raise ConfigErrors(
+                [
+                    (
+                        "--resume",
+                        f"run {resume} was made with another config "
+                        f"(hash {record.config_hash}, now {config.config_hash()})",
+                    )
+                ]
+            )
         record.status, record.finished_at, record.message = "running", None, None
         record.hostname, record.pid = socket.gethostname(), os.getpid()
         repair_run(store, record.run_id)  # unreadable files are set aside, so their units count as missing
@@ -93,8 +105,14 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
 
 
 @flow(name="xai-audit", flow_run_name="audit {config.name}", task_runner=AuditThreadPoolTaskRunner(max_workers=1))
-def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
-          new: bool = False) -> RunOutcome:
+def audit(
+    config: AuditConfig,
+    results: str,
+    stages: tuple[str, ...] = STAGES,
+    resume: str | None = None,
+    show_progress: bool = False,
+    new: bool = False,
+) -> RunOutcome:
     """Audit every configured model and record the run in the ``runs`` table."""
     store = ResultsStore(results)
     run = open_run(store, config, resume, new)
@@ -106,13 +124,17 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
             started = time.perf_counter()
             probe_task(config, results, run.run_id)
             for model in config.models:
-                dissect_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, results, run.run_id)
+                dissect_model.with_options(task_runner=subflow_task_runner(config))(
+                    config, model.name, results, run.run_id
+                )
             run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             n_chunks = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model.with_options(task_runner=subflow_task_runner(config))(config, model.name, n_chunks, results, run.run_id, show_progress)
+                explain_model.with_options(task_runner=subflow_task_runner(config))(
+                    config, model.name, n_chunks, results, run.run_id, show_progress
+                )
             run.timings["explain"] = round(time.perf_counter() - started, 3)
         summary = summarize_task(results, run.run_id)
         run.n_errors = summary.n_errors
@@ -126,11 +148,19 @@ def audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, r
     return RunOutcome(run.run_id, run.status, run.n_errors, summary.report_path)
 
 
-def run_audit(config: AuditConfig, results: str, stages: tuple[str, ...] = STAGES, resume: str | None = None, show_progress: bool = False,
-              new: bool = False) -> RunOutcome:
+def run_audit(
+    config: AuditConfig,
+    results: str,
+    stages: tuple[str, ...] = STAGES,
+    resume: str | None = None,
+    show_progress: bool = False,
+    new: bool = False,
+) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
     with local_run_settings():
-        return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, show_progress, new)
+        return audit.with_options(task_runner=flow_task_runner(config))(
+            config, results, tuple(stages), resume, show_progress, new
+        )
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

@@ -3,6 +3,7 @@
 Exit codes: 0 success; 2 bad usage or config (the message names the field path); 3 the run
 finished but some items failed (see the ``errors`` table); 1 anything unexpected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,8 @@ class _UsageError(Exception):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from tasks.core.config import load_config
     from flows.preflight import check
+    from tasks.core.config import load_config
 
     config = load_config(args.config)
     check(config)
@@ -66,28 +67,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from flows.audit import run_audit
-    from tasks.core.config import load_config
     from flows.preflight import check
+    from tasks.core.config import load_config
 
     config = load_config(args.config)
     check(config)
     results = _results_root(args, config.results)
     _writable_results(results)
-    outcome = run_audit(config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty(), new=args.new)
+    outcome = run_audit(
+        config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty(), new=args.new
+    )
     print(f"run {outcome.run_id}: {outcome.status}")
-    print(f"tables: {results} (e.g. xai-audit query --results {results} \"select count(*) from saliency\")")
+    print(f'tables: {results} (e.g. xai-audit query --results {results} "select count(*) from saliency")')
     if outcome.n_errors:
-        print(f"{outcome.n_errors} item(s) failed: xai-audit query \"select * from errors where run_id = '{outcome.run_id}'\"")
+        print(
+            f"{outcome.n_errors} item(s) failed: "
+            f"xai-audit query \"select * from errors where run_id = '{outcome.run_id}'\""
+        )
     if outcome.report_path:  # last, so scripts and `make demo` end on where to look
         print(f"report: {outcome.report_path}")
-    return EXIT_ITEMS_FAILED if outcome.status == "partial" else EXIT_OK if outcome.status == "completed" else EXIT_UNEXPECTED
+    return (
+        EXIT_ITEMS_FAILED
+        if outcome.status == "partial"
+        else EXIT_OK
+        if outcome.status == "completed"
+        else EXIT_UNEXPECTED
+    )
 
 
 def _writable_results(results: str) -> None:
     """A results root that cannot be written is a config problem, found before any work starts."""
-    from tasks.core.config import ConfigErrors
     from storage.integrity import require_writable
     from storage.parquet import ResultsStore, StorageError
+    from tasks.core.config import ConfigErrors
 
     try:
         require_writable(ResultsStore(results))
@@ -121,8 +133,11 @@ def _check_runs(store, args: argparse.Namespace) -> int:
     else:
         print(f"every file under {store.root} reads")
     if bad:
-        print(f"{len(bad)} unreadable file(s); resuming their run (xai-audit run CONFIG --resume RUN_ID) sets them aside and "
-              "recomputes them", file=sys.stderr)
+        print(
+            f"{len(bad)} unreadable file(s); resuming their run (xai-audit run CONFIG --resume RUN_ID) "
+            "sets them aside and recomputes them",
+            file=sys.stderr,
+        )
     return EXIT_UNEXPECTED if bad else EXIT_OK
 
 
@@ -185,7 +200,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     layers, metrics = tables["summary_drift_layers"], tables["summary_drift_metrics"]
     name = f"{safe_name(args.run_b)}-vs-{safe_name(args.run_a)}.png"
     default = Path(store.base) / REPORTS / "drift" / name if store.local else Path(name)
-    figure = drift_summary(layers, metrics, f"{args.run_b} vs {args.run_a}", Path(args.figure) if args.figure else default)
+    figure = drift_summary(
+        layers, metrics, f"{args.run_b} vs {args.run_a}", Path(args.figure) if args.figure else default
+    )
     # machine-readable formats keep stdout for the table alone
     info = sys.stdout if args.format == "table" else sys.stderr
     changed, units = (int(layers["changed"].sum()), int(layers["units"].sum())) if not layers.empty else (0, 0)
@@ -195,13 +212,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         print()
         _print_frame(metrics.drop(columns="baseline_run_id").dropna(subset=["delta"]), "table", None)
     print(f"figure: {figure}" if figure else "figure: (nothing to draw)", file=info)
-    print(f"tables: summary_drift_* with run_id = '{args.run_b}'; `xai-audit report {args.run_b}` adds this comparison to its report", file=info)
+    print(
+        f"tables: summary_drift_* with run_id = '{args.run_b}'; "
+        f"`xai-audit report {args.run_b}` adds this comparison to its report",
+        file=info,
+    )
     return EXIT_OK
 
 
 def _cmd_world_make(args: argparse.Namespace) -> int:
-    from tasks.world.synthetic import generate_world
     from tasks.core.config import WorldConfig
+    from tasks.world.synthetic import generate_world
 
     spec = WorldConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val)
     try:
@@ -216,7 +237,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     import subprocess
 
     prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "deploy", "--no-prompt", "--prefect-file", str(DEPLOYMENTS)]
+    command = [
+        str(prefect) if prefect.exists() else "prefect",
+        "deploy",
+        "--no-prompt",
+        "--prefect-file",
+        str(DEPLOYMENTS),
+    ]
     chosen = any(arg in ("--all", "--name", "-n") or arg.startswith("--name=") for arg in args.prefect_args)
     command += args.prefect_args if chosen else ["--all", *args.prefect_args]
     # the pull step of deployments/prefect.yaml runs flows from this checkout unless told otherwise
@@ -226,8 +253,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.audit import audit_from_file
-    from tasks.core.config import load_config
     from flows.preflight import check
+    from tasks.core.config import load_config
 
     config = load_config(args.config)
     check(config)
@@ -245,16 +272,26 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--results", metavar="ROOT", help="results root: a folder or fsspec URL (default: $XAI_AUDIT_RESULTS, the config's `results`, or ./results)")
-    parser = argparse.ArgumentParser(prog="xai-audit", description=__doc__.split("\n\n")[0], parents=[common],
-                                     epilog="Exit codes: 0 ok, 2 bad usage/config, 3 some items failed, 1 unexpected.")
+    common.add_argument(
+        "--results",
+        metavar="ROOT",
+        help="results root: a folder or fsspec URL (default: $XAI_AUDIT_RESULTS, the config's `results`, or ./results)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="xai-audit",
+        description=__doc__.split("\n\n")[0],
+        parents=[common],
+        epilog="Exit codes: 0 ok, 2 bad usage/config, 3 some items failed, 1 unexpected.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table", help="output format (default: table)")
+    output.add_argument(
+        "--format", choices=("table", "csv", "json", "parquet"), default="table", help="output format (default: table)"
+    )
     output.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout (required for parquet)")
 
     for name, stages, text in (
@@ -265,44 +302,90 @@ def build_parser() -> argparse.ArgumentParser:
         command = add(name, text)
         command.add_argument("config", help="YAML config file")
         restart = command.add_mutually_exclusive_group()
-        restart.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, computing only its missing work units "
-                             "(default: the newest run of this config when it failed or its process died)")
-        restart.add_argument("--new", action="store_true", help="start a fresh run even when the last run of this config was interrupted")
+        restart.add_argument(
+            "--resume",
+            metavar="RUN_ID",
+            help="continue RUN_ID, computing only its missing work units "
+            "(default: the newest run of this config when it failed or its process died)",
+        )
+        restart.add_argument(
+            "--new", action="store_true", help="start a fresh run even when the last run of this config was interrupted"
+        )
         command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
-    add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument("config", help="YAML config file")
+    add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument(
+        "config", help="YAML config file"
+    )
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
     add("report", "Write the HTML report of RUN_ID (RESULTS/reports/RUN_ID/index.html).").add_argument("run_id")
-    diff = sub.add_parser("diff", help="Compare RUN_B with the earlier RUN_A: changed unit concepts, histogram and metric deltas.",
-                          description="Compare RUN_B with the earlier RUN_A: units whose top concept changed (per layer and method), "
-                                      "concept-histogram deltas, and agreement/localization/faithfulness deltas per method. "
-                                      "Writes the summary_drift_* tables under RUN_B and a figure.", parents=[common, output])
+    diff = sub.add_parser(
+        "diff",
+        help="Compare RUN_B with the earlier RUN_A: changed unit concepts, histogram and metric deltas.",
+        description="Compare RUN_B with the earlier RUN_A: units whose top concept changed (per layer and method), "
+        "concept-histogram deltas, and agreement/localization/faithfulness deltas per method. "
+        "Writes the summary_drift_* tables under RUN_B and a figure.",
+        parents=[common, output],
+    )
     diff.add_argument("run_a", help="the baseline run")
     diff.add_argument("run_b", help="the run compared with it")
-    diff.add_argument("--figure", metavar="PATH", help="where the PNG goes (default: RESULTS/reports/drift/RUN_B-vs-RUN_A.png)")
-    runs = sub.add_parser("runs", help="List runs with status and timings.", description="List runs with status and timings.", parents=[common, output])
-    runs.add_argument("--check", action="store_true", help="instead, read every file under the results root and list the unreadable "
-                      "or corrupt ones per run (exit 1 when there is any)")
-    query = sub.add_parser("query", help="Run SQL over the results (one DuckDB view per table).", description="Run SQL over the results; every table is a view of the same name.", parents=[common, output])
+    diff.add_argument(
+        "--figure", metavar="PATH", help="where the PNG goes (default: RESULTS/reports/drift/RUN_B-vs-RUN_A.png)"
+    )
+    runs = sub.add_parser(
+        "runs",
+        help="List runs with status and timings.",
+        description="List runs with status and timings.",
+        parents=[common, output],
+    )
+    runs.add_argument(
+        "--check",
+        action="store_true",
+        help="instead, read every file under the results root and list the unreadable "
+        "or corrupt ones per run (exit 1 when there is any)",
+    )
+    query = sub.add_parser(
+        "query",
+        help="Run SQL over the results (one DuckDB view per table).",
+        description="Run SQL over the results; every table is a view of the same name.",
+        parents=[common, output],
+    )
     query.add_argument("sql", help='e.g. "select method, avg(iou) from agreement group by method"')
     add("config-reference", "Print the config reference (Markdown) generated from the schema.")
-    deploy = sub.add_parser("deploy", help="Register the deployments of deployments/prefect.yaml (wraps `prefect deploy`).",
-                            description="Register the deployments of deployments/prefect.yaml with the Prefect API: runs "
-                                        "`prefect deploy --prefect-file deployments/prefect.yaml` (with --all unless a --name is given) "
-                                        "in the repository root; further arguments go to `prefect deploy` unchanged.")
-    deploy.add_argument("prefect_args", nargs=argparse.REMAINDER, help="arguments for `prefect deploy`, e.g. --name nightly-audit")
+    deploy = sub.add_parser(
+        "deploy",
+        help="Register the deployments of deployments/prefect.yaml (wraps `prefect deploy`).",
+        description="Register the deployments of deployments/prefect.yaml with the Prefect API: runs "
+        "`prefect deploy --prefect-file deployments/prefect.yaml` (with --all unless a --name is given) "
+        "in the repository root; further arguments go to `prefect deploy` unchanged.",
+    )
+    deploy.add_argument(
+        "prefect_args", nargs=argparse.REMAINDER, help="arguments for `prefect deploy`, e.g. --name nightly-audit"
+    )
     deploy.set_defaults(handler=_cmd_deploy)
     serve = add("serve", "Serve CONFIG's audit as a deployment from this process (no work pool), on a cron schedule.")
     serve.add_argument("config", help="YAML config file")
     serve.add_argument("--cron", help='cron schedule, e.g. "0 2 * * *" (default: no schedule, runs on demand only)')
     serve.add_argument("--name", help="deployment name (default: serve-CONFIG_NAME)")
     serve.set_defaults(handler=_cmd_serve)
-    world = sub.add_parser("world", help="The synthetic world.", description="The synthetic world (Broden format, pixel-exact masks, captions).")
+    world = sub.add_parser(
+        "world",
+        help="The synthetic world.",
+        description="The synthetic world (Broden format, pixel-exact masks, captions).",
+    )
     world_sub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
-    make = world_sub.add_parser("make", help="Generate a world into DIR.", description="Generate a synthetic world in Broden's format into DIR (absent or empty).")
+    make = world_sub.add_parser(
+        "make",
+        help="Generate a world into DIR.",
+        description="Generate a synthetic world in Broden's format into DIR (absent or empty).",
+    )
     make.add_argument("dir", help="output folder (absent or empty)")
     from tasks.core.config import WorldConfig
 
-    for option, field in (("--seed", "seed"), ("--image-size", "image_size"), ("--n-train", "n_train"), ("--n-val", "n_val")):
+    for option, field in (
+        ("--seed", "seed"),
+        ("--image-size", "image_size"),
+        ("--n-train", "n_train"),
+        ("--n-val", "n_val"),
+    ):
         info = WorldConfig.model_fields[field]
         make.add_argument(option, type=int, default=info.default, help=f"{info.description} (default: {info.default})")
     make.set_defaults(handler=_cmd_world_make)

@@ -1,4 +1,5 @@
 """Dissect subflow: label the units of one model's layers with every configured labelling method."""
+
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
@@ -20,7 +21,9 @@ def dissect_model(config: AuditConfig, model_name: str, results: str, run_id: st
     store = ResultsStore(results)
     layers = layers_task(config, model_name)
     missing = {
-        method: [layer for layer in layers if not store.has_unit("neurons", run_id, neurons_unit(model_name, layer, method))]
+        method: [
+            layer for layer in layers if not store.has_unit("neurons", run_id, neurons_unit(model_name, layer, method))
+        ]
         for method in config.dissect.methods
     }
     get_run_logger().info("%s: layers %s, missing units %s", model_name, layers, missing)

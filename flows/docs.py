@@ -1,4 +1,5 @@
 """README reference blocks generated from the code (config models, table schemas), so they cannot drift."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ from collections.abc import Iterator
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from tasks.core.config import AuditConfig
 from storage.schemas import describe_tables
-
+from tasks.core.config import AuditConfig
 
 
 def _nested_model(annotation: typing.Any) -> type[BaseModel] | None:
@@ -29,7 +29,12 @@ def _type_name(annotation: typing.Any) -> str:
     """A short human name for a field type (``int > 0 or null``, ``one of: a, b``)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
-        bounds = [f"> {item.gt}" for item in annotation.__metadata__ for item in getattr(item, "metadata", [item]) if hasattr(item, "gt")]
+        bounds = [
+            f"> {item.gt}"
+            for item in annotation.__metadata__
+            for item in getattr(item, "metadata", [item])
+            if hasattr(item, "gt")
+        ]
         return " ".join([_type_name(args[0])] + bounds)
     if origin is typing.Literal:
         return "one of: " + ", ".join(str(arg) for arg in args)
@@ -45,7 +50,10 @@ def _default(field) -> str:
         value = field.default_factory()
         if isinstance(value, BaseModel):
             return "(section)"
-        value = [item.model_dump(mode="json", exclude_defaults=True) if isinstance(item, BaseModel) else item for item in value]
+        value = [
+            item.model_dump(mode="json", exclude_defaults=True) if isinstance(item, BaseModel) else item
+            for item in value
+        ]
         return f"`{json.dumps(value)}`"
     if field.default is PydanticUndefined:
         return "required"
@@ -57,7 +65,14 @@ def iter_options(model: type[BaseModel] = AuditConfig, prefix: str = "") -> Iter
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         nested = _nested_model(field.annotation)
-        yield path, _type_name(field.annotation) if not nested else ("list of sections" if typing.get_origin(field.annotation) is list else "section"), _default(field), field.description or ""
+        yield (
+            path,
+            _type_name(field.annotation)
+            if not nested
+            else ("list of sections" if typing.get_origin(field.annotation) is list else "section"),
+            _default(field),
+            field.description or "",
+        )
         if nested:
             yield from iter_options(nested, f"{path}[]." if typing.get_origin(field.annotation) is list else f"{path}.")
 
@@ -69,7 +84,74 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATED_BLOCKS = {"config-reference": config_reference, "tables-reference": describe_tables}
+def _first_line(obj: object) -> str:
+    return " ".join((type(obj).__doc__ or "").split("\n\n")[0].split()).replace("|", "\\|")
+
+
+def registries_reference() -> str:
+    """Markdown of every registered name a config may use: explainers, metrics, labellers, sources."""
+    from tasks.data.sources.registry import SOURCES
+    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
+    from tasks.dissect.labellers import LABELLERS
+    from tasks.explain.registry import EXPLAINERS
+    from tasks.metrics.registry import METRICS
+
+    families: dict[int, tuple[object, list[str]]] = {}
+    for method, family in EXPLAINERS.items():
+        families.setdefault(id(family), (family, []))[1].append(method)
+    lines = [
+        "**Explanation methods** (`explain.methods`; `tasks/explain/registry.py`)",
+        "",
+        "| methods | family | ROAD |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {', '.join(f'`{m}`' for m in methods)} | {_first_line(family)} | {'yes' if family.road else 'no'} |"
+        for family, methods in families.values()
+    ]
+    lines += [
+        "",
+        "**Metrics** (`tasks/metrics/registry.py`; ↑ higher is better, ↓ lower is better)",
+        "",
+        "| metric | category | table | values (summary column) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{metric.name}` | {metric.category} | `{metric.table}` | "
+        + ", ".join(f"`{score.column}` {score.arrow} (`{score.summary}`)" for score in metric.scores)
+        + " |"
+        for metric in METRICS.values()
+    ]
+    lines += [
+        "",
+        "**Labelling methods** (`dissect.methods`; `tasks/dissect/labellers.py`)",
+        "",
+        "| method | work unit | what it is |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| `{name}` | one per {labeller.fan_out} | {_first_line(labeller)} |" for name, labeller in LABELLERS.items()
+    ]
+    lines += [
+        "",
+        "**CLIP-Dissect similarity functions** (`dissect.clip.similarity`): "
+        + ", ".join(f"`{name}`" for name in SIMILARITY_FUNCTIONS)
+        + ".",
+        "",
+        "**Model sources** (`models[].source`; `tasks/data/sources/registry.py`)",
+        "",
+        "| source | what it loads |",
+        "|---|---|",
+    ]
+    lines += [f"| `{name}` | {_first_line(source)} |" for name, source in SOURCES.items()]
+    return "\n".join(lines) + "\n"
+
+
+GENERATED_BLOCKS = {
+    "config-reference": config_reference,
+    "registries-reference": registries_reference,
+    "tables-reference": describe_tables,
+}
 
 
 def markers(name: str) -> tuple[str, str]:

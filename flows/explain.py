@@ -1,12 +1,13 @@
 """Explain subflow: one model's per-image explanations, fanned out over image chunks."""
+
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from tasks.core.config import AuditConfig
 from storage.parquet import ResultsStore
+from tasks.core.config import AuditConfig
 from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
 from tasks.explain.tasks import explain_chunk
 
@@ -18,7 +19,9 @@ def chunk_done(store: ResultsStore, run_id: str, model: str, index: int) -> bool
 
 
 @flow(name="explain-model", flow_run_name="explain {model_name}")
-def explain_model(config: AuditConfig, model_name: str, n_chunks: int, results: str, run_id: str, show_progress: bool = False) -> int:
+def explain_model(
+    config: AuditConfig, model_name: str, n_chunks: int, results: str, run_id: str, show_progress: bool = False
+) -> int:
     """Explain the run's ``images`` chunks ``0 .. n_chunks-1`` with one model; returns how many chunks ran now."""
     store = ResultsStore(results)
     todo = [index for index in range(n_chunks) if not chunk_done(store, run_id, model_name, index)]

@@ -4,19 +4,30 @@ run before any work starts so a bad config costs seconds, not a failed night.
 Models are built on PyTorch's ``meta`` device: names are checked without allocating or
 downloading weights.
 """
+
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterator
 
 from tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
 from tasks.core.errors import ConfigError, XaiAuditError
+from tasks.data.image_sets import iter_image_set
 from tasks.data.sources.registry import model_source
+from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
+from tasks.dissect.labellers import LABELLERS
+from tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
+from tasks.explain.registry import EXPLAINERS
 
 
 def _closest(name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=3)
-    return f"closest: {', '.join(close)}" if close else f"valid: {', '.join(valid[:30])}{' ...' if len(valid) > 30 else ''}"
+    return (
+        f"closest: {', '.join(close)}"
+        if close
+        else f"valid: {', '.join(valid[:30])}{' ...' if len(valid) > 30 else ''}"
+    )
 
 
 def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
@@ -26,6 +37,10 @@ def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
         source = model_source(model.source, field)
     except ConfigError as error:
         yield error.field, error.message
+        return
+    missing = list(source.missing_fields(model, field))
+    if missing:
+        yield from missing
         return
     yield from source.problems(model, field)
     skeleton = source.skeleton(model)
@@ -40,8 +55,6 @@ def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
 
 def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Image and concept sets that are empty or unreadable."""
-    from tasks.data.image_sets import iter_image_set
-
     if config.explain.enabled and config.images.kind != "world":
         try:
             if next(iter_image_set(config), None) is None:
@@ -50,8 +63,6 @@ def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
             yield error.field, error.message
     concepts = config.dissect.concepts
     if config.dissect.enabled and "clip_dissect" in config.dissect.methods and concepts.source == "file":
-        from tasks.dissect.clip_dissect import load_concepts
-
         try:
             load_concepts(concepts.path, field="dissect.concepts.path")
         except ConfigError as error:
@@ -62,17 +73,23 @@ def lime_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Segmentation algorithms and parameters of LIME and its search grid that scikit-image lacks."""
     if not config.explain.enabled or "lime" not in config.explain.methods:
         return
-    from tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
-
     lime = config.explain.lime
     entries = [("explain.lime.segmentation_params", lime.segmentation, lime.segmentation_params)]
     if lime.search.enabled:
-        entries += [(f"explain.lime.search.grid.{index}", str(entry.get("segmentation", "quickshift")),
-                     {key: value for key, value in entry.items() if key not in SEARCH_KEYS})
-                    for index, entry in enumerate(lime.search.grid)]
+        entries += [
+            (
+                f"explain.lime.search.grid.{index}",
+                str(entry.get("segmentation", "quickshift")),
+                {key: value for key, value in entry.items() if key not in SEARCH_KEYS},
+            )
+            for index, entry in enumerate(lime.search.grid)
+        ]
     for where, algorithm, params in entries:
         if algorithm not in SEGMENTATIONS:
-            yield f"{where}.segmentation", f"unknown segmentation algorithm {algorithm!r}; valid: {', '.join(SEGMENTATIONS)}"
+            yield (
+                f"{where}.segmentation",
+                f"unknown segmentation algorithm {algorithm!r}; valid: {', '.join(SEGMENTATIONS)}",
+            )
             continue
         try:
             check_segmentation_params(algorithm, params, where=where)
@@ -85,30 +102,29 @@ def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     dissect = config.dissect
     if not dissect.enabled or "clip_dissect" not in dissect.methods or dissect.probe.limit is None:
         return
-    import inspect
-
-    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
-
     top_k = inspect.signature(SIMILARITY_FUNCTIONS[dissect.clip.similarity]).parameters.get("top_k")
     if top_k is not None and dissect.probe.limit < top_k.default:
-        yield ("dissect.probe.limit", f"{dissect.probe.limit} probe images are fewer than the {top_k.default} top images "
-               f"{dissect.clip.similarity} ranks per unit; raise the limit or pick another similarity function")
+        yield (
+            "dissect.probe.limit",
+            f"{dissect.probe.limit} probe images are fewer than the {top_k.default} top images "
+            f"{dissect.clip.similarity} ranks per unit; raise the limit or pick another similarity function",
+        )
 
 
 def registry_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Method names the registries do not know: explainers, labellers, CLIP-Dissect similarities."""
-    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
-    from tasks.dissect.labellers import LABELLERS
-    from tasks.explain.registry import EXPLAINERS
-
-    for field, names, registry in (("explain.methods", config.explain.methods, EXPLAINERS),
-                                   ("dissect.methods", config.dissect.methods, LABELLERS)):
+    for field, names, registry in (
+        ("explain.methods", config.explain.methods, EXPLAINERS),
+        ("dissect.methods", config.dissect.methods, LABELLERS),
+    ):
         unknown = [name for name in names if name not in registry]
         if unknown:
             yield field, f"unknown method(s) {unknown}; valid: {sorted(registry)}"
     if config.dissect.clip.similarity not in SIMILARITY_FUNCTIONS:
-        yield ("dissect.clip.similarity",
-               f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}")
+        yield (
+            "dissect.clip.similarity",
+            f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}",
+        )
 
 
 def check(config: AuditConfig) -> None:

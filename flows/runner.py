@@ -11,6 +11,7 @@ Both runners hand Prefect the ``gpu`` tag only while the API enforces a concurre
 (:func:`gpu_limit_enforced`), and runs against an ephemeral API send no flow-run heartbeats
 (:func:`local_run_settings`): two Prefect 3.x costs that a run would otherwise pay for nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -115,7 +116,9 @@ def flow_task_runner(config: AuditConfig) -> TaskRunner:
     if runner.address:
         return GpuDaskTaskRunner(address=runner.address)
     cluster_kwargs: dict[str, Any] = {
-        "n_workers": runner.n_workers, "threads_per_worker": runner.threads_per_worker, "processes": True,
+        "n_workers": runner.n_workers,
+        "threads_per_worker": runner.threads_per_worker,
+        "processes": True,
         "dashboard_address": None,
     }
     if runner.worker_resources:
@@ -148,5 +151,14 @@ def local_run_settings() -> Iterator[None]:
         yield
 
 
-__all__ = ["AuditThreadPoolTaskRunner", "GpuDaskTaskRunner", "GpuTagPolicy", "flow_task_runner", "gpu_limit_enforced",
-           "local_run_settings", "subflow_task_runner", "GPU_TAG", "GPU_RESOURCE"]
+__all__ = [
+    "AuditThreadPoolTaskRunner",
+    "GpuDaskTaskRunner",
+    "GpuTagPolicy",
+    "flow_task_runner",
+    "gpu_limit_enforced",
+    "local_run_settings",
+    "subflow_task_runner",
+    "GPU_TAG",
+    "GPU_RESOURCE",
+]

@@ -6,6 +6,7 @@ error, a copy cut short, a hand edit). Such a file is never read silently: ``xai
 under a hidden ``.corrupt-`` name (readers skip hidden names, so its work unit counts as missing
 and is recomputed; the bytes stay for inspection).
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,11 +78,16 @@ def set_aside(store: ResultsStore, bad: BadFile) -> str:
 
 
 def repair_run(store: ResultsStore, run_id: str) -> list[BadFile]:
-    """Set aside every unreadable file of ``run_id`` (each logged as a warning) so resuming the run recomputes those units."""
+    """Set aside every unreadable file of ``run_id`` (each logged as a warning).
+
+    Resuming the run then recomputes those units.
+    """
     bad = find_bad_files(store, run_id)
     for item in bad:
         target = set_aside(store, item)
-        log.warning("unreadable %s file %s moved to %s (recomputed now): %s", item.table, item.path, target, item.problem)
+        log.warning(
+            "unreadable %s file %s moved to %s (recomputed now): %s", item.table, item.path, target, item.problem
+        )
     return bad
 
 
@@ -99,7 +105,9 @@ def require_writable(store: ResultsStore) -> None:
 
 
 @contextmanager
-def unreadable_files_named(store: ResultsStore, errors: tuple[type[BaseException], ...] = (pa.ArrowInvalid, OSError)) -> Iterator[None]:
+def unreadable_files_named(
+    store: ResultsStore, errors: tuple[type[BaseException], ...] = (pa.ArrowInvalid, OSError)
+) -> Iterator[None]:
     """Turn a read failure caused by unreadable files into a :class:`StorageError` naming them.
 
     Only the failure path scans the root, so reads cost nothing extra; a failure with no bad
@@ -112,8 +120,19 @@ def unreadable_files_named(store: ResultsStore, errors: tuple[type[BaseException
         if not bad:
             raise
         listing = "; ".join(f"{item.path} ({item.problem})" for item in bad)
-        raise StorageError(f"{len(bad)} unreadable file(s) under {store.root}: {listing}. "
-                           "`xai-audit runs --check` lists them; resuming their run recomputes them") from error
+        raise StorageError(
+            f"{len(bad)} unreadable file(s) under {store.root}: {listing}. "
+            "`xai-audit runs --check` lists them; resuming their run recomputes them"
+        ) from error
 
 
-__all__ = ["BadFile", "CORRUPT_PREFIX", "file_problem", "find_bad_files", "set_aside", "repair_run", "unreadable_files_named", "require_writable"]
+__all__ = [
+    "BadFile",
+    "CORRUPT_PREFIX",
+    "file_problem",
+    "find_bad_files",
+    "set_aside",
+    "repair_run",
+    "unreadable_files_named",
+    "require_writable",
+]

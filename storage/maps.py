@@ -1,4 +1,5 @@
 """How saliency maps are stored in the ``saliency`` table: row-major float16 bytes plus the shape."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

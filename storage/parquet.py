@@ -11,6 +11,7 @@ An ``s3://bucket/prefix`` root goes through s3fs, which takes its endpoint and c
 the standard AWS settings (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``, or ``~/.aws``), so MinIO, Ceph or a local S3 server need no config field.
 """
+
 from __future__ import annotations
 
 import os
@@ -126,8 +127,10 @@ class ResultsStore:
             return []
         found = self.fs.find(folder)
         return sorted(
-            path for path in found
-            if path.endswith(".parquet") and not any(part.startswith((".", "_")) for part in path[len(folder):].split("/"))
+            path
+            for path in found
+            if path.endswith(".parquet")
+            and not any(part.startswith((".", "_")) for part in path[len(folder) :].split("/"))
         )
 
     def dataset(self, table: str, run_id: str | None = None) -> ds.Dataset:
@@ -137,15 +140,23 @@ class ResultsStore:
         if not files:
             return ds.dataset(schema.empty_table())
         partitioning = ds.partitioning(pa.schema([schema.field("run_id")]), flavor="hive")
-        return ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs,
-                          partitioning=partitioning, partition_base_dir=f"{self.base}/{table}")
+        return ds.dataset(
+            files,
+            schema=schema,
+            format="parquet",
+            filesystem=self.fs,
+            partitioning=partitioning,
+            partition_base_dir=f"{self.base}/{table}",
+        )
 
     def read_unit(self, table: str, run_id: str, unit: str) -> list[dict[str, Any]]:
         """One work unit's rows as plain Python values (``run_id`` lives in the path, not the file)."""
         from storage.integrity import unreadable_files_named
 
         with unreadable_files_named(self):
-            return pq.read_table(self.unit_path(table, run_id, unit), schema=file_schema(table), filesystem=self.fs).to_pylist()
+            return pq.read_table(
+                self.unit_path(table, run_id, unit), schema=file_schema(table), filesystem=self.fs
+            ).to_pylist()
 
     def read(self, table: str, run_id: str | None = None) -> pd.DataFrame:
         """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see storage.integrity)."""

@@ -1,4 +1,5 @@
 """SQL over the results: every table is a DuckDB view of the same name, backed by its Parquet files."""
+
 from __future__ import annotations
 
 import duckdb
@@ -9,7 +10,10 @@ from storage.schemas import ALL_TABLES
 
 
 def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table, summary tables included (empty tables keep their columns)."""
+    """An in-memory DuckDB connection with one view per table.
+
+    Summary tables are included; empty tables keep their columns.
+    """
     connection = duckdb.connect()
     for table in ALL_TABLES:
         connection.register(table, store.dataset(table))

@@ -1,4 +1,5 @@
 """The runs manifest: one row per run recording its config, versions, device, status and timings."""
+
 from __future__ import annotations
 
 import json
@@ -57,25 +58,43 @@ class RunRecord:
         if self.status not in RUN_STATUSES:
             raise ValueError(f"status {self.status!r} not in {RUN_STATUSES}")
         row = {
-            "config_name": self.config_name, "status": self.status, "config_json": self.config_json,
-            "config_hash": self.config_hash, "started_at": self.started_at, "finished_at": self.finished_at,
-            "versions": self.versions, "device": self.device, "hostname": self.hostname, "pid": self.pid,
-            "timings_json": json.dumps(self.timings, sort_keys=True), "n_errors": self.n_errors, "message": self.message,
+            "config_name": self.config_name,
+            "status": self.status,
+            "config_json": self.config_json,
+            "config_hash": self.config_hash,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "versions": self.versions,
+            "device": self.device,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "timings_json": json.dumps(self.timings, sort_keys=True),
+            "n_errors": self.n_errors,
+            "message": self.message,
         }
         store.write("runs", self.run_id, "run", [row])
 
     @classmethod
-    def load(cls, store: ResultsStore, run_id: str) -> "RunRecord":
+    def load(cls, store: ResultsStore, run_id: str) -> RunRecord:
         frame = store.read("runs", run_id)
         if frame.empty:
             raise KeyError(f"no run {run_id!r} under {store.root}")
         row = frame.iloc[0]
         return cls(
-            run_id=row.run_id, config_name=row.config_name, config_json=row.config_json, config_hash=row.config_hash,
-            device=row.device, status=row.status, started_at=row.started_at.to_pydatetime(),
+            run_id=row.run_id,
+            config_name=row.config_name,
+            config_json=row.config_json,
+            config_hash=row.config_hash,
+            device=row.device,
+            status=row.status,
+            started_at=row.started_at.to_pydatetime(),
             finished_at=None if pd.isna(row.finished_at) else row.finished_at.to_pydatetime(),
-            versions=row.versions, hostname=row.hostname, pid=None if pd.isna(row.pid) else int(row.pid), timings=json.loads(row.timings_json or "{}"),
-            n_errors=int(row.n_errors or 0), message=None if pd.isna(row.message) else row.message,
+            versions=row.versions,
+            hostname=row.hostname,
+            pid=None if pd.isna(row.pid) else int(row.pid),
+            timings=json.loads(row.timings_json or "{}"),
+            n_errors=int(row.n_errors or 0),
+            message=None if pd.isna(row.message) else row.message,
         )
 
 

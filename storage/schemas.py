@@ -2,6 +2,7 @@
 
 The schemas are the tables' **contract**: README.md's "Tables" reference is generated from them
 (``make docs``, flows/docs.py)."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -32,20 +33,33 @@ TABLES: dict[str, pa.Schema] = {
         ("config_name", pa.string(), "The config's name (runs of one name are resumed and compared)."),
         ("status", pa.string(), "running, completed, partial (some items failed) or failed."),
         ("config_json", pa.string(), "The validated config as canonical JSON."),
-        ("config_hash", pa.string(), "Hash of config_json without its runner section (how tasks execute does not change results)."),
+        (
+            "config_hash",
+            pa.string(),
+            "Hash of config_json without its runner section (how tasks execute does not change results).",
+        ),
         ("started_at", pa.timestamp("us", tz="UTC"), "Start time."),
         ("finished_at", pa.timestamp("us", tz="UTC"), "End time (null while running)."),
-        ("versions", pa.string(), "JSON of package versions (torch, torchvision, grad-cam, lime, open_clip, prefect, xai-audit)."),
+        (
+            "versions",
+            pa.string(),
+            "JSON of package versions (torch, torchvision, grad-cam, lime, open_clip, prefect, xai-audit).",
+        ),
         ("device", pa.string(), "Torch device the run used."),
         ("hostname", pa.string(), "Machine that ran it."),
-        ("pid", pa.int64(), "Process id that ran it on hostname (a running run whose process is gone is resumed automatically)."),
+        (
+            "pid",
+            pa.int64(),
+            "Process id that ran it on hostname (a running run whose process is gone is resumed automatically).",
+        ),
         ("timings_json", pa.string(), "JSON of seconds per stage."),
         ("n_errors", pa.int64(), "Rows in the errors table for this run."),
         ("message", pa.string(), "Why the run failed, when it did."),
     ),
     "images": _schema(
         "One row per usable image of a run's image set, one file per explain chunk (what the explain tasks read).",
-        _RUN, _IMAGE,
+        _RUN,
+        _IMAGE,
         ("chunk", pa.int32(), "Explain chunk of the image (explain.chunk_size images each, in listing order)."),
         ("path", pa.string(), "Image file."),
         ("label", pa.int32(), "Class index the set gives the image, if any."),
@@ -55,7 +69,9 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "predictions": _schema(
         "One row per (model, image): the model's top-k classes.",
-        _RUN, _MODEL, _IMAGE,
+        _RUN,
+        _MODEL,
+        _IMAGE,
         ("label", pa.int32(), "Top-1 class index."),
         ("label_name", pa.string(), "Top-1 class name."),
         ("prob", pa.float32(), "Top-1 softmax probability."),
@@ -64,7 +80,8 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "neurons": _schema(
         "One row per (model, layer, unit, method): the unit's concept.",
-        _RUN, _MODEL,
+        _RUN,
+        _MODEL,
         ("layer", pa.string(), "Layer name (named_modules)."),
         ("unit", pa.int32(), "Channel index in the layer."),
         ("method", pa.string(), "clip_dissect or netdissect."),
@@ -75,12 +92,18 @@ TABLES: dict[str, pa.Schema] = {
         ("top_images", pa.list_(pa.string()), "Most activating probe images."),
         ("interpretable", pa.bool_(), "netdissect: best IoU reaches the configured iou_threshold."),
         ("threshold", pa.float32(), "netdissect: the unit's activation threshold (top-quantile level)."),
-        ("best_per_category", pa.list_(pa.struct([("category", pa.string()), ("concept", pa.string()), ("score", pa.float32())])),
-         "netdissect: best concept and IoU in each category."),
+        (
+            "best_per_category",
+            pa.list_(pa.struct([("category", pa.string()), ("concept", pa.string()), ("score", pa.float32())])),
+            "netdissect: best concept and IoU in each category.",
+        ),
     ),
     "saliency": _schema(
         "One row per (model, image, method): the map, enough to recompute every metric.",
-        _RUN, _MODEL, _IMAGE, _METHOD,
+        _RUN,
+        _MODEL,
+        _IMAGE,
+        _METHOD,
         ("target", pa.int32(), "Class the map explains."),
         ("height", pa.int32(), "Map height (the model input's)."),
         ("width", pa.int32(), "Map width."),
@@ -88,7 +111,9 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "agreement": _schema(
         "One row per (model, image, method pair): how much two methods agree.",
-        _RUN, _MODEL, _IMAGE,
+        _RUN,
+        _MODEL,
+        _IMAGE,
         ("method_a", pa.string(), "First method (alphabetical)."),
         ("method_b", pa.string(), "Second method."),
         ("iou", pa.float32(), "IoU of the binarised maps."),
@@ -99,30 +124,63 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "localization": _schema(
         "One row per (model, image, method) with ground truth: does the map point at the object?",
-        _RUN, _MODEL, _IMAGE, _METHOD,
+        _RUN,
+        _MODEL,
+        _IMAGE,
+        _METHOD,
         ("pointing_hit", pa.bool_(), "The map's maximum lies within tolerance of the mask."),
         ("iou_gt", pa.float32(), "IoU of the binarised map with the mask."),
         ("energy_in_gt", pa.float32(), "Share of the map's mass inside the mask."),
     ),
     "faithfulness": _schema(
         "One row per (model, image, method): deletion and insertion AUC.",
-        _RUN, _MODEL, _IMAGE, _METHOD,
-        ("deletion_auc", pa.float32(), "Area under the target probability as top pixels are removed (lower is better)."),
-        ("insertion_auc", pa.float32(), "Area under the target probability as top pixels are revealed (higher is better)."),
-        ("road", pa.float32(), "grad-cam's ROADCombined score, (LeRF - MoRF) / 2 over metrics.road_percentiles (higher is better); null for LIME or when metrics.road is off."),
+        _RUN,
+        _MODEL,
+        _IMAGE,
+        _METHOD,
+        (
+            "deletion_auc",
+            pa.float32(),
+            "Area under the target probability as top pixels are removed (lower is better).",
+        ),
+        (
+            "insertion_auc",
+            pa.float32(),
+            "Area under the target probability as top pixels are revealed (higher is better).",
+        ),
+        (
+            "road",
+            pa.float32(),
+            (
+                "grad-cam's ROADCombined score, (LeRF - MoRF) / 2 over metrics.road_percentiles (higher is better); "
+                "null for LIME or when metrics.road is off."
+            ),
+        ),
     ),
     "lime_trials": _schema(
         "One row per (image, LIME parameter set) of the LIME search.",
-        _RUN, _MODEL, _IMAGE,
+        _RUN,
+        _MODEL,
+        _IMAGE,
         ("params_json", pa.string(), "The trial's parameters as JSON."),
         ("objective", pa.float32(), "The search objective: deletion AUC + (1 - stability) / 2 (lower is better)."),
         ("seconds", pa.float32(), "Wall time of the trial."),
-        ("components_json", pa.string(), "The objective's parts as JSON: deletion_auc, insertion_auc, stability, top_k_jaccard, n_segments."),
+        (
+            "components_json",
+            pa.string(),
+            "The objective's parts as JSON: deletion_auc, insertion_auc, stability, top_k_jaccard, n_segments.",
+        ),
         ("best", pa.bool_(), "This trial has the image's lowest objective."),
     ),
     "scores": _schema(
-        "One row per (image, method, value) of a registered metric that has no table of its own (tasks/metrics/base.py).",
-        _RUN, _MODEL, _IMAGE, _METHOD,
+        (
+            "One row per (image, method, value) of a registered metric that has no table of its own "
+            "(tasks/metrics/base.py)."
+        ),
+        _RUN,
+        _MODEL,
+        _IMAGE,
+        _METHOD,
         ("metric", pa.string(), "The value's name, as its metric declares it."),
         ("value", pa.float64(), "The value; its direction (higher or lower is better) is the metric's declaration."),
     ),
@@ -148,7 +206,10 @@ _BASELINE = ("baseline_run_id", pa.string(), "The earlier run this run is compar
 SUMMARY_TABLES: dict[str, pa.Schema] = {
     "summary_concepts": _schema(
         "One row per (model, layer, method, concept) among the layer's top concepts: the concept histogram.",
-        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        _RUN,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("rank", pa.int32(), "1 for the concept with most units (ties: alphabetical)."),
         ("concept", pa.string(), "Top-1 concept of the units."),
         ("category", pa.string(), "The concept's category (uncategorized when unknown)."),
@@ -158,14 +219,19 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_categories": _schema(
         "One row per (model, layer, method, category): how the layer's units split over concept categories.",
-        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        _RUN,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("category", pa.string(), "Concept category (color, object, texture, scene, ...; uncategorized when unknown)."),
         ("units", pa.int64(), _UNITS_COUNTED),
         ("share", pa.float64(), "units / all units of the layer labelled by the method."),
     ),
     "summary_concept_models": _schema(
         "One row per (model, method, concept): whether a concept is unique to one model or shared.",
-        _RUN, _MODEL, _NEURON_METHOD,
+        _RUN,
+        _MODEL,
+        _NEURON_METHOD,
         ("concept", pa.string(), "Top-1 concept of at least one counted unit of the model."),
         ("units", pa.int64(), "Counted units of the model (all layers) with this concept."),
         ("n_models", pa.int32(), "Models of the run with at least one such unit."),
@@ -173,18 +239,30 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_layers": _schema(
         "One row per (model, layer, method): labelled and interpretable units.",
-        _RUN, _MODEL, _LAYER, _NEURON_METHOD,
+        _RUN,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("units", pa.int64(), "Labelled units."),
         ("counted", pa.int64(), _UNITS_COUNTED),
-        ("interpretable", pa.int64(), "netdissect: units whose best IoU reaches iou_threshold (null for clip_dissect)."),
+        (
+            "interpretable",
+            pa.int64(),
+            "netdissect: units whose best IoU reaches iou_threshold (null for clip_dissect).",
+        ),
         ("interpretable_share", pa.float64(), "netdissect: interpretable / units (null for clip_dissect)."),
         ("distinct_concepts", pa.int64(), "Different top-1 concepts among the counted units."),
         ("score_mean", pa.float64(), "Mean score of the labelled units."),
         ("score_median", pa.float64(), "Median score of the labelled units."),
     ),
     "summary_label_agreement": _schema(
-        "One row per (model, layer) labelled by both methods: how often CLIP-Dissect and Network Dissection agree on a unit's top-1 concept.",
-        _RUN, _MODEL, _LAYER,
+        (
+            "One row per (model, layer) labelled by both methods: how often CLIP-Dissect and Network Dissection "
+            "agree on a unit's top-1 concept."
+        ),
+        _RUN,
+        _MODEL,
+        _LAYER,
         ("units", pa.int64(), "Units labelled by both methods."),
         ("agreeing", pa.int64(), "Units whose two top-1 concepts are equal (case-insensitive)."),
         ("rate", pa.float64(), "agreeing / units."),
@@ -194,7 +272,8 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_pairs": _schema(
         "One row per (model, method pair): agreement statistics over the run's images.",
-        _RUN, _MODEL,
+        _RUN,
+        _MODEL,
         ("method_a", pa.string(), "First method (alphabetical)."),
         ("method_b", pa.string(), "Second method."),
         ("images", pa.int64(), "Images with both maps."),
@@ -208,7 +287,9 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_images": _schema(
         "One row per (model, image): how much the methods agree on it, ranked (best and worst images).",
-        _RUN, _MODEL, _IMAGE,
+        _RUN,
+        _MODEL,
+        _IMAGE,
         ("target", pa.int32(), "Class the maps explain."),
         ("class_name", pa.string(), "Name of that class."),
         ("pairs", pa.int64(), "Method pairs compared."),
@@ -218,7 +299,8 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_classes": _schema(
         "One row per (model, explained class): agreement averaged over its images, ranked.",
-        _RUN, _MODEL,
+        _RUN,
+        _MODEL,
         ("target", pa.int32(), "Class index the maps explain."),
         ("class_name", pa.string(), "Name of that class."),
         ("images", pa.int64(), "Images explained for this class."),
@@ -228,7 +310,9 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_methods": _schema(
         "One row per (model, explanation method): localization and faithfulness leaderboards.",
-        _RUN, _MODEL, _METHOD,
+        _RUN,
+        _MODEL,
+        _METHOD,
         ("images", pa.int64(), "Images with a map of this method."),
         ("agreement_iou_mean", pa.float64(), "Mean IoU of this method's maps with every other method's."),
         ("localized_images", pa.int64(), "Images scored against ground truth."),
@@ -238,14 +322,27 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("deletion_auc_mean", pa.float64(), "Mean deletion AUC (lower is better)."),
         ("insertion_auc_mean", pa.float64(), "Mean insertion AUC (higher is better)."),
         ("faithfulness", pa.float64(), "insertion_auc_mean - deletion_auc_mean (higher is better)."),
-        ("road_mean", pa.float64(), "Mean ROAD score (grad-cam's ROADCombined, higher is better); null where ROAD was not computed."),
-        ("localization_rank", pa.int32(), "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth."),
+        (
+            "road_mean",
+            pa.float64(),
+            "Mean ROAD score (grad-cam's ROADCombined, higher is better); null where ROAD was not computed.",
+        ),
+        (
+            "localization_rank",
+            pa.int32(),
+            "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth.",
+        ),
         ("faithfulness_rank", pa.int32(), "1 for the highest faithfulness; null without faithfulness rows."),
-        ("scores", pa.map_(pa.string(), pa.float64()), "Mean of each value in the scores table (metrics without a table of their own), by name."),
+        (
+            "scores",
+            pa.map_(pa.string(), pa.float64()),
+            "Mean of each value in the scores table (metrics without a table of their own), by name.",
+        ),
     ),
     "summary_lime_params": _schema(
         "One row per (model, LIME parameter set) of the search: its results over all images, ranked.",
-        _RUN, _MODEL,
+        _RUN,
+        _MODEL,
         ("params_json", pa.string(), "The parameter set as JSON."),
         ("trials", pa.int64(), "Images it was tried on."),
         ("objective_mean", pa.float64(), "Mean search objective (lower is better)."),
@@ -258,7 +355,9 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_lime_best": _schema(
         "One row per (model, image) of the LIME search: the image's best parameter set.",
-        _RUN, _MODEL, _IMAGE,
+        _RUN,
+        _MODEL,
+        _IMAGE,
         ("params_json", pa.string(), "The best parameter set as JSON."),
         ("objective", pa.float64(), "Its objective."),
         ("deletion_auc", pa.float64(), "Its deletion AUC."),
@@ -266,15 +365,26 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("seconds", pa.float64(), "Its wall time."),
     ),
     "summary_drift_layers": _schema(
-        "One row per (baseline run, model, layer, labelling method): units whose top-1 concept changed since the baseline.",
-        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        (
+            "One row per (baseline run, model, layer, labelling method): units whose top-1 concept changed since the "
+            "baseline."
+        ),
+        _RUN,
+        _BASELINE,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("units", pa.int64(), "Units labelled in both runs."),
         ("changed", pa.int64(), "Units whose top-1 concept differs."),
         ("changed_share", pa.float64(), "changed / units."),
     ),
     "summary_drift_units": _schema(
         "One row per (baseline run, model, layer, method, unit) whose top-1 concept changed since the baseline.",
-        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        _RUN,
+        _BASELINE,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("unit", pa.int32(), "Channel index in the layer."),
         ("concept_before", pa.string(), "Top-1 concept in the baseline run."),
         ("concept_after", pa.string(), "Top-1 concept in this run."),
@@ -283,7 +393,11 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_drift_concepts": _schema(
         "One row per (baseline run, model, layer, method, concept) whose unit count changed: the histogram deltas.",
-        _RUN, _BASELINE, _MODEL, _LAYER, _NEURON_METHOD,
+        _RUN,
+        _BASELINE,
+        _MODEL,
+        _LAYER,
+        _NEURON_METHOD,
         ("concept", pa.string(), "Top-1 concept."),
         ("units_before", pa.int64(), "Counted units in the baseline run."),
         ("units_after", pa.int64(), "Counted units in this run."),
@@ -291,9 +405,15 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
     ),
     "summary_drift_metrics": _schema(
         "One row per (baseline run, model, subject, metric): explanation metrics before and after.",
-        _RUN, _BASELINE, _MODEL,
+        _RUN,
+        _BASELINE,
+        _MODEL,
         ("subject", pa.string(), "A method (gradcam, lime, ...) or a method pair written 'a vs b'."),
-        ("metric", pa.string(), "A summary_methods or summary_pairs column (pointing_accuracy, deletion_auc_mean, iou_mean, ...)."),
+        (
+            "metric",
+            pa.string(),
+            "A summary_methods or summary_pairs column (pointing_accuracy, deletion_auc_mean, iou_mean, ...).",
+        ),
         ("before", pa.float64(), "Value in the baseline run."),
         ("after", pa.float64(), "Value in this run."),
         ("delta", pa.float64(), "after - before."),
@@ -315,7 +435,14 @@ def describe_tables() -> str:
     """Markdown reference of every table and column, generated from the schemas."""
     lines = [f"Schema version {SCHEMA_VERSION}.", ""]
     for name, schema in ALL_TABLES.items():
-        lines += [f"#### `{name}`", "", schema.metadata[b"description"].decode(), "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [
+            f"#### `{name}`",
+            "",
+            schema.metadata[b"description"].decode(),
+            "",
+            "| column | type | meaning |",
+            "|---|---|---|",
+        ]
         lines += [f"| `{f.name}` | `{f.type}` | {f.metadata[b'description'].decode()} |" for f in schema]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

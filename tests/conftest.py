@@ -1,4 +1,5 @@
 """Test-wide settings: an isolated cache reused across local runs, quiet offline Prefect."""
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,13 @@
 """Activations: hooks by layer name, pooling, one pass for all layers, and the on-disk cache."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from tasks.dissect import activations as act
 from tasks.core.errors import ConfigError
+from tasks.dissect import activations as act
 
 
 class Tiny(nn.Module):

@@ -3,6 +3,7 @@ tasks.core), no cycles, tasks/ holds subpackages only, and one module per subpac
 
 Read from the source with ``ast`` (nothing is imported), so a violation fails here before it
 becomes a circular-import error at some user's first run."""
+
 from __future__ import annotations
 
 import ast
@@ -84,14 +85,27 @@ def _offenders(imports: list[Import]) -> list[str]:
 
 def storage_layer_violations(graph: Graph) -> list[str]:
     """storage/ may import only tasks.core from the project."""
-    return _offenders([i for i in graph.imports if _in(i.source, "storage") and (
-        _in(i.target, "flows") or (_in(i.target, "tasks") and not _in(i.target, "tasks.core")))])
+    return _offenders(
+        [
+            i
+            for i in graph.imports
+            if _in(i.source, "storage")
+            and (_in(i.target, "flows") or (_in(i.target, "tasks") and not _in(i.target, "tasks.core")))
+        ]
+    )
 
 
 def core_layer_violations(graph: Graph) -> list[str]:
     """tasks.core is the bottom layer: nothing of the project above it."""
-    return _offenders([i for i in graph.imports if _in(i.source, "tasks.core") and any(
-        _in(i.target, p) for p in PACKAGES) and not _in(i.target, "tasks.core")])
+    return _offenders(
+        [
+            i
+            for i in graph.imports
+            if _in(i.source, "tasks.core")
+            and any(_in(i.target, p) for p in PACKAGES)
+            and not _in(i.target, "tasks.core")
+        ]
+    )
 
 
 def tasks_import_flows(graph: Graph) -> list[str]:
@@ -160,7 +174,9 @@ def prefect_violations(graph: Graph) -> list[str]:
         if _in(i.source, "tasks") and i.source.count(".") >= 1 and _is_prefect(i.target):
             importers.setdefault(".".join(i.source.split(".")[:2]), set()).add(i.source)
     problems = [f"tasks.core: {', '.join(sorted(importers.pop('tasks.core')))}"] if "tasks.core" in importers else []
-    return problems + [f"{package}: {', '.join(sorted(mods))}" for package, mods in sorted(importers.items()) if len(mods) > 1]
+    return problems + [
+        f"{package}: {', '.join(sorted(mods))}" for package, mods in sorted(importers.items()) if len(mods) > 1
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +214,12 @@ def test_prefect_is_imported_by_one_module_per_subpackage(repo):
 
 def test_checks_catch_planted_violations(tmp_path):
     sources = {
-        "flows/__init__.py": "", "storage/__init__.py": "", "tasks/__init__.py": "",
-        "tasks/explain/__init__.py": "", "tasks/core/__init__.py": "", "tasks/world/__init__.py": "",
+        "flows/__init__.py": "",
+        "storage/__init__.py": "",
+        "tasks/__init__.py": "",
+        "tasks/explain/__init__.py": "",
+        "tasks/core/__init__.py": "",
+        "tasks/world/__init__.py": "",
         "storage/x.py": "import os\nfrom tasks.explain.stage import explain\nfrom tasks.core import errors\n",
         "tasks/explain/stage.py": "from .. import world\ndef explain():\n    import flows.cli\n",
         "tasks/core/errors.py": "class E(Exception):\n    def f(self):\n        from prefect import task\n",

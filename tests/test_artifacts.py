@@ -1,4 +1,5 @@
 """Prefect artifacts of a flow run, read back through the Prefect client of the test harness."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ def artifacts(runs):
 
 def of_run(artifacts, key: str, run_id: str):
     """The artifact ``key`` whose description names ``run_id``."""
-    (match,) = [(artifact, flow_run) for artifact, flow_run in artifacts if artifact.key == key and run_id in (artifact.description or "")]
+    (match,) = [
+        (artifact, flow_run)
+        for artifact, flow_run in artifacts
+        if artifact.key == key and run_id in (artifact.description or "")
+    ]
     return match
 
 
@@ -43,7 +48,9 @@ def test_each_run_publishes_a_markdown_summary_with_its_report_and_top_concepts(
     top = concepts[concepts["rank"] == 1].iloc[0]
     assert f"| {top['model']} | {top['layer']} | {top['method']} | {top['concept']} ({top['units']})" in artifact.data
     pairs = store.read("summary_pairs", run_id).iloc[0]
-    assert f"| {pairs['method_a']} vs {pairs['method_b']} | {pairs['images']} | {pairs['iou_mean']:.3f} |" in artifact.data
+    assert (
+        f"| {pairs['method_a']} vs {pairs['method_b']} | {pairs['images']} | {pairs['iou_mean']:.3f} |" in artifact.data
+    )
     assert f"Drift against `{runs.first.run_id}`" in artifact.data
     assert "Drift against" not in of_run(artifacts, KEYS["summary"], runs.first.run_id)[0].data
 

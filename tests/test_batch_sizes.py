@@ -1,4 +1,5 @@
 """``auto`` batch sizes follow the device and the precision, and never change a result."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,5 +26,7 @@ def test_scorecam_maps_do_not_depend_on_the_inner_batch():
     images = torch.rand(2, 3, 48, 48)
     automatic = compute_cams(model, model.layer4, images, [1, 4], ["scorecam"])["scorecam"]
     for inner_batch in (1, 7, 512):
-        explicit = compute_cams(model, model.layer4, images, [1, 4], ["scorecam"], scorecam_batch_size=inner_batch)["scorecam"]
+        explicit = compute_cams(model, model.layer4, images, [1, 4], ["scorecam"], scorecam_batch_size=inner_batch)[
+            "scorecam"
+        ]
         np.testing.assert_allclose(explicit, automatic, atol=1e-5)

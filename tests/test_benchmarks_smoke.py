@@ -3,6 +3,7 @@
 Benchmarks are not tests: nothing here looks at a time or a ratio's value, only that every
 target was measured, the results were written, and the side-by-side outputs agreed.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's targets 1-4 (benchmarks of other targets add their own rows).
 REQUIRED = {
-    "1 LIME fp32 speed-up", "1 LIME mixed-precision speed-up", "1 LIME fp32 overhead over the model",
-    "1 LIME mixed-precision overhead over the model", "2 ScoreCAM fp32 speed-up", "2 AblationCAM fp32 speed-up",
-    "2 ScoreCAM mixed-precision speed-up", "2 AblationCAM mixed-precision speed-up",
-    "3 gradient CAM family speed-up", "4 CLIP-Dissect soft_wpmi speed-up", "4 CLIP-Dissect soft_wpmi peak RSS",
+    "1 LIME fp32 speed-up",
+    "1 LIME mixed-precision speed-up",
+    "1 LIME fp32 overhead over the model",
+    "1 LIME mixed-precision overhead over the model",
+    "2 ScoreCAM fp32 speed-up",
+    "2 AblationCAM fp32 speed-up",
+    "2 ScoreCAM mixed-precision speed-up",
+    "2 AblationCAM mixed-precision speed-up",
+    "3 gradient CAM family speed-up",
+    "4 CLIP-Dissect soft_wpmi speed-up",
+    "4 CLIP-Dissect soft_wpmi peak RSS",
 }
 
 
@@ -30,9 +38,13 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str]:
     markdown.write_text("# Results\n\nhand-written notes stay\n")
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size", "tiny", "--out", str(out), "--markdown", str(markdown)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
         # a Prefect home of its own: the user's ~/.prefect database may be migrated by another Prefect version
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(folder / "prefect-home")})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(folder / "prefect-home")},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), markdown.read_text()
 

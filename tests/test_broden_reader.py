@@ -1,4 +1,5 @@
 """The Broden-format reader on a hand-written broden1_224-style folder and on a generated world."""
+
 from __future__ import annotations
 
 import inspect
@@ -169,7 +170,8 @@ def test_mask_of_another_size_is_resized_nearest_or_refused(broden):
     full = rng.choice(np.array([0, 5, 300]), size=(32, 32)).astype(np.int32)
     Image.fromarray(_encode(full, rng)).save(broden / "images" / "ade20k" / "ADE_train_00000000_object0.png")
     Image.fromarray(_encode(np.ones((8, 16), np.int32), rng)).save(
-        broden / "images" / "ade20k" / "ADE_train_00000001_color0.png")
+        broden / "images" / "ade20k" / "ADE_train_00000001_color0.png"
+    )
     first, second, _ = list(BrodenProbeSet(broden))
     # same aspect ratio: nearest-neighbour sampling, no label is blended into a new number
     np.testing.assert_array_equal(first.masks["object"][0], full[::2, ::2])

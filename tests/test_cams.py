@@ -1,4 +1,5 @@
 """CAMs from one shared pass equal what grad-cam's own classes return, called the standard way."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,12 @@ import pytest
 import pytorch_grad_cam as library
 import torch
 import torchvision
-from torch import nn
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
-from tasks.explain.cams import CAM_METHODS, compute_cams, forward_with_cams
-from tasks.core.errors import ConfigError
 from tasks.compute.inference import inference_model
+from tasks.core.errors import ConfigError
+from tasks.explain.cams import CAM_METHODS, compute_cams, forward_with_cams
 
 LIBRARY_CLASSES = {
     "gradcam": library.GradCAM,
@@ -81,8 +82,9 @@ def test_one_forward_serves_every_gradient_cam_and_backward_stops_at_the_layer(m
 def test_a_batch_equals_its_images_one_at_a_time(model, images, shared):
     methods = GRADIENT_METHODS + ["eigencam", "ablationcam"]
     for index in range(len(images)):
-        logits, alone = forward_with_cams(model, model.layer3[-1], images[index:index + 1], TARGETS[index:index + 1],
-                                          methods)
+        logits, alone = forward_with_cams(
+            model, model.layer3[-1], images[index : index + 1], TARGETS[index : index + 1], methods
+        )
         assert torch.allclose(logits[0], shared[0][index], atol=1e-5)
         for method in methods:
             # AblationCAM divides by (original - ablated score), which magnifies the batch
@@ -134,7 +136,9 @@ def test_scorecam_scores_each_distinct_mask_once_and_still_equals_the_library():
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     shared_rows, masked_rows = [], []
     # the masked forwards run through the model's (cached) inference copy, built before the counting hooks
-    inference_model(model).conv.register_forward_hook(lambda module, inputs, output: masked_rows.append(output.shape[0]))
+    inference_model(model).conv.register_forward_hook(
+        lambda module, inputs, output: masked_rows.append(output.shape[0])
+    )
     handle = model.conv.register_forward_hook(lambda module, inputs, output: shared_rows.append(output.shape[0]))
     try:
         ours = compute_cams(model, model.relu, images, [1, 2], ["scorecam"], scorecam_batch_size=4)["scorecam"]

@@ -1,4 +1,5 @@
 """The command line: help everywhere, exit codes, query formats, and a clean offline run."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,31 @@ def test_unknown_command_is_a_usage_error(capsys):
 @pytest.fixture()
 def results_with_errors(tmp_path):
     store = ResultsStore(tmp_path)
-    store.write("errors", "r1", "u", [{"stage": "explain", "item_id": f"img{i}.png", "error_type": "E", "message": "m"} for i in range(3)])
+    store.write(
+        "errors",
+        "r1",
+        "u",
+        [{"stage": "explain", "item_id": f"img{i}.png", "error_type": "E", "message": "m"} for i in range(3)],
+    )
     RunRecord(run_id="r1", config_name="c", config_json="{}", config_hash="h", device="cpu").save(store)
     return tmp_path
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "table"])
 def test_query_prints_each_format(results_with_errors, fmt, capsys):
-    assert main(["query", "--results", str(results_with_errors), "--format", fmt, "select item_id from errors order by item_id"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--results",
+                str(results_with_errors),
+                "--format",
+                fmt,
+                "select item_id from errors order by item_id",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     if fmt == "csv":
         assert out.splitlines() == ["item_id", "img0.png", "img1.png", "img2.png"]
@@ -58,7 +76,21 @@ def test_query_prints_each_format(results_with_errors, fmt, capsys):
 def test_query_to_parquet_needs_and_writes_an_output(results_with_errors, tmp_path, capsys):
     assert main(["query", "--results", str(results_with_errors), "--format", "parquet", "select * from errors"]) == 2
     target = tmp_path / "out.parquet"
-    assert main(["query", "--results", str(results_with_errors), "--format", "parquet", "--output", str(target), "select * from errors"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--results",
+                str(results_with_errors),
+                "--format",
+                "parquet",
+                "--output",
+                str(target),
+                "select * from errors",
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_parquet(target)) == 3
 
 
@@ -82,14 +114,25 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{index}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "cli-tiny",
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "num_classes": 3, "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": "images"},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 2},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli-tiny",
+                "models": [
+                    {
+                        "name": "tiny",
+                        "source": "python",
+                        "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                        "num_classes": 3,
+                        "preprocess": {"resize": 64, "crop": 64},
+                    }
+                ],
+                "images": {"kind": "folder", "root": "images"},
+                "dissect": {"enabled": False},
+                "explain": {"methods": ["gradcam"], "chunk_size": 2},
+            }
+        )
+    )
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     results = tmp_path / "results"
@@ -99,6 +142,22 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
     for noise in ("Traceback", "ERROR", "Error flushing", "telemetry", "Exception"):
         assert noise not in finished.stderr, finished.stderr
     assert "item(s) failed" in finished.stdout
-    count = subprocess.run([sys.executable, "-m", "flows.cli", "query", "--results", str(results), "--format", "csv",
-                            "select count(*) as n from saliency"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    count = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "query",
+            "--results",
+            str(results),
+            "--format",
+            "csv",
+            "select count(*) as n from saliency",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert count.returncode == 0 and int(count.stdout.splitlines()[1]) == 3

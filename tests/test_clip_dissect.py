@@ -1,5 +1,6 @@
 """CLIP-Dissect: the five similarity functions against the paper's equations, planted units,
 CLIP feature extraction with a tiny random open_clip model, unit labels and concept sets."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from tasks.dissect import clip_dissect as cd
 from tasks.core.errors import ConfigError
+from tasks.dissect import clip_dissect as cd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,6 +24,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 # --------------------------------------------------------------------------------------------
 # plain references, written from the paper's equations: one unit at a time, float64 numpy
@@ -54,7 +56,7 @@ def ref_rank_reorder(P, Q, p=3, top_fraction=0.05, scale_p=0.5):
     n = int(Q.shape[0] * top_fraction)
     out = np.zeros((Q.shape[1], P.shape[1]))
     for k in range(Q.shape[1]):
-        top = np.argsort(-Q[:, k])[:n]           # most activating first
+        top = np.argsort(-Q[:, k])[:n]  # most activating first
         acts = Q[top, k]
         ascending = np.sort(acts)
         # expected error of a random re-ordering: every (i, j) pairing equally likely
@@ -62,7 +64,7 @@ def ref_rank_reorder(P, Q, p=3, top_fraction=0.05, scale_p=0.5):
         for m in range(P.shape[1]):
             clip = P[top, m]
             clip_rank = np.argsort(np.argsort(clip))  # 0 = least similar image
-            reordered = ascending[clip_rank]         # activation that CLIP's ranking predicts
+            reordered = ascending[clip_rank]  # activation that CLIP's ranking predicts
             error = np.mean(np.abs(acts - reordered) ** p)
             out[k, m] = -error / baseline / max(clip.mean(), 1e-6) ** scale_p
     return out
@@ -140,9 +142,7 @@ def test_registry_holds_the_five_contract_functions_by_name():
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
-@pytest.mark.parametrize(
-    "n_images,n_concepts,n_units,chunk", [(240, 23, 7, 3), (160, 9, 13, None), (120, 40, 5, 4)]
-)
+@pytest.mark.parametrize("n_images,n_concepts,n_units,chunk", [(240, 23, 7, 3), (160, 9, 13, None), (120, 40, 5, 4)])
 def test_similarity_matches_the_papers_equations(name, n_images, n_concepts, n_units, chunk):
     P, Q = clip_like_inputs(n_images, n_concepts, n_units, seed=n_images + n_units)
     params = {"top_k": 20} if name == "soft_wpmi" and n_images < 200 else {}
@@ -305,8 +305,15 @@ def test_clip_identity_hashes_checkpoint_files(tmp_path):
 def test_label_units_reports_best_concepts_and_most_activating_images():
     similarity = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.2, 0.8]])
     target = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 5.0]])
-    frame = cd.label_units(similarity, ["a", "b", "c", "d"], target, ["x.png", "y.png", "z.png"],
-                           top_k=3, top_images=2, concept_category={"b": "color"})
+    frame = cd.label_units(
+        similarity,
+        ["a", "b", "c", "d"],
+        target,
+        ["x.png", "y.png", "z.png"],
+        top_k=3,
+        top_images=2,
+        concept_category={"b": "color"},
+    )
     assert list(frame.columns) == ["unit", "concept", "category", "score", "top_concepts", "top_images"]
     assert frame.concept.tolist() == ["b", "d"]
     assert frame.category[0] == "color" and pd.isna(frame.category[1])
@@ -361,5 +368,8 @@ def test_concepts_from_broden_labels_cleans_names_and_filters_categories(tmp_pat
     assert cd.concepts_from_broden_labels(label_csv) == ["red", "wine cellar", "fabric", "kitchen"]
     assert cd.concepts_from_broden_labels(label_csv, categories=["object"]) == ["fabric", "red"]
     assert cd.broden_concept_categories(label_csv) == {
-        "red": "color", "wine cellar": "scene", "fabric": "material", "kitchen": "scene"
+        "red": "color",
+        "wine cellar": "scene",
+        "fabric": "material",
+        "kitchen": "scene",
     }

@@ -1,4 +1,5 @@
 """Scale-out with prefect-dask: one cluster per flow run, GPU resource annotations, same tables as threads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,25 +11,44 @@ from distributed.worker import thread_state
 from prefect import flow, task
 
 from flows.audit import run_audit
-from tasks.core.config import ConfigErrors, parse_config
 from flows.runner import GpuDaskTaskRunner, flow_task_runner
 from storage.parquet import ResultsStore
 from storage.schemas import ALL_TABLES
+from tasks.core.config import ConfigErrors, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Columns that differ between two runs of one config by nature: identity, clocks, the runner itself.
-RUN_SPECIFIC = {"run_id", "started_at", "finished_at", "timings_json", "seconds", "seconds_mean", "config_json",
-                "hostname", "pid"}
+RUN_SPECIFIC = {
+    "run_id",
+    "started_at",
+    "finished_at",
+    "timings_json",
+    "seconds",
+    "seconds_mean",
+    "config_json",
+    "hostname",
+    "pid",
+}
 N_IMAGES = 4
 
 
 def small_audit(runner: dict) -> dict:
     return {
-        "name": "dask-check", "device": "cpu", "runner": runner,
+        "name": "dask-check",
+        "device": "cpu",
+        "runner": runner,
         "world": {"n_train": 1, "n_val": N_IMAGES},
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "num_classes": 3, "preprocess": {"resize": 64, "crop": 64}, "layers": ["layer4"]}],
+        "models": [
+            {
+                "name": "tiny",
+                "source": "python",
+                "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                "num_classes": 3,
+                "preprocess": {"resize": 64, "crop": 64},
+                "layers": ["layer4"],
+            }
+        ],
         "dissect": {"methods": ["netdissect"], "probe": {"batch_size": N_IMAGES}},
         "explain": {"methods": ["gradcam", "eigencam"], "chunk_size": 1, "batch_size": 1, "metrics": {"steps": 4}},
     }
@@ -75,7 +95,7 @@ def test_gpu_tasks_ask_for_a_gpu_only_where_workers_offer_one(prefect_harness, r
 class CountingCluster(distributed.LocalCluster):
     """A LocalCluster that records its instances and, when it closes, which task functions its scheduler ran."""
 
-    instances: list["CountingCluster"] = []
+    instances: list[CountingCluster] = []
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -1,9 +1,10 @@
 """Acceptance on the trained demo model: explanations point at the shapes it classifies.
 
 The model classifies the shape, so its evidence lies on the shape: Grad-CAM at the demo
-config's CAM layer must win the pointing game, and a pure-noise map must score clearly worse than Grad-CAM on localization and
-deletion. Batched LIME must pick the same top superpixels as stock ``lime_image``.
+config's CAM layer must win the pointing game, and a pure-noise map must score clearly worse
+than Grad-CAM on localization and deletion. Batched LIME must pick the same top superpixels as stock ``lime_image``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,12 +14,12 @@ import pytest
 import torch
 
 from tasks.core.config import load_config, parse_config
-from tasks.explain.cams import forward_with_cams
-from tasks.explain.stage import ground_truth_mask
 from tasks.data.image_sets import iter_image_set, record_row
 from tasks.data.images import load_rgb
-from tasks.metrics.maps import deletion_insertion, energy_in_gt, pointing_hit, scaled_tolerance
 from tasks.data.loaded_models import using_model
+from tasks.explain.cams import forward_with_cams
+from tasks.explain.stage import ground_truth_mask
+from tasks.metrics.maps import deletion_insertion, energy_in_gt, pointing_hit, scaled_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +93,17 @@ def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
 
         segments = segment(array, "quickshift")
         stock = lime_image.LimeImageExplainer(random_state=0).explain_instance(
-            array, classify, labels=(label,), top_labels=None, num_samples=300, batch_size=100,
-            segmentation_fn=lambda _: segments)
-        stock_top = {feature for feature, weight in sorted(stock.local_exp[label], key=lambda fw: -fw[1])[:5] if weight > 0}
+            array,
+            classify,
+            labels=(label,),
+            top_labels=None,
+            num_samples=300,
+            batch_size=100,
+            segmentation_fn=lambda _, segments=segments: segments,
+        )
+        stock_top = {
+            feature for feature, weight in sorted(stock.local_exp[label], key=lambda fw: -fw[1])[:5] if weight > 0
+        }
         ours = explain_lime(model_fn, [array], [label], num_samples=300, seed=0)[0]
         our_top = set(ours.top_segments(5).tolist())
         jaccards.append(len(stock_top & our_top) / max(1, len(stock_top | our_top)))

@@ -1,4 +1,5 @@
 """The demo model: trained once per cache, loadable, and it really names the held-out shapes."""
+
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
+from tasks.core.config import WorldConfig
+from tasks.core.errors import CheckpointError
 from tasks.world import demo_model
 from tasks.world.demo_model import DemoTrainSpec, ensure_demo_model, load_demo_model
-from tasks.core.errors import CheckpointError
 from tasks.world.synthetic import SHAPES, ensure_world
-from tasks.core.config import WorldConfig
 
 TINY_WORLD = WorldConfig(seed=7, n_train=16, n_val=8)
 TINY_TRAIN = DemoTrainSpec(epochs=1, batch_size=8)
@@ -79,9 +80,8 @@ def test_demo_model_names_held_out_shapes(trained: tuple[torch.nn.Module, dict])
     correct = 0
     with torch.no_grad():
         for start in range(0, len(rows), 100):
-            chunk = rows[start:start + 100]
-            pixels = np.stack([np.asarray(Image.open(root / "images" / r["image"]).convert("RGB"))
-                               for r in chunk])
+            chunk = rows[start : start + 100]
+            pixels = np.stack([np.asarray(Image.open(root / "images" / r["image"]).convert("RGB")) for r in chunk])
             x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
             predicted = model(x).argmax(1).tolist()
             correct += sum(meta["class_names"][p] == r["object"] for p, r in zip(predicted, chunk))

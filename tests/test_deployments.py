@@ -1,4 +1,5 @@
 """Deployments end to end against real Prefect servers on loopback: server, work pool, worker, deploy, run."""
+
 from __future__ import annotations
 
 import os
@@ -61,19 +62,34 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
         (images / "a").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / "a" / f"{index}.png")
     config = tmp_path / "deployed.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "deployed",
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "class_names": ["a", "b", "c"], "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": str(images)},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 2},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "deployed",
+                "models": [
+                    {
+                        "name": "tiny",
+                        "source": "python",
+                        "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                        "class_names": ["a", "b", "c"],
+                        "preprocess": {"resize": 64, "crop": 64},
+                    }
+                ],
+                "images": {"kind": "folder", "root": str(images)},
+                "dissect": {"enabled": False},
+                "explain": {"methods": ["gradcam"], "chunk_size": 2},
+            }
+        )
+    )
     results = tmp_path / "results"
     api_url = f"http://127.0.0.1:{free_port()}/api"
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+    )
     port = api_url.split(":")[2].split("/")[0]
 
     def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -83,17 +99,41 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
 
     background = []
     try:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         background.append(server)
         wait_healthy(api_url, server)
         cli(str(BIN / "prefect"), "work-pool", "create", "xai-gpu", "--type", "process")
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "xai-gpu"], cwd=tmp_path, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "xai-gpu"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         background.append(worker)
         cli(sys.executable, "-m", "flows.cli", "deploy")
-        run = cli(str(BIN / "prefect"), "deployment", "run", "xai-audit-deployment/audit",
-                  "--param", f"config_path={config}", "--param", f"results={results}", "--watch", "--watch-timeout", "400", timeout=450)
+        run = cli(
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "xai-audit-deployment/audit",
+            "--param",
+            f"config_path={config}",
+            "--param",
+            f"results={results}",
+            "--watch",
+            "--watch-timeout",
+            "400",
+            timeout=450,
+        )
         assert "Completed" in run.stdout, run.stdout
         store = ResultsStore(results)
         (run_id,) = store.run_ids()
@@ -102,14 +142,37 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
         nightly = cli(str(BIN / "prefect"), "deployment", "inspect", "xai-audit-deployment/nightly-audit").stdout
         assert "0 2 * * *" in nightly and "xai-gpu" in nightly
 
-        served = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(config), "--cron", "*/30 * * * *", "--name", "served",
-                                   "--results", str(results)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        served = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                str(config),
+                "--cron",
+                "*/30 * * * *",
+                "--name",
+                "served",
+                "--results",
+                str(results),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         background.append(served)
         deadline = time.monotonic() + 120
         while True:
-            found = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "xai-audit-deployment/served"], cwd=REPO, env=env,
-                                   capture_output=True, text=True, timeout=60)
+            found = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "inspect", "xai-audit-deployment/served"],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if found.returncode == 0 and "*/30 * * * *" in found.stdout:
                 break
             assert served.poll() is None and time.monotonic() < deadline, found.stdout + found.stderr

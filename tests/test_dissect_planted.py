@@ -6,6 +6,7 @@ labelling methods run through the project's wiring (config → probe → model r
 ``tasks.dissect.tasks`` → flow → ``neurons`` table), so these tests protect the whole path, not only the
 numerics (which have their own tests).
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import AuditConfig, parse_config
+from tasks.data.loaded_models import using_model
+from tasks.dissect.probe import open_probe
 from tasks.dissect.stage import (
     clip_dissect_rows,
     clip_similarity,
@@ -21,8 +24,6 @@ from tasks.dissect.stage import (
     netdissect_rows,
     pooled_layer_activations,
 )
-from tasks.dissect.probe import open_probe
-from tasks.data.loaded_models import using_model
 from tasks.world.synthetic import COLORS
 from tests.fixtures.planted_models import LAYER, PLANTED_CONCEPTS, UNITS, model_config
 
@@ -86,7 +87,12 @@ def test_network_dissection_gives_each_planted_detector_its_concept():
             assert rows.loc[CONSTANT, "score"] < 0.04, (unit, rows.loc[CONSTANT, "top_concepts"])
     rows = netdissect_layer(planted_config(SMALL_WORLD, probe={"split": None}))
     assert rows.loc[CONSTANT, "score"] < 0.04 and not rows.loc[CONSTANT, "interpretable"]
-    print("planted netdissect (quantile, IoU):", measured, "constant at 0.005:", round(float(rows.loc[CONSTANT, "score"]), 4))
+    print(
+        "planted netdissect (quantile, IoU):",
+        measured,
+        "constant at 0.005:",
+        round(float(rows.loc[CONSTANT, "score"]), 4),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +129,13 @@ def test_clip_dissect_names_the_colour_texture_and_shape_detectors(clip_dissect_
 # --------------------------------------------------------------------------------------------
 # the dissect stage of the audit flow, end to end
 
-TINY_RESNET = {"name": "tiny-resnet", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-               "class_names": ["a", "b", "c"], "preprocess": {"resize": 64, "crop": 64}}
+TINY_RESNET = {
+    "name": "tiny-resnet",
+    "source": "python",
+    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+    "class_names": ["a", "b", "c"],
+    "preprocess": {"resize": 64, "crop": 64},
+}
 RESNET_CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 KEY = ["model", "layer", "unit", "method"]
 

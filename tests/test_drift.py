@@ -1,5 +1,6 @@
 """Drift between runs: changed units and metric deltas checked against the raw tables of both runs,
 the automatic comparison with the previous completed run, and the ``diff`` command."""
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,9 @@ def runs(prefect_harness, tmp_path_factory):
 
 def changed_units_by_pandas(store: ResultsStore, before: str, after: str) -> pd.DataFrame:
     key = ["model", "layer", "method", "unit"]
-    both = store.read("neurons", before)[key + ["concept"]].merge(store.read("neurons", after)[key + ["concept"]], on=key)
+    both = store.read("neurons", before)[key + ["concept"]].merge(
+        store.read("neurons", after)[key + ["concept"]], on=key
+    )
     both["changed"] = both["concept_x"] != both["concept_y"]
     return both.groupby(["model", "layer", "method"]).agg(units=("unit", "size"), changed=("changed", "sum"))
 
@@ -53,15 +56,22 @@ def test_histogram_and_metric_deltas_equal_after_minus_before(runs):
         neurons = store.read("neurons", run_id)
         counts = neurons[neurons["interpretable"] == True].groupby(["layer", "concept"]).size()  # noqa: E712
         assert concepts[column].to_dict() == counts.reindex(concepts.index, fill_value=0).to_dict()
-    assert (concepts["delta"] == concepts["units_after"] - concepts["units_before"]).all() and (concepts["delta"] != 0).all()
+    assert (concepts["delta"] == concepts["units_after"] - concepts["units_before"]).all() and (
+        concepts["delta"] != 0
+    ).all()
     metrics = store.read("summary_drift_metrics", second).set_index(["subject", "metric"])
-    pair_iou = {run_id: store.read("agreement", run_id).query("method_a == 'gradcam' and method_b == 'lime'")["iou"].mean()
-                for run_id in (first, second)}
+    pair_iou = {
+        run_id: store.read("agreement", run_id).query("method_a == 'gradcam' and method_b == 'lime'")["iou"].mean()
+        for run_id in (first, second)
+    }
     row = metrics.loc[("gradcam vs lime", "iou_mean")]
     assert (row["before"], row["after"]) == (pytest.approx(pair_iou[first]), pytest.approx(pair_iou[second]))
     assert row["delta"] == pytest.approx(pair_iou[second] - pair_iou[first])
     assert row["delta"] != 0, "LIME with another seed on other images must change the agreement"
-    deletion = {run_id: store.read("faithfulness", run_id).query("method == 'lime'")["deletion_auc"].mean() for run_id in (first, second)}
+    deletion = {
+        run_id: store.read("faithfulness", run_id).query("method == 'lime'")["deletion_auc"].mean()
+        for run_id in (first, second)
+    }
     assert metrics.loc[("lime", "deletion_auc_mean"), "delta"] == pytest.approx(deletion[second] - deletion[first])
 
 
@@ -95,8 +105,14 @@ def test_previous_run_is_the_latest_earlier_completed_run_of_the_same_name(tmp_p
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
     def save(run_id: str, minutes: int, status: str = "completed", name: str = "nightly") -> None:
-        record = RunRecord(run_id=run_id, config_name=name, config_json="{}", config_hash="h", device="cpu",
-                           started_at=start + timedelta(minutes=minutes))
+        record = RunRecord(
+            run_id=run_id,
+            config_name=name,
+            config_json="{}",
+            config_hash="h",
+            device="cpu",
+            started_at=start + timedelta(minutes=minutes),
+        )
         record.status = status
         record.save(store)
 

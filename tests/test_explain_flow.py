@@ -1,14 +1,14 @@
 """The explain stage on world images: every table written, metrics recomputable from stored maps."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from flows.audit import run_audit
-from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
+from tasks.core.config import parse_config
 from tasks.metrics.maps import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
 from tasks.metrics.road import road_scores
 
@@ -18,17 +18,40 @@ METHODS = ["gradcam", "gradcam++", "eigencam", "lime"]
 @pytest.fixture(scope="module")
 def explained(prefect_harness, tmp_path_factory):
     results = str(tmp_path_factory.mktemp("results"))
-    config = parse_config({
-        "name": "explain-world",
-        "world": {"n_train": 1, "n_val": 6},
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "num_classes": 3, "preprocess": {"resize": 128, "crop": 128}}],
-        "images": {"kind": "world", "split": "val"},
-        "dissect": {"enabled": False},
-        "explain": {"methods": METHODS, "chunk_size": 4, "batch_size": 3,
-                    "lime": {"num_samples": 40, "batch_size": 40, "search": {"enabled": True, "grid": [{"segmentation": "slic", "n_segments": 20, "num_samples": 30}, {"segmentation": "felzenszwalb", "num_samples": 30}]}},
-                    "metrics": {"steps": 4, "road": True, "road_percentiles": [30, 70]}},
-    })
+    config = parse_config(
+        {
+            "name": "explain-world",
+            "world": {"n_train": 1, "n_val": 6},
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "num_classes": 3,
+                    "preprocess": {"resize": 128, "crop": 128},
+                }
+            ],
+            "images": {"kind": "world", "split": "val"},
+            "dissect": {"enabled": False},
+            "explain": {
+                "methods": METHODS,
+                "chunk_size": 4,
+                "batch_size": 3,
+                "lime": {
+                    "num_samples": 40,
+                    "batch_size": 40,
+                    "search": {
+                        "enabled": True,
+                        "grid": [
+                            {"segmentation": "slic", "n_segments": 20, "num_samples": 30},
+                            {"segmentation": "felzenszwalb", "num_samples": 30},
+                        ],
+                    },
+                },
+                "metrics": {"steps": 4, "road": True, "road_percentiles": [30, 70]},
+            },
+        }
+    )
     outcome = run_audit(config, results)
     return config, ResultsStore(results), outcome.run_id
 
@@ -50,17 +73,19 @@ def test_every_explain_table_has_one_row_per_key(explained):
 def test_metrics_recompute_from_the_saliency_table(explained):
     """The saliency table alone (plus the image and its mask) reproduces every stored metric."""
     config, store, run_id = explained
-    from tasks.explain.stage import ground_truth_mask
     from tasks.data.image_sets import iter_image_set, record_row
     from tasks.data.images import load_rgb
     from tasks.data.loaded_models import using_model
+    from tasks.explain.stage import ground_truth_mask
 
     saliency = store.read("saliency", run_id)
     agreement = store.read("agreement", run_id).set_index(["image_id", "method_a", "method_b"])
     localization = store.read("localization", run_id).set_index(["image_id", "method"])
     faithfulness = store.read("faithfulness", run_id).set_index(["image_id", "method"])
     record = record_row(next(iter_image_set(config)))
-    maps = {row["method"]: decode_map(row) for row in saliency[saliency.image_id == record["image_id"]].to_dict("records")}
+    maps = {
+        row["method"]: decode_map(row) for row in saliency[saliency.image_id == record["image_id"]].to_dict("records")
+    }
     for row in agreement_rows(maps, "top_q", 0.2):
         stored = agreement.loc[(record["image_id"], row["method_a"], row["method_b"])]
         assert stored.iou == pytest.approx(row["iou"], abs=1e-6)
@@ -72,7 +97,10 @@ def test_metrics_recompute_from_the_saliency_table(explained):
         for method, saliency_map in maps.items():
             expected = localization_row(saliency_map, mask, scaled_tolerance(128))
             stored = localization.loc[(record["image_id"], method)]
-            assert (bool(stored.pointing_hit), stored.iou_gt) == (expected["pointing_hit"], pytest.approx(expected["iou_gt"], abs=1e-6))
+            assert (bool(stored.pointing_hit), stored.iou_gt) == (
+                expected["pointing_hit"],
+                pytest.approx(expected["iou_gt"], abs=1e-6),
+            )
         pixels = model.preprocess(image)[None]
         target = int(saliency[saliency.image_id == record["image_id"]].target.iloc[0])
         for method, saliency_map in maps.items():
@@ -91,8 +119,8 @@ def test_ground_truth_mask_follows_the_model_geometry():
     """A box drawn on a 200x100 image lands where resize-256 + crop-224 puts it."""
     from types import SimpleNamespace
 
-    from tasks.explain.stage import ground_truth_mask
     from tasks.data.sources.base import standard_preprocess
+    from tasks.explain.stage import ground_truth_mask
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     model = SimpleNamespace(preprocess=standard_preprocess(256, 224, mean, std), mean=mean, std=std)

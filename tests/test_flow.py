@@ -1,4 +1,5 @@
 """The audit flow end to end on a tiny model and a generated folder of images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +7,10 @@ import pytest
 from PIL import Image
 
 from flows.audit import run_audit
-from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
+from tasks.core.config import parse_config
 
 CLASSES = ["a", "b", "c"]
 
@@ -26,14 +27,23 @@ def image_folder(tmp_path):
 
 
 def tiny_config(image_folder, **explain):
-    return parse_config({
-        "name": "tiny",
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "class_names": CLASSES, "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": str(image_folder)},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 3, "batch_size": 2, "topk": 2, **explain},
-    })
+    return parse_config(
+        {
+            "name": "tiny",
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "class_names": CLASSES,
+                    "preprocess": {"resize": 64, "crop": 64},
+                }
+            ],
+            "images": {"kind": "folder", "root": str(image_folder)},
+            "dissect": {"enabled": False},
+            "explain": {"methods": ["gradcam"], "chunk_size": 3, "batch_size": 2, "topk": 2, **explain},
+        }
+    )
 
 
 def test_flow_writes_predictions_and_maps_and_records_failures(prefect_harness, image_folder, tmp_path):

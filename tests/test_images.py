@@ -1,4 +1,5 @@
 """Image sets: folder and list listing, ids, labels, masks and boxes."""
+
 from __future__ import annotations
 
 import inspect
@@ -90,9 +91,7 @@ def test_csv_list_with_labels_masks_and_boxes(tmp_path):
     _png(tmp_path / "imgs" / "b, with comma.png")
     _png(tmp_path / "masks" / "a.png")
     (tmp_path / "list.csv").write_text(
-        "path,label,mask,x0,y0,x1,y1\n"
-        "imgs/a.png,2,masks/a.png,1,2,3,4\n"
-        '"imgs/b, with comma.png",dog,,,,,\n'
+        'path,label,mask,x0,y0,x1,y1\nimgs/a.png,2,masks/a.png,1,2,3,4\n"imgs/b, with comma.png",dog,,,,,\n'
     )
     records = _records(iter_image_list(tmp_path / "list.csv", tmp_path, class_names=["cat", "bird", "fox", "dog"]))
     a, b = records
@@ -115,11 +114,11 @@ def test_bad_rows_become_item_errors_and_the_list_goes_on(tmp_path):
         _png(tmp_path / f"{name}.png")
     (tmp_path / "list.csv").write_bytes(
         b"path,label,x0,y0,x1,y1\n"
-        b"a.png,1,5,5,2,2\n"          # box corners reversed
-        b"b.png,not-a-class,,,,\n"     # name not in class_names
-        b"c.png,7,,,,\n"               # index out of range
-        b"d\xff.png,0,,,,\n"           # not UTF-8
-        b"e.png,0\n"                   # wrong field count
+        b"a.png,1,5,5,2,2\n"  # box corners reversed
+        b"b.png,not-a-class,,,,\n"  # name not in class_names
+        b"c.png,7,,,,\n"  # index out of range
+        b"d\xff.png,0,,,,\n"  # not UTF-8
+        b"e.png,0\n"  # wrong field count
         b"f.png,1,0,0,2,2\n"
     )
     items = list(iter_image_list(tmp_path / "list.csv", tmp_path, class_names=["a", "b"]))

@@ -1,4 +1,5 @@
 """The inference copy: BatchNorm folded only where the data flow allows it, outputs unchanged."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,9 @@ class ResidualConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.conv(x)

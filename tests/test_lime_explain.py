@@ -1,4 +1,5 @@
 """Batched LIME reproduces stock lime_image: same segments, same perturbations, same explanation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 from tasks.compute.batch_sizes import CPU_BATCH_SIZES
 from tasks.core.errors import ConfigError
+from tasks.data.models import PixelModel
 from tasks.explain.lime import (
     LimeResult,
     SegmentationCache,
@@ -21,7 +23,6 @@ from tasks.explain.lime import (
     perturbation_matrix,
     segment,
 )
-from tasks.data.models import PixelModel
 
 SIZE = 128  # lime's quickshift defaults find only a handful of superpixels in smaller images
 
@@ -37,19 +38,27 @@ def make_image(seed: int) -> np.ndarray:
 def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.AvgPool2d(4),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 5),
+        nn.Conv2d(3, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.AvgPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(256, 5),
     ).eval()
 
 
 def stock_classifier(model: nn.Module, seen: list | None = None):
     """The classifier_fn stock LIME calls: uint8 [N, H, W, 3] -> softmax probabilities."""
+
     def classify(batch: np.ndarray) -> np.ndarray:
         if seen is not None:
             seen.append(batch.copy())
         with torch.no_grad():
             pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
             return torch.softmax(model(pixels), dim=-1).numpy()
+
     return classify
 
 
@@ -65,8 +74,14 @@ def run_stock(model, image, target, *, seed, num_samples, hide_color=None, seen=
 
     explainer.data_labels = recording_data_labels
     explanation = explainer.explain_instance(
-        image, stock_classifier(model, seen), labels=(target,), top_labels=None, hide_color=hide_color,
-        num_samples=num_samples, batch_size=50)
+        image,
+        stock_classifier(model, seen),
+        labels=(target,),
+        top_labels=None,
+        hide_color=hide_color,
+        num_samples=num_samples,
+        batch_size=50,
+    )
     return explanation, drawn["data"]
 
 
@@ -91,8 +106,9 @@ def test_default_segmentation_equals_stock_lime(model):
 def test_perturbations_equal_the_ones_stock_lime_applies(model, hide_color):
     image, seed, num_samples = make_image(2), 7, 120
     seen: list[np.ndarray] = []
-    explanation, stock_data = run_stock(model, image, 1, seed=seed, num_samples=num_samples,
-                                        hide_color=hide_color, seen=seen)
+    explanation, stock_data = run_stock(
+        model, image, 1, seed=seed, num_samples=num_samples, hide_color=hide_color, seen=seen
+    )
     segments = segment(image)
     n_segments = segments.max() + 1
     ours = perturbation_matrix(n_segments, num_samples, seed)
@@ -101,8 +117,12 @@ def test_perturbations_equal_the_ones_stock_lime_applies(model, hide_color):
     # Independently of what data_labels returned: which superpixels did each image stock
     # LIME classified actually show? A superpixel is on when all its pixels are the original.
     stock_images = np.concatenate(seen)
-    applied = np.stack([[np.array_equal(sample[segments == s], image[segments == s]) for s in range(n_segments)]
-                        for sample in stock_images])
+    applied = np.stack(
+        [
+            [np.array_equal(sample[segments == s], image[segments == s]) for s in range(n_segments)]
+            for sample in stock_images
+        ]
+    )
     assert np.array_equal(applied, ours.astype(bool))
 
     # And our batched tensor gather builds the very same images.
@@ -112,8 +132,9 @@ def test_perturbations_equal_the_ones_stock_lime_applies(model, hide_color):
         ours_seen.append(batch.clone())
         return model(batch)
 
-    explain_lime(recording_model, [image], [1], num_samples=num_samples, seed=seed, hide_color=hide_color,
-                 batch_size=32)
+    explain_lime(
+        recording_model, [image], [1], num_samples=num_samples, seed=seed, hide_color=hide_color, batch_size=32
+    )
     built = torch.cat(ours_seen).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8).numpy()
     assert np.array_equal(built, stock_images)
 
@@ -213,8 +234,14 @@ def test_search_rejects_a_parameter_the_algorithm_lacks(model):
 def test_a_pixel_model_is_normalised_once_per_image_with_the_same_probabilities():
     """PixelModel's normalisation moves in front of the perturbation (it is per pixel): same inputs, same outputs."""
     torch.manual_seed(5)
-    network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                            nn.Flatten(), nn.Linear(32, 4))
+    network = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    )
     network[1].running_mean.uniform_(-0.3, 0.3)
     network[1].running_var.uniform_(0.5, 2.0)
     network.eval()

@@ -1,4 +1,5 @@
 """Metrics against ground truth we construct: known masks, hand-computed curves and ranks."""
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def smooth_map() -> np.ndarray:
 
 
 # --- agreement -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rule", ["top_q", "otsu"])
 def test_iou_of_a_map_with_itself_is_one(smooth_map, rule):
@@ -94,10 +96,13 @@ def test_com_distance_of_a_shifted_copy_is_shift_over_diagonal():
 
 
 def test_agreement_rows_cover_every_pair_once_in_name_order(smooth_map):
-    maps = {"scorecam": smooth_map, "gradcam": smooth_map ** 2, "lime": 1 - smooth_map}
+    maps = {"scorecam": smooth_map, "gradcam": smooth_map**2, "lime": 1 - smooth_map}
     rows = agreement_rows(maps, rule="top_q", q=0.2)
     assert [(r["method_a"], r["method_b"]) for r in rows] == [
-        ("gradcam", "lime"), ("gradcam", "scorecam"), ("lime", "scorecam")]
+        ("gradcam", "lime"),
+        ("gradcam", "scorecam"),
+        ("lime", "scorecam"),
+    ]
     gradcam_scorecam = rows[1]
     assert gradcam_scorecam["iou"] == 1.0 and gradcam_scorecam["spearman"] == pytest.approx(1.0)
     assert rows[0]["iou"] == 0.0 and rows[0]["spearman"] == pytest.approx(-1.0)
@@ -106,6 +111,7 @@ def test_agreement_rows_cover_every_pair_once_in_name_order(smooth_map):
 
 
 # --- localization ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def square_mask() -> np.ndarray:
@@ -165,14 +171,18 @@ def test_empty_gt_mask_is_an_item_error():
 def test_non_finite_maps_raise_an_item_error(smooth_map, square_mask, bad):
     broken = smooth_map.copy()
     broken[3, 4] = bad
-    for call in (lambda: binarize(broken), lambda: spearman(broken, smooth_map),
-                 lambda: com_distance(smooth_map, broken)):
+    for call in (
+        lambda: binarize(broken),
+        lambda: spearman(broken, smooth_map),
+        lambda: com_distance(smooth_map, broken),
+    ):
         with pytest.raises(NonFiniteMapError):
             call()
     assert issubclass(NonFiniteMapError, ItemError)
 
 
 # --- faithfulness ----------------------------------------------------------------------------
+
 
 class RegionModel(nn.Module):
     """Two logits: ``gain * mean(channel 0 over a region)`` and 0; nothing else matters."""
@@ -205,8 +215,10 @@ def region_case():
 def test_a_map_on_the_evidence_deletes_faster_and_inserts_faster(region_case, baseline):
     model, images, good, elsewhere, noise = region_case
     targets = [0, 0, 0]
-    scores = {name: deletion_insertion(model, images, maps, targets, steps=16, baseline=baseline, batch_size=32)
-              for name, maps in [("good", good), ("elsewhere", elsewhere), ("noise", noise)]}
+    scores = {
+        name: deletion_insertion(model, images, maps, targets, steps=16, baseline=baseline, batch_size=32)
+        for name, maps in [("good", good), ("elsewhere", elsewhere), ("noise", noise)]
+    }
     deletion = {name: d for name, (d, _) in scores.items()}
     insertion = {name: i for name, (_, i) in scores.items()}
     assert np.all(deletion["good"] < deletion["noise"]) and np.all(deletion["noise"] < deletion["elsewhere"])
@@ -223,7 +235,8 @@ def test_curve_matches_a_hand_computed_example():
     image[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     saliency = image[0, 0].numpy()[None]
     deletion, insertion, fractions = deletion_insertion_curves(
-        SumModel(), image, saliency, [0], steps=4, baseline="mean", batch_size=3)
+        SumModel(), image, saliency, [0], steps=4, baseline="mean", batch_size=3
+    )
     sigmoid = lambda s: 1 / (1 + math.exp(-s))  # noqa: E731
     assert np.allclose(fractions, [0, 0.25, 0.5, 0.75, 1])
     assert np.allclose(deletion[0], [sigmoid(s) for s in (10, 6, 3, 1, 0)])
@@ -242,7 +255,8 @@ def test_auc_of_a_constant_curve_is_that_constant():
 
     probability = torch.softmax(torch.tensor([0.3, 1.2, -0.5]), 0)[1].item()
     deletion, insertion = deletion_insertion(
-        Constant(), torch.randn(2, 3, 16, 16), np.random.default_rng(5).random((2, 16, 16)), [1, 1], steps=7)
+        Constant(), torch.randn(2, 3, 16, 16), np.random.default_rng(5).random((2, 16, 16)), [1, 1], steps=7
+    )
     assert np.allclose(deletion, probability) and np.allclose(insertion, probability)
 
 
@@ -251,8 +265,9 @@ def test_batched_equals_one_image_at_a_time(region_case):
     maps = np.stack([good[0], noise[1], noise[2]])
     together = deletion_insertion(model, images, maps, [0, 1, 0], steps=10, batch_size=7)
     for index in range(3):
-        alone = deletion_insertion(model, images[index:index + 1], maps[index:index + 1], [[0, 1, 0][index]],
-                                   steps=10, batch_size=1000)
+        alone = deletion_insertion(
+            model, images[index : index + 1], maps[index : index + 1], [[0, 1, 0][index]], steps=10, batch_size=1000
+        )
         assert together[0][index] == pytest.approx(alone[0][0], abs=1e-6)
         assert together[1][index] == pytest.approx(alone[1][0], abs=1e-6)
 

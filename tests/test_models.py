@@ -1,4 +1,5 @@
 """The model registry: every source loads offline through its real code path."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import sys
 import textwrap
 from collections import OrderedDict
 from pathlib import Path
-from typing import get_args
 from urllib.error import URLError
 
 import numpy as np
@@ -22,7 +22,6 @@ from tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
 from tasks.core.errors import CheckpointError, ConfigError
 from tasks.data.models import default_cam_layer, load_model, resolve_layer, weights_identity
 from tasks.data.sources import base, places365
-from tasks.data.sources.registry import SOURCES
 
 
 def _random_resnet18(num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -119,8 +118,23 @@ def test_unknown_arch_and_weights_list_the_valid_names():
     assert source.value.field == "models.2.source" and "places365" in str(source.value)
 
 
-def test_every_source_the_config_accepts_is_registered_once():
-    assert list(SOURCES) == list(get_args(ModelConfig.model_fields["source"].annotation))
+@pytest.mark.parametrize(
+    ("source", "fields", "missing"),
+    [
+        ("torchvision", {}, "arch, weights"),
+        ("torchvision", {"arch": "resnet18"}, "weights"),
+        ("places365", {}, "arch"),
+        ("checkpoint", {"arch": "resnet18"}, "path"),
+        ("python", {}, "callable"),
+    ],
+)
+def test_an_entry_without_a_field_its_source_needs_is_refused_before_loading(source, fields, missing):
+    from flows.preflight import model_problems
+
+    entry = ModelConfig(name="m", source=source, **fields)
+    assert list(model_problems(3, entry)) == [("models.3", f"source '{source}' needs {missing}")]
+    with pytest.raises(ConfigError, match=f"needs {missing}"):
+        load_model(entry, field="models.3")
 
 
 # --------------------------------------------------------------------------- places365
@@ -165,8 +179,9 @@ def test_places365_uses_checkpoint_and_categories_already_in_the_cache(cache, of
 def test_places365_accepts_local_checkpoint_with_categories_beside_it(tmp_path, cache, offline):
     state = _places365_checkpoint(tmp_path / "my_places.pth.tar", seed=3)
     names = _places365_categories(tmp_path / "categories_places365.txt")
-    loaded = load_model(ModelConfig(name="p", source="places365", arch="resnet18",
-                                    weights=str(tmp_path / "my_places.pth.tar")))
+    loaded = load_model(
+        ModelConfig(name="p", source="places365", arch="resnet18", weights=str(tmp_path / "my_places.pth.tar"))
+    )
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == names
     assert offline == []
@@ -176,8 +191,15 @@ def test_places365_new_zip_format_and_explicit_categories_path(tmp_path, cache, 
     state = _random_resnet18(num_classes=365, seed=4).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth.tar")
     names = _places365_categories(tmp_path / "cats.txt")
-    loaded = load_model(ModelConfig(name="p", source="places365", arch="resnet18",
-                                  weights=str(tmp_path / "w.pth.tar"), categories=str(tmp_path / "cats.txt")))
+    loaded = load_model(
+        ModelConfig(
+            name="p",
+            source="places365",
+            arch="resnet18",
+            weights=str(tmp_path / "w.pth.tar"),
+            categories=str(tmp_path / "cats.txt"),
+        )
+    )
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == names
 
@@ -206,11 +228,16 @@ def test_checkpoint_safetensors_with_class_names_and_preprocess(tmp_path):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "m.safetensors"))
     (tmp_path / "classes.txt").write_text("cat\n\ndog\nbird\n")
-    loaded = load_model(ModelConfig(
-        name="ckpt", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.safetensors"),
-        class_names=str(tmp_path / "classes.txt"),
-        preprocess=PreprocessConfig(resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-    ))
+    loaded = load_model(
+        ModelConfig(
+            name="ckpt",
+            source="checkpoint",
+            arch="resnet18",
+            path=str(tmp_path / "m.safetensors"),
+            class_names=str(tmp_path / "classes.txt"),
+            preprocess=PreprocessConfig(resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        )
+    )
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == ["cat", "dog", "bird"]
     assert loaded.input_size == 64
@@ -223,8 +250,9 @@ def test_checkpoint_safetensors_with_class_names_and_preprocess(tmp_path):
 def test_checkpoint_pt_wrapped_in_model_key_with_dataparallel_prefix(tmp_path):
     state = _random_resnet18(num_classes=4, seed=6).state_dict()
     torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "m.pt")
-    loaded = load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pt"),
-                                    num_classes=4))
+    loaded = load_model(
+        ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pt"), num_classes=4)
+    )
     _assert_same_weights(loaded.module, state)
     assert loaded.class_names == ["class_0", "class_1", "class_2", "class_3"]
 
@@ -232,8 +260,9 @@ def test_checkpoint_pt_wrapped_in_model_key_with_dataparallel_prefix(tmp_path):
 def test_checkpoint_with_wrong_num_classes_names_the_shape_mismatch(tmp_path):
     torch.save(_random_resnet18(num_classes=4).state_dict(), tmp_path / "m.pth")
     with pytest.raises(CheckpointError) as info:
-        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pth"),
-                               num_classes=5))
+        load_model(
+            ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "m.pth"), num_classes=5)
+        )
     assert "fc.weight (file [4, 512], model [5, 512])" in str(info.value)
 
 
@@ -251,7 +280,8 @@ def user_package(tmp_path, monkeypatch):
     pkg = tmp_path / "userpkg_xai"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "nets.py").write_text(textwrap.dedent("""
+    (pkg / "nets.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         def tiny():
@@ -260,7 +290,8 @@ def user_package(tmp_path, monkeypatch):
 
         def not_a_model():
             return "hello"
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "userpkg_xai.nets"
     for name in [m for m in sys.modules if m.startswith("userpkg_xai")]:
@@ -268,8 +299,15 @@ def user_package(tmp_path, monkeypatch):
 
 
 def test_python_callable_with_class_names_and_preprocess(user_package):
-    loaded = load_model(ModelConfig(name="py", source="python", callable=f"{user_package}:tiny",
-                                  class_names=["a", "b", "c"], preprocess=PreprocessConfig(resize=40, crop=32)))
+    loaded = load_model(
+        ModelConfig(
+            name="py",
+            source="python",
+            callable=f"{user_package}:tiny",
+            class_names=["a", "b", "c"],
+            preprocess=PreprocessConfig(resize=40, crop=32),
+        )
+    )
     assert not loaded.module.training
     assert loaded.class_names == ["a", "b", "c"]
     assert loaded.preprocess(Image.new("RGB", (50, 70))).shape == (3, 32, 32)
@@ -281,12 +319,22 @@ def test_python_callable_errors_name_the_field(user_package, tmp_path):
     cases = [
         (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny"), "model.class_names"),
         (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny", num_classes=5), "model.class_names"),
-        (ModelConfig(name="p", source="python", callable=f"{user_package}:not_a_model", num_classes=3),
-         "model.callable"),
+        (
+            ModelConfig(name="p", source="python", callable=f"{user_package}:not_a_model", num_classes=3),
+            "model.callable",
+        ),
         (ModelConfig(name="p", source="python", callable=f"{user_package}:missing", num_classes=3), "model.callable"),
         (ModelConfig(name="p", source="python", callable="tiny", num_classes=3), "model.callable"),
-        (ModelConfig(name="p", source="python", callable=f"{user_package}:tiny", num_classes=3,
-                   preprocess=PreprocessConfig(resize=2, crop=2)), "model.preprocess"),  # 2 px < two 3x3 convs
+        (
+            ModelConfig(
+                name="p",
+                source="python",
+                callable=f"{user_package}:tiny",
+                num_classes=3,
+                preprocess=PreprocessConfig(resize=2, crop=2),
+            ),
+            "model.preprocess",
+        ),  # 2 px < two 3x3 convs
     ]
     for spec, field in cases:
         with pytest.raises(ConfigError) as info:
@@ -298,8 +346,9 @@ def test_python_callable_errors_name_the_field(user_package, tmp_path):
 
 def test_python_callable_string_is_imported_never_evaluated(tmp_path):
     marker = tmp_path / "evaluated"
-    spec = ModelConfig(name="p", source="python", num_classes=3,
-                     callable=f"__import__('os').system('touch {marker}'):f")
+    spec = ModelConfig(
+        name="p", source="python", num_classes=3, callable=f"__import__('os').system('touch {marker}'):f"
+    )
     with pytest.raises(ConfigError):
         load_model(spec)
     assert not marker.exists()
@@ -315,8 +364,13 @@ def test_demo_source_builds_preprocessing_from_meta(tmp_path, monkeypatch):
     folder.mkdir()
     state = {k: v.contiguous() for k, v in _random_resnet18(num_classes=4, seed=7).state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    meta = {"arch": "resnet18", "class_names": ["circle", "square", "triangle", "star"],
-            "image_size": 64, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}
+    meta = {
+        "arch": "resnet18",
+        "class_names": ["circle", "square", "triangle", "star"],
+        "image_size": 64,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.2, 0.2],
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
     worlds = []
     monkeypatch.setattr(demo_model, "ensure_demo_model", lambda world, *a, **k: worlds.append(world) or folder)
@@ -352,11 +406,18 @@ def test_default_cam_layer_is_last_spatial_stage_and_refuses_transformers():
     assert default_cam_layer(_random_resnet18(), input_size=96) == "layer4"
     # SqueezeNet's classifier holds a conv too, but its output is pooled to 1x1
     assert default_cam_layer(torchvision.models.squeezenet1_1(), input_size=96) == "features"
-    vgg_like = nn.Sequential(OrderedDict(features=nn.Conv2d(3, 4, 3, stride=4), avgpool=nn.AdaptiveAvgPool2d(7),
-                                         flatten=nn.Flatten(), classifier=nn.Linear(4 * 49, 2)))
+    vgg_like = nn.Sequential(
+        OrderedDict(
+            features=nn.Conv2d(3, 4, 3, stride=4),
+            avgpool=nn.AdaptiveAvgPool2d(7),
+            flatten=nn.Flatten(),
+            classifier=nn.Linear(4 * 49, 2),
+        )
+    )
     assert default_cam_layer(vgg_like, input_size=64) == "features"  # VGG's 7x7 avgpool is no CAM layer
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1,
-                                               hidden_dim=8, mlp_dim=8)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
+    )
     with pytest.raises(ConfigError, match="name one in the config"):
         default_cam_layer(vit, input_size=32)
 

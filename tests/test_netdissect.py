@@ -1,5 +1,6 @@
 """Network Dissection: planted detectors, the streaming tally against the plain computation, the
 threshold estimator's error bound, and memory that does not grow with the probe set."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.dissect import netdissect as nd
 from tasks.core.errors import ConfigError
+from tasks.dissect import netdissect as nd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 # Labels of the planted world: pixel labels 1-3, image-level scenes 4-5, a two-layer "part" 6-7.
 NAMES = {1: "disk", 2: "square", 3: "stripes", 4: "indoor", 5: "outdoor", 6: "wheel", 7: "door"}
@@ -59,11 +61,13 @@ def planted_probe(n_images: int, seed: int, size: int = 32, factor: int = 4, qua
             y = rng.integers(0, size - 8)
             stripes[y : y + 8] = True  # a full-width band (a quarter of the image)
         scene = 4 if rng.random() < 0.02 else 5
-        masks.append({
-            "object": (disk * 1)[None].astype(np.int32),
-            "color": (square * 2)[None].astype(np.int32),
-            "texture": (stripes * 3)[None].astype(np.int32),
-        })
+        masks.append(
+            {
+                "object": (disk * 1)[None].astype(np.int32),
+                "color": (square * 2)[None].astype(np.int32),
+                "texture": (stripes * 3)[None].astype(np.int32),
+            }
+        )
         labels.append({"scene": [scene]})
         for unit, region in enumerate((disk, square, stripes)):
             coverage = region.reshape(low, factor, low, factor).mean(axis=(1, 3))
@@ -94,26 +98,28 @@ def plain_iou(acts, masks, labels, thresholds, label_categories=None):
     """The definition, one image at a time: upsample, threshold, intersect with each label's mask
     (image-level labels cover the whole image). With ``label_categories``, an image counts
     towards a label's union only when it annotates the label's category."""
-    universe = sorted({int(v) for m in masks for a in m.values() for v in np.unique(a) if v > 0}
-                      | {v for lab in labels for vs in lab.values() for v in vs})
-    inter = {l: torch.zeros(acts.shape[1], dtype=torch.int64) for l in universe}
-    union = {l: torch.zeros(acts.shape[1], dtype=torch.int64) for l in universe}
+    universe = sorted(
+        {int(v) for m in masks for a in m.values() for v in np.unique(a) if v > 0}
+        | {v for lab in labels for vs in lab.values() for v in vs}
+    )
+    inter = {label: torch.zeros(acts.shape[1], dtype=torch.int64) for label in universe}
+    union = {label: torch.zeros(acts.shape[1], dtype=torch.int64) for label in universe}
     for i in range(acts.shape[0]):
         height, width = next(iter(masks[i].values())).shape[-2:]
         up = F.interpolate(acts[i : i + 1].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
         active = up > thresholds.float()[:, None, None]
         annotated = set(masks[i]) | set(labels[i])
-        for l in universe:
-            if label_categories is not None and label_categories[l] not in annotated:
+        for label in universe:
+            if label_categories is not None and label_categories[label] not in annotated:
                 continue
             region = np.zeros((height, width), bool)
             for array in masks[i].values():
-                region |= (np.asarray(array) == l).any(axis=0)
-            if any(l in vs for vs in labels[i].values()):
+                region |= (np.asarray(array) == label).any(axis=0)
+            if any(label in vs for vs in labels[i].values()):
                 region[:] = True
             region = torch.from_numpy(region)
-            inter[l] += (active & region).sum(dim=(1, 2))
-            union[l] += (active | region).sum(dim=(1, 2))
+            inter[label] += (active & region).sum(dim=(1, 2))
+            union[label] += (active | region).sum(dim=(1, 2))
     return inter, union
 
 
@@ -121,8 +127,12 @@ def test_planted_detectors_get_their_label_and_constant_unit_does_not():
     acts, masks, labels, ids = planted_probe(400, seed=0)
     frame = nd.dissect_layer(batches_of(acts, masks, labels, ids, 32), NAMES, CATEGORY, quantile=0.02)
     by_unit = frame.set_index("unit")
-    for unit, concept, category in [(0, "disk", "object"), (1, "square", "color"), (2, "stripes", "texture"),
-                                    (3, "indoor", "scene")]:
+    for unit, concept, category in [
+        (0, "disk", "object"),
+        (1, "square", "color"),
+        (2, "stripes", "texture"),
+        (3, "indoor", "scene"),
+    ]:
         assert by_unit.concept[unit] == concept and by_unit.category[unit] == category
         assert by_unit.score[unit] >= 0.5, (unit, by_unit.score[unit])
         assert by_unit.interpretable[unit]
@@ -235,8 +245,9 @@ def test_estimated_thresholds_change_iou_only_within_the_quantile_error():
 
 def test_categories_option_restricts_the_labels_scored():
     acts, masks, labels, ids = planted_probe(80, seed=1)
-    frame = nd.dissect_layer(batches_of(acts, masks, labels, ids, 40), NAMES, CATEGORY, quantile=0.02,
-                             categories=["object", "scene"])
+    frame = nd.dissect_layer(
+        batches_of(acts, masks, labels, ids, 40), NAMES, CATEGORY, quantile=0.02, categories=["object", "scene"]
+    )
     concepts = {d["concept"] for row in frame.top_concepts for d in row}
     assert concepts <= {"disk", "indoor", "outdoor"}
 
@@ -304,7 +315,11 @@ _MEMORY_SCRIPT = textwrap.dedent(
 def _peak_growth(n_images: int, mode: str) -> int:
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(n_images), mode],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["growth_kib"]
 
@@ -345,8 +360,12 @@ def test_layers_share_each_pass_and_match_single_layer_dissection(passes):
         calls.append(1)
         for start in range(0, 60, 20):
             end = start + 20
-            yield nd.DissectBatch({"fine": acts[start:end], "coarse": coarse[start:end]},
-                                  masks[start:end], labels[start:end], ids[start:end])
+            yield nd.DissectBatch(
+                {"fine": acts[start:end], "coarse": coarse[start:end]},
+                masks[start:end],
+                labels[start:end],
+                ids[start:end],
+            )
 
     options = dict(quantile=0.02, threshold_passes=passes)
     both = nd.dissect_layers(factory, NAMES, CATEGORY, **options)

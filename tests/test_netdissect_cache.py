@@ -1,5 +1,6 @@
 """Network Dissection's thresholds are cached per (weights, probe set, quantile): a warm run skips
 the thresholds pass and still writes the very same rows."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,20 +10,32 @@ import pytest
 
 import tasks.dissect.netdissect as nd
 from tasks.core.config import parse_config
-from tasks.dissect.stage import model_layers, netdissect_rows
-from tasks.dissect.probe import open_probe
 from tasks.data.loaded_models import using_model
+from tasks.dissect.probe import open_probe
+from tasks.dissect.stage import model_layers, netdissect_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(quantile: float) -> object:
-    return parse_config({
-        "name": "nd-cache", "device": "cpu", "world": {"n_train": 1, "n_val": 12},
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet", "num_classes": 3,
-                    "preprocess": {"resize": 64, "crop": 64}, "layers": ["layer2", "layer4"]}],
-        "dissect": {"methods": ["netdissect"], "probe": {"batch_size": 4}, "netdissect": {"quantile": quantile}},
-    })
+    return parse_config(
+        {
+            "name": "nd-cache",
+            "device": "cpu",
+            "world": {"n_train": 1, "n_val": 12},
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "num_classes": 3,
+                    "preprocess": {"resize": 64, "crop": 64},
+                    "layers": ["layer2", "layer4"],
+                }
+            ],
+            "dissect": {"methods": ["netdissect"], "probe": {"batch_size": 4}, "netdissect": {"quantile": quantile}},
+        }
+    )
 
 
 @pytest.fixture
@@ -73,11 +86,21 @@ def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_
     store = ResultsStore(str(tmp_path))
 
     def rows(image_ids, layers):
-        return [{"stage": "dissect", "item_id": image_id, "error_type": "NonFiniteActivationError", "model": "m",
-                 "message": f"NaN/Inf activations in {', '.join(layers)}"} for image_id in image_ids]
+        return [
+            {
+                "stage": "dissect",
+                "item_id": image_id,
+                "error_type": "NonFiniteActivationError",
+                "model": "m",
+                "message": f"NaN/Inf activations in {', '.join(layers)}",
+            }
+            for image_id in image_ids
+        ]
 
     first_layers, resumed_layers = ["layer1", "layer2", "layer3"], ["layer3"]
     store.write("errors", "run", labelling_errors_unit("m", "netdissect", first_layers), rows(["a", "b"], first_layers))
     store.write("errors", "run", labelling_errors_unit("m", "netdissect", resumed_layers), rows(["c"], resumed_layers))
-    store.write("errors", "run", labelling_errors_unit("m", "netdissect", resumed_layers), rows(["c"], resumed_layers))  # retried
+    store.write(
+        "errors", "run", labelling_errors_unit("m", "netdissect", resumed_layers), rows(["c"], resumed_layers)
+    )  # retried
     assert sorted(store.read("errors", "run")["item_id"]) == ["a", "b", "c"]

@@ -1,4 +1,5 @@
 """Orchestration: OOM back-off, Prefect retries, automatic resume after a crash, concurrent runs."""
+
 from __future__ import annotations
 
 import logging
@@ -20,18 +21,20 @@ import flows.explain
 import tasks.explain.stage
 import tasks.explain.tasks
 from flows.audit import interrupted_run, open_run, run_audit
-from tasks.core.config import parse_config
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord
-from tasks.explain.stage import EXPLAIN_TABLES
 from tasks.compute.oom import is_out_of_memory, run_with_backoff
+from tasks.core.config import parse_config
+from tasks.explain.stage import EXPLAIN_TABLES
 from tests.fixtures.audit_runs import kill_when_written
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
 
 
-def fits_up_to(limit: int, error: type[Exception] = RuntimeError, message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+def fits_up_to(
+    limit: int, error: type[Exception] = RuntimeError, message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"
+):
     """A batch function that runs out of memory above ``limit`` items and records the sizes it saw."""
     seen = []
 
@@ -40,6 +43,7 @@ def fits_up_to(limit: int, error: type[Exception] = RuntimeError, message: str =
         if len(batch) > limit:
             raise error(message)
         return list(batch)
+
     return function, seen
 
 
@@ -88,17 +92,28 @@ def make_images(folder: Path, count: int) -> Path:
 
 
 def tiny_config(image_folder, name="orchestration", **explain):
-    return parse_config({
-        "name": name,
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "class_names": CLASSES, "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": str(image_folder)},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 3, "batch_size": 3, "topk": 2, **explain},
-    })
+    return parse_config(
+        {
+            "name": name,
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "class_names": CLASSES,
+                    "preprocess": {"resize": 64, "crop": 64},
+                }
+            ],
+            "images": {"kind": "folder", "root": str(image_folder)},
+            "dissect": {"enabled": False},
+            "explain": {"methods": ["gradcam"], "chunk_size": 3, "batch_size": 3, "topk": 2, **explain},
+        }
+    )
 
 
-def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(prefect_harness, image_folder, tmp_path, monkeypatch):
+def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(
+    prefect_harness, image_folder, tmp_path, monkeypatch
+):
     real, sizes = tasks.explain.stage.explain_batch, []
 
     def explain_batch(config, model, layer, inputs):
@@ -106,6 +121,7 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(prefect
         if len(inputs) > 1:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(config, model, layer, inputs)
+
     monkeypatch.setattr(tasks.explain.stage, "explain_batch", explain_batch)
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
@@ -115,7 +131,9 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(prefect
     assert 3 in sizes and 1 in sizes
 
 
-def test_a_transient_task_failure_is_retried_and_the_run_completes(prefect_harness, image_folder, tmp_path, monkeypatch):
+def test_a_transient_task_failure_is_retried_and_the_run_completes(
+    prefect_harness, image_folder, tmp_path, monkeypatch
+):
     real, calls = tasks.explain.tasks.explain_records, []
 
     def explain_records(*args, **kwargs):
@@ -123,9 +141,12 @@ def test_a_transient_task_failure_is_retried_and_the_run_completes(prefect_harne
         if len(calls) == 1:
             raise ConnectionError("flaky storage (simulated)")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(tasks.explain.tasks, "explain_records", explain_records)
     # same task, no wait between attempts
-    monkeypatch.setattr(flows.explain, "explain_chunk", tasks.explain.tasks.explain_chunk.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(
+        flows.explain, "explain_chunk", tasks.explain.tasks.explain_chunk.with_options(retry_delay_seconds=0)
+    )
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
     store = ResultsStore(results)
@@ -135,8 +156,16 @@ def test_a_transient_task_failure_is_retried_and_the_run_completes(prefect_harne
 
 
 def _record(config, status, pid=None, hostname=None, run_id="r"):
-    return RunRecord(run_id=run_id, config_name=config.name, config_json=config.canonical_json(), config_hash=config.config_hash(),
-                     device="cpu", status=status, pid=pid, hostname=hostname or socket.gethostname())
+    return RunRecord(
+        run_id=run_id,
+        config_name=config.name,
+        config_json=config.canonical_json(),
+        config_hash=config.config_hash(),
+        device="cpu",
+        status=status,
+        pid=pid,
+        hostname=hostname or socket.gethostname(),
+    )
 
 
 def _dead_pid() -> int:
@@ -145,9 +174,16 @@ def _dead_pid() -> int:
     return child.pid
 
 
-@pytest.mark.parametrize(("status", "alive", "resumed"), [
-    ("failed", True, True), ("running", False, True), ("running", True, False), ("completed", False, False), ("partial", False, False),
-])
+@pytest.mark.parametrize(
+    ("status", "alive", "resumed"),
+    [
+        ("failed", True, True),
+        ("running", False, True),
+        ("running", True, False),
+        ("completed", False, False),
+        ("partial", False, False),
+    ],
+)
 def test_only_failed_runs_and_runs_whose_process_died_are_resumed(image_folder, tmp_path, status, alive, resumed):
     store, config = ResultsStore(tmp_path / "results"), tiny_config(image_folder)
     _record(config, status, pid=os.getpid() if alive else _dead_pid()).save(store)
@@ -176,17 +212,30 @@ def test_open_run_resumes_automatically_unless_new(image_folder, tmp_path):
 
 # ---- crash and concurrency, through real `xai-audit run` processes ----
 
+
 def _cli_setup(tmp_path: Path, n_images: int, slow: bool) -> Path:
     make_images(tmp_path / "images", n_images)
     model = "tests.fixtures.slow_models:slow_tiny_resnet" if slow else "tests.fixtures.tiny_models:tiny_resnet"
     config = tmp_path / "crash.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "crash",
-        "models": [{"name": "tiny", "source": "python", "callable": model, "class_names": CLASSES, "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": "images"},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 1, "batch_size": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "crash",
+                "models": [
+                    {
+                        "name": "tiny",
+                        "source": "python",
+                        "callable": model,
+                        "class_names": CLASSES,
+                        "preprocess": {"resize": 64, "crop": 64},
+                    }
+                ],
+                "images": {"kind": "folder", "root": "images"},
+                "dissect": {"enabled": False},
+                "explain": {"methods": ["gradcam"], "chunk_size": 1, "batch_size": 1},
+            }
+        )
+    )
     return config
 
 
@@ -232,8 +281,9 @@ def test_a_killed_run_resumes_automatically_to_the_tables_of_an_uninterrupted_ru
     results = tmp_path / "results"
     store = ResultsStore(results)
     env = _cli_env(tmp_path, "prefect-home")
-    process = subprocess.Popen(_cli(config, results), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        _cli(config, results), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     kill_when_written(process, store, "errors", 3)  # errors is each chunk's last file
     (killed,) = store.run_ids()
     assert RunRecord.load(store, killed).status == "running"
@@ -243,7 +293,9 @@ def test_a_killed_run_resumes_automatically_to_the_tables_of_an_uninterrupted_ru
     resumed = subprocess.run(_cli(config, results), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"run {killed}: completed" in resumed.stdout
-    reference = subprocess.run(_cli(config, results, "--new"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(
+        _cli(config, results, "--new"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert reference.returncode == 0, reference.stderr
     (fresh,) = set(store.run_ids()) - {killed}
     _assert_same(_assert_intact(store, killed, n_images), _assert_intact(store, fresh, n_images))
@@ -254,8 +306,17 @@ def test_two_runs_writing_to_one_results_root_at_once_both_complete(tmp_path):
     n_images = 6
     config = _cli_setup(tmp_path, n_images, slow=False)
     results = tmp_path / "results"
-    processes = [subprocess.Popen(_cli(config, results, "--new"), cwd=REPO, env=_cli_env(tmp_path, f"home{i}"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            _cli(config, results, "--new"),
+            cwd=REPO,
+            env=_cli_env(tmp_path, f"home{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     store = ResultsStore(results)

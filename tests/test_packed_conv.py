@@ -1,4 +1,5 @@
 """Packed convolutions: the same outputs as torch's convolution, on every path a forward can take."""
+
 from __future__ import annotations
 
 import copy
@@ -120,5 +121,9 @@ def test_cpu_inference_copy_packs_every_resnet_convolution_and_keeps_the_logits(
     images = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         expected = model(images)
-        torch.testing.assert_close(fast(images.contiguous(memory_format=torch.channels_last)), expected,
-                                   rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            fast(images.contiguous(memory_format=torch.channels_last)),
+            expected,
+            rtol=1e-5,
+            atol=1e-5 * float(expected.abs().max()),
+        )

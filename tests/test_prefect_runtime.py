@@ -1,4 +1,5 @@
 """Two Prefect 3.x costs the task runners avoid: tag-slot checks nobody enforces, heartbeats nobody reads."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,11 +7,16 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.context import TaskRunContext
-from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
 
 import flows.runner as runner
+from flows.runner import GPU_TAG, AuditThreadPoolTaskRunner, flow_task_runner, gpu_limit_enforced, local_run_settings
 from tasks.core.config import parse_config
-from flows.runner import AuditThreadPoolTaskRunner, GPU_TAG, flow_task_runner, gpu_limit_enforced, local_run_settings
 
 
 @task(tags=[GPU_TAG, "probe"])

@@ -1,6 +1,7 @@
 """Adding a method is one new class and one registry entry: a toy explainer and a toy metric,
 registered from this test module, flow through the explain stage into ``saliency``,
 ``scores``, ``summary_methods`` and the report without any other file knowing their names."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,15 @@ class PeakMass(Metric):
             for index in np.flatnonzero(batch.usable):
                 values = np.clip(maps[index].astype(np.float64).ravel(), 0, None)
                 top = np.sort(values)[::-1][: max(1, values.size // 10)]
-                rows.append({"model": batch.model_name, "image_id": batch.image_ids[index], "method": method,
-                             "metric": "toy_peak_mass", "value": float(top.sum() / values.sum()) if values.sum() else None})
+                rows.append(
+                    {
+                        "model": batch.model_name,
+                        "image_id": batch.image_ids[index],
+                        "method": method,
+                        "metric": "toy_peak_mass",
+                        "value": float(top.sum() / values.sum()) if values.sum() else None,
+                    }
+                )
         return {"scores": rows}
 
 
@@ -62,15 +70,29 @@ def toy_run(prefect_harness, tmp_path_factory):
     explainer, metric = explainers.register(CentreExplainer()), metrics.register(PeakMass())
     try:
         results = str(tmp_path_factory.mktemp("results"))
-        config = parse_config({
-            "name": "toy-registry",
-            "world": {"n_train": 1, "n_val": N_IMAGES},
-            "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                        "num_classes": 3, "preprocess": {"resize": 64, "crop": 64}}],
-            "images": {"kind": "world", "split": "val"},
-            "dissect": {"enabled": False},
-            "explain": {"methods": ["gradcam", "toy_centre"], "chunk_size": 2, "batch_size": 2, "metrics": {"steps": 4}},
-        })
+        config = parse_config(
+            {
+                "name": "toy-registry",
+                "world": {"n_train": 1, "n_val": N_IMAGES},
+                "models": [
+                    {
+                        "name": "tiny",
+                        "source": "python",
+                        "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                        "num_classes": 3,
+                        "preprocess": {"resize": 64, "crop": 64},
+                    }
+                ],
+                "images": {"kind": "world", "split": "val"},
+                "dissect": {"enabled": False},
+                "explain": {
+                    "methods": ["gradcam", "toy_centre"],
+                    "chunk_size": 2,
+                    "batch_size": 2,
+                    "metrics": {"steps": 4},
+                },
+            }
+        )
         from flows.preflight import registry_problems
 
         assert not list(registry_problems(config))
@@ -88,7 +110,12 @@ def test_the_toy_explainer_map_lands_in_saliency(toy_run):
     toy = saliency[saliency["method"] == "toy_centre"]
     assert len(toy) == N_IMAGES
     first = decode_map(toy.iloc[0].to_dict())
-    assert first.shape == (64, 64) and np.unravel_index(first.argmax(), first.shape) in {(31, 31), (31, 32), (32, 31), (32, 32)}
+    assert first.shape == (64, 64) and np.unravel_index(first.argmax(), first.shape) in {
+        (31, 31),
+        (31, 32),
+        (32, 31),
+        (32, 32),
+    }
     # every built-in metric scored the toy method too (the stage never branches on a method name)
     assert set(store.read("faithfulness", outcome.run_id)["method"]) == {"gradcam", "toy_centre"}
 

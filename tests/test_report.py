@@ -1,5 +1,6 @@
 """The HTML report: written by every run, self-contained (relative links to files that exist),
 bounded, and clean in a real browser (headless Debian chromium: no broken image, no error)."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,18 @@ from tasks.results.report import write_report
 from tasks.results.summary import empty_frame
 from tests.fixtures.audit_runs import METHODS, N_IMAGES, two_audited_runs
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  # any attempt to reach the network fails, so a remote resource shows up as an error
-                  "--host-resolver-rules=MAP * ~NOTFOUND"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # any attempt to reach the network fails, so a remote resource shows up as an error
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
 
 # Injected at the top of a copy of a page: records failed loads, script errors and console.error
 # calls, then on load lists the images that did not decode, into <pre id="xai-audit-check">.
@@ -37,19 +46,28 @@ CHECKER = """<script>
   var problems = [];
   window.addEventListener("error", function (event) {
     var target = event.target;
-    problems.push(target && target !== window ? "failed to load " + (target.src || target.href) : "script error: " + event.message);
+    problems.push(
+      target && target !== window ? "failed to load " + (target.src || target.href) : "script error: " + event.message
+    );
   }, true);
   var consoleError = console.error;
-  console.error = function () { problems.push("console.error: " + Array.prototype.join.call(arguments, " ")); consoleError.apply(console, arguments); };
+  console.error = function () {
+    problems.push("console.error: " + Array.prototype.join.call(arguments, " "));
+    consoleError.apply(console, arguments);
+  };
   window.addEventListener("load", function () {
     var images = Array.prototype.slice.call(document.images);
     var out = document.createElement("pre");
     out.id = "xai-audit-check";
     out.textContent = JSON.stringify({
       images: images.length,
-      broken: images.filter(function (image) { return !image.complete || image.naturalWidth === 0; }).map(function (image) { return image.getAttribute("src"); }),
+      broken: images
+        .filter(function (image) { return !image.complete || image.naturalWidth === 0; })
+        .map(function (image) { return image.getAttribute("src"); }),
       problems: problems,
-      tableBorders: Array.prototype.slice.call(document.querySelectorAll("table.t")).map(function (t) { return getComputedStyle(t).borderCollapse; })
+      tableBorders: Array.prototype.slice
+        .call(document.querySelectorAll("table.t"))
+        .map(function (t) { return getComputedStyle(t).borderCollapse; })
     });
     document.body.appendChild(out);
   });
@@ -91,8 +109,12 @@ def chromium():
 
 
 def browse(chromium: str, page: Path, profile: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, page.as_uri()],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def check_in_browser(chromium: str, page: Path, profile: Path, extra_body: str = "") -> dict:
@@ -153,8 +175,15 @@ def test_the_report_loads_in_chromium_without_broken_images_or_errors(runs, chro
     checked = check_in_browser(chromium, image_page, tmp_path / "profile")
     assert checked["images"] == 1 and checked["broken"] == [] and checked["problems"] == []
     screenshot = tmp_path / "report.png"
-    shot = browse(chromium, index, tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,2000",
-                  "--enable-logging=stderr", "--v=0")
+    shot = browse(
+        chromium,
+        index,
+        tmp_path / "profile",
+        f"--screenshot={screenshot}",
+        "--window-size=1280,2000",
+        "--enable-logging=stderr",
+        "--v=0",
+    )
     assert ":CONSOLE" not in shot.stderr, shot.stderr
     with Image.open(screenshot) as image:
         assert image.size == (1280, 2000)
@@ -164,8 +193,12 @@ def test_the_report_loads_in_chromium_without_broken_images_or_errors(runs, chro
 def test_the_browser_check_catches_broken_images_and_errors(runs, chromium, tmp_path):
     """The negative control: the same check on a page with a missing image and a failing script."""
     index = Path(runs.first.report_path)
-    checked = check_in_browser(chromium, index, tmp_path / "profile",
-                               '<img src="figures/missing.png"><script>console.error("boom"); notDefined();</script>')
+    checked = check_in_browser(
+        chromium,
+        index,
+        tmp_path / "profile",
+        '<img src="figures/missing.png"><script>console.error("boom"); notDefined();</script>',
+    )
     assert checked["broken"] == ["figures/missing.png"]
     assert any("missing.png" in problem for problem in checked["problems"])
     assert any("boom" in problem for problem in checked["problems"])
@@ -190,7 +223,9 @@ def test_report_command_rewrites_a_report_and_rejects_unknown_runs(runs, tmp_pat
     index.unlink()
     assert main(["report", runs.first.run_id, "--results", store.root]) == 0
     assert f"report: {index}" in capsys.readouterr().out and index.is_file()
-    assert not [path for path in index.parent.parent.iterdir() if path.name.startswith(".")], "staging folders left behind"
+    assert not [path for path in index.parent.parent.iterdir() if path.name.startswith(".")], (
+        "staging folders left behind"
+    )
     assert main(["report", "no-such-run", "--results", store.root]) == 2
 
 
@@ -216,27 +251,54 @@ def test_a_failing_report_becomes_an_error_row_and_keeps_the_tables(prefect_harn
     images = tmp_path / "images"
     images.mkdir()
     for index in range(2):
-        Image.fromarray(np.random.default_rng(index).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{index}.png")
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            images / f"{index}.png"
+        )
 
     def broken_report(store, run_id):
         raise RuntimeError("no disk left for figures")
 
     monkeypatch.setattr(results_tasks, "write_report", broken_report)
-    config = parse_config({"name": "report-failure", "dissect": {"enabled": False}, "images": {"kind": "folder", "root": str(images)},
-                           "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                                       "num_classes": 3, "preprocess": {"resize": 32, "crop": 32}}],
-                           "explain": {"methods": ["gradcam"]}})
+    config = parse_config(
+        {
+            "name": "report-failure",
+            "dissect": {"enabled": False},
+            "images": {"kind": "folder", "root": str(images)},
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "num_classes": 3,
+                    "preprocess": {"resize": 32, "crop": 32},
+                }
+            ],
+            "explain": {"methods": ["gradcam"]},
+        }
+    )
     outcome = run_audit(config, str(tmp_path / "results"))
     store = ResultsStore(tmp_path / "results")
     assert (outcome.status, outcome.n_errors, outcome.report_path) == ("partial", 1, None)
     (error,) = store.read("errors", outcome.run_id).to_dict("records")
-    assert (error["stage"], error["error_type"], error["message"]) == ("report", "RuntimeError", "no disk left for figures")
+    assert (error["stage"], error["error_type"], error["message"]) == (
+        "report",
+        "RuntimeError",
+        "no disk left for figures",
+    )
     assert len(store.read("summary_methods", outcome.run_id)) == 1
 
 
 def test_figures_draw_models_side_by_side_and_nothing_for_empty_inputs(tmp_path):
-    categories = pd.DataFrame({"model": ["a", "a", "b"], "layer": ["layer3", "layer4", "layer4"], "method": "netdissect",
-                               "category": ["color", "texture", "color"], "units": [2, 3, 4], "share": [0.2, 0.3, 0.4]})
+    categories = pd.DataFrame(
+        {
+            "model": ["a", "a", "b"],
+            "layer": ["layer3", "layer4", "layer4"],
+            "method": "netdissect",
+            "category": ["color", "texture", "color"],
+            "units": [2, 3, 4],
+            "share": [0.2, 0.3, 0.4],
+        }
+    )
     one = figures.category_shares(categories, ["a"], "netdissect", tmp_path / "one.png")
     two = figures.category_shares(categories, ["a", "b"], "netdissect", tmp_path / "two.png")
     with Image.open(one) as single, Image.open(two) as double:
@@ -244,6 +306,14 @@ def test_figures_draw_models_side_by_side_and_nothing_for_empty_inputs(tmp_path)
     assert figures.category_shares(categories, ["a"], "clip_dissect", tmp_path / "none.png") is None
     assert figures.layer_concepts(empty_frame("summary_concepts"), "t", tmp_path / "c.png") is None
     assert figures.leaderboard(empty_frame("summary_methods"), tmp_path / "l.png") is None
-    assert figures.iou_distributions(pd.DataFrame(columns=["model", "method_a", "method_b", "iou"]), tmp_path / "i.png") is None
-    assert figures.drift_summary(empty_frame("summary_drift_layers"), empty_frame("summary_drift_metrics"), "t", tmp_path / "d.png") is None
+    assert (
+        figures.iou_distributions(pd.DataFrame(columns=["model", "method_a", "method_b", "iou"]), tmp_path / "i.png")
+        is None
+    )
+    assert (
+        figures.drift_summary(
+            empty_frame("summary_drift_layers"), empty_frame("summary_drift_metrics"), "t", tmp_path / "d.png"
+        )
+        is None
+    )
     assert not list(tmp_path.glob("[cldi].png"))

@@ -1,4 +1,5 @@
 """ROAD through grad-cam: a map on the evidence the model uses outscores a map on what it ignores."""
+
 from __future__ import annotations
 
 import numpy as np

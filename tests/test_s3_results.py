@@ -1,4 +1,5 @@
 """A results root in S3 (moto's server on 127.0.0.1 standing in for the object store)."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,12 @@ def s3(monkeypatch) -> S3:
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()  # instances made for an earlier server must not be reused
@@ -72,7 +77,10 @@ def test_units_written_to_a_bucket_are_listed_replaced_and_queried(s3):
     store.write("errors", "r1", "chunk-0", [_error_row("a.png")])
     store.write("errors", "r1", "chunk-1", [_error_row("b.png"), _error_row("c.png")])
     store.write("errors", "r1", "chunk-1", [_error_row("b.png")])  # re-running a unit replaces its file
-    assert store.files("errors") == [f"{s3.bucket}/audits/errors/run_id=r1/chunk-0.parquet", f"{s3.bucket}/audits/errors/run_id=r1/chunk-1.parquet"]
+    assert store.files("errors") == [
+        f"{s3.bucket}/audits/errors/run_id=r1/chunk-0.parquet",
+        f"{s3.bucket}/audits/errors/run_id=r1/chunk-1.parquet",
+    ]
     assert store.has_unit("errors", "r1", "chunk-0") and not store.has_unit("errors", "r1", "chunk-2")
     assert sorted(store.read("errors")["item_id"]) == ["a.png", "b.png"]
     assert run_query(store, "select count(*) as n from errors where run_id = 'r1'")["n"].tolist() == [2]
@@ -81,9 +89,14 @@ def test_units_written_to_a_bucket_are_listed_replaced_and_queried(s3):
 def test_files_written_by_another_process_are_seen_at_once(s3):
     store = ResultsStore(f"s3://{s3.bucket}/audits")
     store.write("errors", "r1", "chunk-0", [_error_row("a.png")])
-    assert len(store.files("errors", "r1")) == 1 and not store.has_unit("errors", "r1", "chunk-1")  # listings now cached
+    assert len(store.files("errors", "r1")) == 1 and not store.has_unit(
+        "errors", "r1", "chunk-1"
+    )  # listings now cached
     other = s3fs.S3FileSystem(skip_instance_cache=True)  # a Dask worker or a concurrent run: its own client
-    with other.open(f"{s3.bucket}/audits/errors/run_id=r1/chunk-1.parquet", "wb") as handle, store.fs.open(store.files("errors", "r1")[0], "rb") as source:
+    with (
+        other.open(f"{s3.bucket}/audits/errors/run_id=r1/chunk-1.parquet", "wb") as handle,
+        store.fs.open(store.files("errors", "r1")[0], "rb") as source,
+    ):
         handle.write(source.read())
     assert store.has_unit("errors", "r1", "chunk-1")
     assert len(store.files("errors", "r1")) == 2 and len(store.read("errors", "r1")) == 2
@@ -106,14 +119,25 @@ def _write_setup(tmp_path: Path, n_images: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index:03d}.png")
     config = tmp_path / "s3.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "s3-demo",
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.slow_models:slow_tiny_resnet",
-                    "class_names": CLASSES, "preprocess": {"resize": 64, "crop": 64}}],
-        "images": {"kind": "folder", "root": "images"},
-        "dissect": {"enabled": False},
-        "explain": {"methods": ["gradcam"], "chunk_size": 1, "batch_size": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s3-demo",
+                "models": [
+                    {
+                        "name": "tiny",
+                        "source": "python",
+                        "callable": "tests.fixtures.slow_models:slow_tiny_resnet",
+                        "class_names": CLASSES,
+                        "preprocess": {"resize": 64, "crop": 64},
+                    }
+                ],
+                "images": {"kind": "folder", "root": "images"},
+                "dissect": {"enabled": False},
+                "explain": {"methods": ["gradcam"], "chunk_size": 1, "batch_size": 1},
+            }
+        )
+    )
     return config
 
 
@@ -126,7 +150,9 @@ def test_a_run_killed_while_writing_to_s3_resumes_there_and_is_queried(s3, tmp_p
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env |= s3.env | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "flows.cli", "run", str(config), "--results", root]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     kill_when_written(process, store, "errors", 2)  # errors is each chunk's last file
     (killed,) = store.run_ids()
     assert RunRecord.load(store, killed).status == "running"

@@ -19,6 +19,7 @@ The derived configs change sizes only (probe images, LIME samples, metric steps,
 layer: ScoreCAM and AblationCAM run one forward per channel, 64 at ``layer1.0.conv1`` instead of
 2,048 at ``layer4``, which keeps ResNet50 at its real 224-px input within minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,9 @@ from PIL import Image
 
 from flows.cli import main
 from storage.parquet import ResultsStore
+from tasks.core.config import WorldConfig
 from tasks.data.sources import places365
 from tasks.world.synthetic import generate_world
-from tasks.core.config import WorldConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DISSECT = "seed-dissect-resnet18-imagenet-vs-places365.yaml"
@@ -54,9 +55,16 @@ SEED_CONFIGS = (DISSECT, DISSECT_20K, EXPLAIN)
 RESNET18_CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 EXPLAIN_METHODS = ["ablationcam", "gradcam", "lime", "scorecam"]
 WORDS = ["red", "blue", "green", "circle", "square", "star", "striped", "dotted", "the", "house", "dog", "sky", "water"]
-IMAGES = {"n01443537_goldfish.JPEG": (300, 240), "n02098286_terrier.JPEG": (256, 320), "n04037443_racer.JPEG": (400, 280)}
+IMAGES = {
+    "n01443537_goldfish.JPEG": (300, 240),
+    "n02098286_terrier.JPEG": (256, 320),
+    "n04037443_racer.JPEG": (400, 280),
+}
 N_PROBE = 104  # soft_wpmi averages over the 100 most activating images, so at least 100
-LIME_GRID = [{"segmentation": "slic", "n_segments": 12, "num_samples": 16}, {"segmentation": "quickshift", "num_samples": 16}]
+LIME_GRID = [
+    {"segmentation": "slic", "n_segments": 12, "num_samples": 16},
+    {"segmentation": "quickshift", "num_samples": 16},
+]
 
 
 def _published_name(arch: str, weights: str) -> str:
@@ -67,7 +75,9 @@ def _write_torchvision_weights(checkpoints: Path) -> None:
     checkpoints.mkdir(parents=True)
     for seed, arch in enumerate(("resnet18", "resnet50")):
         torch.manual_seed(seed)
-        torch.save(torchvision.models.get_model(arch).state_dict(), checkpoints / _published_name(arch, "IMAGENET1K_V1"))
+        torch.save(
+            torchvision.models.get_model(arch).state_dict(), checkpoints / _published_name(arch, "IMAGENET1K_V1")
+        )
 
 
 def _write_places365(folder: Path) -> None:
@@ -75,9 +85,15 @@ def _write_places365(folder: Path) -> None:
     folder.mkdir(parents=True)
     torch.manual_seed(7)
     state = torchvision.models.resnet18(num_classes=365).state_dict()
-    checkpoint = {"epoch": 90, "arch": "resnet18", "best_prec1": 54.74,
-                  "state_dict": OrderedDict((f"module.{key}", value) for key, value in state.items())}
-    torch.save(checkpoint, folder / "resnet18_places365.pth.tar", _use_new_zipfile_serialization=False, pickle_protocol=2)
+    checkpoint = {
+        "epoch": 90,
+        "arch": "resnet18",
+        "best_prec1": 54.74,
+        "state_dict": OrderedDict((f"module.{key}", value) for key, value in state.items()),
+    }
+    torch.save(
+        checkpoint, folder / "resnet18_places365.pth.tar", _use_new_zipfile_serialization=False, pickle_protocol=2
+    )
     (folder / "categories_places365.txt").write_text("".join(f"/s/scene{index} {index}\n" for index in range(365)))
 
 
@@ -87,7 +103,9 @@ def _write_random_clip(path: Path) -> None:
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16")
     # half precision halves the file; loading copies the values into the fp32 parameters
-    torch.save({key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()}, path)
+    torch.save(
+        {key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()}, path
+    )
 
 
 def _write_images(folder: Path) -> None:
@@ -154,14 +172,22 @@ def study(prefect_harness, tmp_path_factory):
             explain["metrics"].update(steps=4, batch_size=16)
 
         results = root / "results"
-        runs = {name: _cli("run", str(_derived(configs / name, change)), "--results", str(results))
-                for name, change in ((DISSECT, small_dissect), (DISSECT_20K, small_dissect), (EXPLAIN, small_explain))}
+        runs = {
+            name: _cli("run", str(_derived(configs / name, change)), "--results", str(results))
+            for name, change in ((DISSECT, small_dissect), (DISSECT_20K, small_dissect), (EXPLAIN, small_explain))
+        }
     run_ids = {}
     for name, (code, out, err) in runs.items():
         assert code == 0, f"{name} exited {code}:\n{out}\n{err}"
         run_ids[name] = out.splitlines()[0].split()[1].rstrip(":")
-    return {"root": root, "validated": validated, "runs": runs, "run_ids": run_ids,
-            "store": ResultsStore(str(results)), "downloads": downloads}
+    return {
+        "root": root,
+        "validated": validated,
+        "runs": runs,
+        "run_ids": run_ids,
+        "store": ResultsStore(str(results)),
+        "downloads": downloads,
+    }
 
 
 def test_the_seed_configs_name_the_study_setup():
@@ -170,12 +196,17 @@ def test_the_seed_configs_name_the_study_setup():
     explain = yaml.safe_load((REPO / "configs" / EXPLAIN).read_text())
     for config in (dissect, twenty_k):
         assert [(m["source"], m["arch"], m.get("weights")) for m in config["models"]] == [
-            ("torchvision", "resnet18", "IMAGENET1K_V1"), ("places365", "resnet18", None)]
+            ("torchvision", "resnet18", "IMAGENET1K_V1"),
+            ("places365", "resnet18", None),
+        ]
         assert all(m["layers"] == list(RESNET18_CHANNELS) for m in config["models"])
         clip = config["dissect"]["clip"]
         assert (clip["model"], clip["pretrained"], clip["similarity"]) == ("ViT-B-16", "openai", "soft_wpmi")
         assert config["dissect"]["probe"]["root"] == "../data/broden1_224"
-    assert dissect["dissect"]["methods"] == ["clip_dissect", "netdissect"] and dissect["dissect"]["concepts"]["source"] == "broden"
+    assert (
+        dissect["dissect"]["methods"] == ["clip_dissect", "netdissect"]
+        and dissect["dissect"]["concepts"]["source"] == "broden"
+    )
     assert twenty_k["dissect"]["concepts"] == {"source": "file", "path": "../data/20k.txt"}
     assert [(m["arch"], m["weights"]) for m in explain["models"]] == [("resnet50", "IMAGENET1K_V1")]
     assert explain["explain"]["methods"] == ["gradcam", "scorecam", "ablationcam", "lime"]
@@ -193,9 +224,16 @@ def test_readme_names_every_file_these_configs_download_or_read():
     for name in SEED_CONFIGS:
         config = yaml.safe_load((REPO / "configs" / name).read_text())
         needed.add(f"configs/{name}")
-        needed |= {torchvision.models.get_model_weights(m["arch"])[m["weights"]].url for m in config["models"] if m["source"] == "torchvision"}
-        for path in (config.get("images", {}).get("root"), config["dissect"].get("probe", {}).get("root"),
-                     config["dissect"].get("concepts", {}).get("path")):
+        needed |= {
+            torchvision.models.get_model_weights(m["arch"])[m["weights"]].url
+            for m in config["models"]
+            if m["source"] == "torchvision"
+        }
+        for path in (
+            config.get("images", {}).get("root"),
+            config["dissect"].get("probe", {}).get("root"),
+            config["dissect"].get("concepts", {}).get("path"),
+        ):
             if path:
                 needed.add(path.removeprefix("../"))
     assert {"data/broden1_224", "data/20k.txt", "data/imagenet-samples"} <= needed
@@ -212,9 +250,11 @@ def test_the_seed_configs_validate_with_their_data_in_place(study):
 def test_validate_names_each_missing_download_by_field_and_path(tmp_path):
     for name in SEED_CONFIGS:
         shutil.copy(REPO / "configs" / name, tmp_path / name)
-    expected = {DISSECT: [("dissect.probe.root", "data/broden1_224")],
-                DISSECT_20K: [("dissect.probe.root", "data/broden1_224"), ("dissect.concepts.path", "data/20k.txt")],
-                EXPLAIN: [("images.root", "data/imagenet-samples")]}
+    expected = {
+        DISSECT: [("dissect.probe.root", "data/broden1_224")],
+        DISSECT_20K: [("dissect.probe.root", "data/broden1_224"), ("dissect.concepts.path", "data/20k.txt")],
+        EXPLAIN: [("images.root", "data/imagenet-samples")],
+    }
     for name, problems in expected.items():
         code, _, err = _cli("validate", str(tmp_path / name))
         assert code == 2
@@ -245,10 +285,13 @@ def test_dissect_runs_label_every_channel_of_layer1_to_layer4_of_both_models(stu
     for name, methods in expected_methods.items():
         neurons = store.read("neurons", study["run_ids"][name])
         counts = neurons.groupby(["model", "layer", "method"]).size().to_dict()
-        assert counts == {(model, layer, method): channels
-                          for model in ("resnet18-imagenet", "resnet18-places365")
-                          for layer, channels in RESNET18_CHANNELS.items() for method in methods}
-        for (model, layer, method), rows in neurons.groupby(["model", "layer", "method"]):
+        assert counts == {
+            (model, layer, method): channels
+            for model in ("resnet18-imagenet", "resnet18-places365")
+            for layer, channels in RESNET18_CHANNELS.items()
+            for method in methods
+        }
+        for (_model, layer, _method), rows in neurons.groupby(["model", "layer", "method"]):
             assert sorted(rows["unit"]) == list(range(RESNET18_CHANNELS[layer]))
         clip = neurons[neurons["method"] == "clip_dissect"]
         # CLIP-Dissect chooses from the configured concept set: Broden's labels or the word file
@@ -272,10 +315,20 @@ def test_explain_run_has_one_row_per_image_and_method_and_pair(study):
     assert sorted(zip(saliency["image_id"], saliency["method"])) == sorted(itertools.product(images, EXPLAIN_METHODS))
     assert set(zip(saliency["height"], saliency["width"])) == {(224, 224)}
     faithfulness = store.read("faithfulness", run_id)
-    assert sorted(zip(faithfulness["image_id"], faithfulness["method"])) == sorted(itertools.product(images, EXPLAIN_METHODS))
+    assert sorted(zip(faithfulness["image_id"], faithfulness["method"])) == sorted(
+        itertools.product(images, EXPLAIN_METHODS)
+    )
     agreement = store.read("agreement", run_id)
     pairs = sorted((image, *pair) for image in images for pair in itertools.combinations(EXPLAIN_METHODS, 2))
-    assert sorted(zip(agreement["image_id"], *[agreement[["method_a", "method_b"]].min(axis=1), agreement[["method_a", "method_b"]].max(axis=1)])) == pairs
+    assert (
+        sorted(
+            zip(
+                agreement["image_id"],
+                *[agreement[["method_a", "method_b"]].min(axis=1), agreement[["method_a", "method_b"]].max(axis=1)],
+            )
+        )
+        == pairs
+    )
     assert agreement["iou"].between(0, 1).all()
     trials = store.read("lime_trials", run_id)
     assert len(trials) == len(images) * len(LIME_GRID)

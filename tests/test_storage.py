@@ -1,4 +1,5 @@
 """Storage: schema-checked, atomic, idempotent writes; readers never see partial files."""
+
 from __future__ import annotations
 
 import os
@@ -77,7 +78,9 @@ def test_tables_read_with_plain_pandas_pyarrow_and_duckdb(tmp_path):
     assert by_pandas["run_id"].astype(str).value_counts().to_dict() == {"r2": 2, "r1": 1}
     by_arrow = ds.dataset(tmp_path / "errors", format="parquet", partitioning="hive").to_table()
     assert sorted(by_arrow.column("run_id").to_pylist()) == ["r1", "r2", "r2"]
-    by_duckdb = duckdb.sql(f"select run_id, count(*) from '{tmp_path}/errors/*/*.parquet' group by run_id order by run_id").fetchall()
+    by_duckdb = duckdb.sql(
+        f"select run_id, count(*) from '{tmp_path}/errors/*/*.parquet' group by run_id order by run_id"
+    ).fetchall()
     assert by_duckdb == [("r1", 1), ("r2", 2)]
 
 
@@ -98,15 +101,45 @@ def test_query_reads_rows_of_every_table(tmp_path):
     store = ResultsStore(tmp_path)
     base = {"model": "m", "image_id": "a.png", "method": "gradcam"}
     samples = {
-        "images": {"image_id": "a.png", "chunk": 0, "path": "/data/a.png", "label": 1, "label_name": "circle",
-                   "mask_path": None, "box": [0, 0, 4, 4]},
-        "predictions": {"model": "m", "image_id": "a.png", "label": 1, "label_name": "circle", "prob": 0.9,
-                        "topk": [{"label": 1, "name": "circle", "prob": 0.9}]},
-        "neurons": {"model": "m", "layer": "layer4", "unit": 3, "method": "netdissect", "concept": "red", "category": "color",
-                    "score": 0.3, "top_concepts": [{"concept": "red", "score": 0.3}], "top_images": ["a.png"]},
+        "images": {
+            "image_id": "a.png",
+            "chunk": 0,
+            "path": "/data/a.png",
+            "label": 1,
+            "label_name": "circle",
+            "mask_path": None,
+            "box": [0, 0, 4, 4],
+        },
+        "predictions": {
+            "model": "m",
+            "image_id": "a.png",
+            "label": 1,
+            "label_name": "circle",
+            "prob": 0.9,
+            "topk": [{"label": 1, "name": "circle", "prob": 0.9}],
+        },
+        "neurons": {
+            "model": "m",
+            "layer": "layer4",
+            "unit": 3,
+            "method": "netdissect",
+            "concept": "red",
+            "category": "color",
+            "score": 0.3,
+            "top_concepts": [{"concept": "red", "score": 0.3}],
+            "top_images": ["a.png"],
+        },
         "saliency": {**base, "target": 1, **encode_map(np.ones((2, 2)))},
-        "agreement": {"model": "m", "image_id": "a.png", "method_a": "gradcam", "method_b": "lime", "iou": 0.5,
-                      "spearman": 0.2, "com_distance": 0.1, "rule": "top_q:0.2"},
+        "agreement": {
+            "model": "m",
+            "image_id": "a.png",
+            "method_a": "gradcam",
+            "method_b": "lime",
+            "iou": 0.5,
+            "spearman": 0.2,
+            "com_distance": 0.1,
+            "rule": "top_q:0.2",
+        },
         "localization": {**base, "pointing_hit": True, "iou_gt": 0.4, "energy_in_gt": 0.7},
         "faithfulness": {**base, "deletion_auc": 0.1, "insertion_auc": 0.8},
         "lime_trials": {"model": "m", "image_id": "a.png", "params_json": "{}", "objective": 0.3, "seconds": 1.0},
@@ -132,9 +165,19 @@ def test_run_record_round_trips_and_lists_newest_first(tmp_path):
     store = ResultsStore(tmp_path)
     first = RunRecord(run_id=new_run_id("demo"), config_name="demo", config_json="{}", config_hash="h", device="cpu")
     first.save(store)
-    second = RunRecord(run_id=new_run_id("demo"), config_name="demo", config_json="{}", config_hash="h", device="cpu",
-                       started_at=first.started_at + pd.Timedelta(seconds=5))
-    second.status, second.finished_at, second.timings = "completed", second.started_at + pd.Timedelta(seconds=2), {"explain": 1.5}
+    second = RunRecord(
+        run_id=new_run_id("demo"),
+        config_name="demo",
+        config_json="{}",
+        config_hash="h",
+        device="cpu",
+        started_at=first.started_at + pd.Timedelta(seconds=5),
+    )
+    second.status, second.finished_at, second.timings = (
+        "completed",
+        second.started_at + pd.Timedelta(seconds=2),
+        {"explain": 1.5},
+    )
     second.save(store)
     loaded = RunRecord.load(store, second.run_id)
     assert (loaded.status, loaded.timings) == ("completed", {"explain": 1.5})

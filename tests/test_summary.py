@@ -1,5 +1,6 @@
 """The summary tables: their numbers recomputed independently from the raw tables, hand-built
 ground truth for the neuron statistics, empty runs, and idempotent rewrites."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,10 @@ def test_method_leaderboards_equal_the_raw_metric_means(first):
     by_faithfulness = (methods["insertion_auc_mean"] - methods["deletion_auc_mean"]).sort_values(ascending=False)
     assert list(methods["faithfulness_rank"].sort_values().index) == list(by_faithfulness.index)
     assert methods["localization_rank"].min() == 1
-    assert methods.loc[methods["localization_rank"] == 1, "pointing_accuracy"].iloc[0] == methods["pointing_accuracy"].max()
+    assert (
+        methods.loc[methods["localization_rank"] == 1, "pointing_accuracy"].iloc[0]
+        == methods["pointing_accuracy"].max()
+    )
 
 
 def test_concept_histograms_count_interpretable_network_dissection_units(first):
@@ -104,7 +108,12 @@ def test_best_and_worst_images_and_classes_follow_mean_iou(first):
     assert images.loc[per_image.idxmax(), "rank"] == 1
     assert images.loc[per_image.idxmin(), "rank"] == len(per_image)
     assert images["iou_mean"].to_dict() == pytest.approx(per_image.to_dict())
-    saliency = store.dataset("saliency", run_id).to_table(columns=["image_id", "target"]).to_pandas().drop_duplicates("image_id")
+    saliency = (
+        store.dataset("saliency", run_id)
+        .to_table(columns=["image_id", "target"])
+        .to_pandas()
+        .drop_duplicates("image_id")
+    )
     classes = store.read("summary_classes", run_id).set_index("target")
     for target, rows in saliency.groupby("target"):
         assert classes.loc[target, "images"] == len(rows)
@@ -121,10 +130,14 @@ def test_lime_search_summary_equals_the_trials(first):
     params = store.read("summary_lime_params", run_id).set_index("params_json")
     means = trials.groupby("params_json")["objective"].mean()
     assert params["objective_mean"].to_dict() == pytest.approx(means.to_dict())
-    assert params["wins"].to_dict() == chosen["params_json"].value_counts().reindex(params.index, fill_value=0).to_dict()
+    assert (
+        params["wins"].to_dict() == chosen["params_json"].value_counts().reindex(params.index, fill_value=0).to_dict()
+    )
     assert params.index[params["rank"] == 1][0] == means.idxmin()
     stability = [json.loads(text)["stability"] for text in trials["components_json"]]
-    assert params["stability_mean"].to_dict() == pytest.approx(trials.assign(s=stability).groupby("params_json")["s"].mean().to_dict(), nan_ok=True)
+    assert params["stability_mean"].to_dict() == pytest.approx(
+        trials.assign(s=stability).groupby("params_json")["s"].mean().to_dict(), nan_ok=True
+    )
 
 
 def test_resummarizing_replaces_the_files(first, capsys):
@@ -153,17 +166,30 @@ def test_a_run_without_rows_gets_empty_summary_tables(tmp_path):
 
 
 def _unit(model, layer, unit, method, concept, category="color", score=0.1, interpretable=None):
-    return {"model": model, "layer": layer, "unit": unit, "method": method, "concept": concept, "category": category,
-            "score": score, "interpretable": interpretable}
+    return {
+        "model": model,
+        "layer": layer,
+        "unit": unit,
+        "method": method,
+        "concept": concept,
+        "category": category,
+        "score": score,
+        "interpretable": interpretable,
+    }
 
 
 def _inputs(neurons: list[dict]) -> dict[str, pd.DataFrame]:
-    empty = {table: pd.DataFrame(columns=columns) for table, columns in
-             {"predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"], "saliency": ["model", "image_id", "method", "target"],
-              "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
-              "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"],
-              "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc"],
-              "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best"]}.items()}
+    empty = {
+        table: pd.DataFrame(columns=columns)
+        for table, columns in {
+            "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
+            "saliency": ["model", "image_id", "method", "target"],
+            "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
+            "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"],
+            "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc"],
+            "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best"],
+        }.items()
+    }
     return {**empty, "neurons": pd.DataFrame(neurons)}
 
 
@@ -172,12 +198,22 @@ def test_label_agreement_and_unique_concepts_on_known_labels():
     labels = [("red", "red", True), ("Striped", "striped", True), ("circle", "circle", False), ("blue", "square", True)]
     neurons = []
     for unit, (clip, net, interpretable) in enumerate(labels):
-        neurons += [_unit("a", "layer4", unit, "clip_dissect", clip), _unit("a", "layer4", unit, "netdissect", net, interpretable=interpretable)]
-    neurons += [_unit("b", "layer4", 0, "clip_dissect", "red"), _unit("b", "layer4", 1, "clip_dissect", "sky", category=None)]
+        neurons += [
+            _unit("a", "layer4", unit, "clip_dissect", clip),
+            _unit("a", "layer4", unit, "netdissect", net, interpretable=interpretable),
+        ]
+    neurons += [
+        _unit("b", "layer4", 0, "clip_dissect", "red"),
+        _unit("b", "layer4", 1, "clip_dissect", "sky", category=None),
+    ]
     tables = summary_tables(_inputs(neurons))
     (row,) = tables["summary_label_agreement"].to_dict("records")
     assert (row["model"], row["units"], row["agreeing"], row["rate"]) == ("a", 4, 3, 0.75)
-    assert (row["interpretable_units"], row["interpretable_agreeing"], row["interpretable_rate"]) == (3, 2, pytest.approx(2 / 3))
+    assert (row["interpretable_units"], row["interpretable_agreeing"], row["interpretable_rate"]) == (
+        3,
+        2,
+        pytest.approx(2 / 3),
+    )
     scope = tables["summary_concept_models"].set_index(["model", "method", "concept"])["scope"]
     assert scope[("a", "clip_dissect", "red")] == scope[("b", "clip_dissect", "red")] == "shared"
     assert scope[("b", "clip_dissect", "sky")] == scope[("a", "clip_dissect", "blue")] == "unique"
@@ -197,11 +233,19 @@ def test_concept_histograms_keep_the_top_n_by_count():
 
 
 def test_road_mean_averages_the_stored_road_scores_and_stays_null_without_them():
-    saliency = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
-                             "target": 0})
-    faithfulness = pd.DataFrame({"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"],
-                                 "deletion_auc": [0.2, 0.4, 0.3, 0.5], "insertion_auc": [0.6, 0.8, 0.5, 0.7],
-                                 "road": [0.25, -0.05, None, None]})  # ROAD scores CAM maps only
+    saliency = pd.DataFrame(
+        {"model": "m", "image_id": ["a", "b", "a", "b"], "method": ["gradcam", "gradcam", "lime", "lime"], "target": 0}
+    )
+    faithfulness = pd.DataFrame(
+        {
+            "model": "m",
+            "image_id": ["a", "b", "a", "b"],
+            "method": ["gradcam", "gradcam", "lime", "lime"],
+            "deletion_auc": [0.2, 0.4, 0.3, 0.5],
+            "insertion_auc": [0.6, 0.8, 0.5, 0.7],
+            "road": [0.25, -0.05, None, None],
+        }
+    )  # ROAD scores CAM maps only
     empty = pd.DataFrame()
     methods = method_leaderboard(saliency, empty, empty, faithfulness).set_index("method")
     assert methods.loc["gradcam", "road_mean"] == pytest.approx(0.1)
@@ -234,12 +278,21 @@ def test_a_registered_metrics_scores_reach_the_leaderboards_with_its_direction(t
     RunRecord(run_id="toy", config_name="c", config_json="{}", config_hash="h", device="cpu").save(store)
     methods = ["gradcam", "lime"]
     blank = np.zeros(4, np.float16).tobytes()
-    store.write("saliency", "toy", "chunk-0", [{"model": "m", "image_id": image, "method": method, "target": 0,
-                                                "height": 2, "width": 2, "map": blank}
-                                               for image in ("a", "b") for method in methods])
+    store.write(
+        "saliency",
+        "toy",
+        "chunk-0",
+        [
+            {"model": "m", "image_id": image, "method": method, "target": 0, "height": 2, "width": 2, "map": blank}
+            for image in ("a", "b")
+            for method in methods
+        ],
+    )
     blur = {("gradcam", "a"): 0.2, ("gradcam", "b"): 0.6, ("lime", "a"): 0.9, ("lime", "b"): None}
-    rows = [{"model": "m", "image_id": image, "method": method, "metric": "blur", "value": value}
-            for (method, image), value in blur.items()]
+    rows = [
+        {"model": "m", "image_id": image, "method": method, "metric": "blur", "value": value}
+        for (method, image), value in blur.items()
+    ]
     # a value no registered metric declares still gets its mean, without an arrow
     rows.append({"model": "m", "image_id": "a", "method": "lime", "metric": "mystery", "value": 3.0})
     store.write("scores", "toy", "chunk-0", rows)

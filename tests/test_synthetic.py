@@ -1,4 +1,5 @@
 """The synthetic world: deterministic, Broden-format, and its masks are the rendered pixels."""
+
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.world import synthetic
-from tasks.world.synthetic import COLOR_RGB, COLORS, LAYOUTS, SHAPES, TEXTURES, Scene, ensure_world, generate_world, shape_mask, world_concepts
 from tasks.core.config import WorldConfig
+from tasks.world import synthetic
+from tasks.world.synthetic import (
+    COLOR_RGB,
+    COLORS,
+    LAYOUTS,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    ensure_world,
+    generate_world,
+    shape_mask,
+    world_concepts,
+)
 
 TINY = WorldConfig(seed=3, n_train=24, n_val=8)
 
@@ -53,8 +65,20 @@ def test_different_seed_changes_images_and_masks(world: Path, tmp_path: Path) ->
 
 def test_index_lists_every_image_with_broden_columns(world: Path) -> None:
     rows = _rows(world / "index.csv")
-    assert list(rows[0]) == ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "part",
-                             "material", "scene", "texture"]
+    assert list(rows[0]) == [
+        "image",
+        "split",
+        "ih",
+        "iw",
+        "sh",
+        "sw",
+        "color",
+        "object",
+        "part",
+        "material",
+        "scene",
+        "texture",
+    ]
     assert [r["split"] for r in rows].count("train") == TINY.n_train
     assert [r["split"] for r in rows].count("val") == TINY.n_val
     for r in rows:

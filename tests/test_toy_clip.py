@@ -1,4 +1,5 @@
 """The toy CLIP: a registered open_clip model that loads like a real one and reads the world."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
+from tasks.core.config import WorldConfig
 from tasks.world import toy_clip
 from tasks.world.synthetic import describe, ensure_world
-from tasks.core.config import WorldConfig
 from tasks.world.toy_clip import (
     CHECKPOINT_NAME,
     TOY_CLIP_NAME,
@@ -49,9 +50,13 @@ def test_captions_name_exactly_the_mentioned_attributes() -> None:
 
 def test_partial_captions_are_positives_for_every_image_they_describe() -> None:
     codes = torch.tensor([[0, 3, 0, 1], [0, 1, 2, 0], [1, 3, 0, 1]])  # red star, red square, orange star
-    stated = torch.tensor([[0, -1, -1, -1],  # "a red shape": true of images 0 and 1
-                           [-1, 1, -1, -1],  # "a square": image 1 only
-                           [-1, 3, 0, -1]])  # "a star on a <texture 0> background": images 0 and 2
+    stated = torch.tensor(
+        [
+            [0, -1, -1, -1],  # "a red shape": true of images 0 and 1
+            [-1, 1, -1, -1],  # "a square": image 1 only
+            [-1, 3, 0, -1],
+        ]
+    )  # "a star on a <texture 0> background": images 0 and 2
     expected = torch.tensor([[1.0, 0, 1], [1, 1, 0], [0, 0, 1]])
     assert torch.equal(toy_clip._soft_targets(codes, stated), expected)
 

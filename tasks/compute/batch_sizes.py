@@ -7,6 +7,7 @@ float32, 16 runs fastest (32 is 3-8 % slower, 64 10-13 %); under bf16 autocast 1
 whole forwards and 32 is ~5 % faster in ScoreCAM at 128 px. GPUs want large batches; each caller
 names the one measured for it (benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ the activations of every perturbed batch in the cached copy. BatchNorms in train
 normalise by batch statistics), and those that are shared, called twice or fed by anything but
 a lone convolution, are left as they are.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,11 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any tracing failure: look inside instead
-        return [(f"{name}.{conv}", f"{name}.{bn}") for name, child in model.named_children()
-                for conv, bn in conv_bn_pairs(child)]
+        return [
+            (f"{name}.{conv}", f"{name}.{bn}")
+            for name, child in model.named_children()
+            for conv, bn in conv_bn_pairs(child)
+        ]
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -62,8 +66,14 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)
-                and len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1):
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules.get(source.target), nn.Conv2d)
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+        ):
             pairs.append((source.target, node.target))
     return pairs
 
@@ -111,8 +121,12 @@ def _state_key(model: nn.Module) -> tuple:
 @contextmanager
 def _hooks_detached(model: nn.Module, chosen: Callable[[Any], bool] = lambda hook: True) -> Iterator[None]:
     """Within the block, ``model``'s modules lack the ``chosen`` hooks; afterwards every hook is back, in order."""
-    saved = [(hooks, list(hooks.items())) for module in model.modules() for attribute in _HOOK_DICTS
-             if (hooks := module.__dict__.get(attribute)) and any(chosen(hook) for hook in hooks.values())]
+    saved = [
+        (hooks, list(hooks.items()))
+        for module in model.modules()
+        for attribute in _HOOK_DICTS
+        if (hooks := module.__dict__.get(attribute)) and any(chosen(hook) for hook in hooks.values())
+    ]
     for hooks, items in saved:
         for key, hook in items:
             if chosen(hook):

@@ -1,4 +1,6 @@
-"""Channels-last weights for AblationCAM's ablated forwards (LIME, ScoreCAM and the metrics use :mod:`tasks.compute.inference`).
+"""Channels-last weights for AblationCAM's ablated forwards.
+
+(LIME, ScoreCAM and the metrics use :mod:`tasks.compute.inference`.)
 
 On CPUs, convolutions whose weights AND inputs are channels-last run ~1.5-2x faster than NCHW
 at 224 px (oneDNN's native layout); converting only the input gains little, because the
@@ -6,6 +8,7 @@ weights decide the kernel. The conversion is scoped to the forwards that dominat
 methods and undone afterwards, so the (shared, cached) model keeps its layout for everything
 else: hooks and ``.view`` calls elsewhere see the tensors they always saw.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -26,8 +29,11 @@ def channels_last_weights(model: object) -> Iterator[None]:
     if not isinstance(model, nn.Module):
         yield
         return
-    converted = [(p, p.data) for p in model.parameters()
-                 if p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last)]
+    converted = [
+        (p, p.data)
+        for p in model.parameters()
+        if p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last)
+    ]
     for parameter, original in converted:
         parameter.data = original.contiguous(memory_format=torch.channels_last)
     try:

@@ -1,4 +1,5 @@
 """Out-of-memory back-off: run a batch function over items, halving the batch on OOM."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
-def run_with_backoff(function: Callable[[Sequence[T]], R], items: Sequence[T], batch_size: int,
-                     logger: logging.Logger | logging.LoggerAdapter | None = None) -> list[R]:
+def run_with_backoff(
+    function: Callable[[Sequence[T]], R],
+    items: Sequence[T],
+    batch_size: int,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> list[R]:
     """``function`` over consecutive batches of ``items``; on OOM the batch size halves and the
     failed batch is retried, and the smaller size is kept for the rest.
 
@@ -27,7 +32,7 @@ def run_with_backoff(function: Callable[[Sequence[T]], R], items: Sequence[T], b
     """
     results, start, size = [], 0, max(1, batch_size)
     while start < len(items):
-        batch = items[start:start + size]
+        batch = items[start : start + size]
         try:
             results.append(function(batch))
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
@@ -36,7 +41,9 @@ def run_with_backoff(function: Callable[[Sequence[T]], R], items: Sequence[T], b
             size = max(1, len(batch) // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            (logger or logging.getLogger(__name__)).warning("out of memory on a batch of %d; retrying with batches of %d", len(batch), size)
+            (logger or logging.getLogger(__name__)).warning(
+                "out of memory on a batch of %d; retrying with batches of %d", len(batch), size
+            )
             continue
         start += len(batch)
     return results

@@ -12,6 +12,7 @@ Float32 forwards and bfloat16 autocast forwards without autograd take the packed
 gains less, ~4 %); everything else (gradients, other dtypes, other devices) runs ``Conv2d``'s own
 forward on the same parameters.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,12 +48,23 @@ class PackedConv2d(nn.Conv2d):
             return super().forward(input)
         weight, bias = self._packed.get(dtype) or self._pack(dtype)
         return torch.ops.mkldnn._convolution_pointwise(
-            input.to(dtype), weight, bias, list(self.padding), list(self.stride), list(self.dilation),
-            self.groups, "none", [], "")
+            input.to(dtype),
+            weight,
+            bias,
+            list(self.padding),
+            list(self.stride),
+            list(self.dilation),
+            self.groups,
+            "none",
+            [],
+            "",
+        )
 
     def _compute_dtype(self, input: Tensor) -> torch.dtype | None:
         """The dtype the packed op runs in for ``input``, or None where ``Conv2d.forward`` must run."""
-        if input.device.type != "cpu" or (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)):
+        if input.device.type != "cpu" or (
+            torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
+        ):
             return None
         dtype = input.dtype
         if torch.is_autocast_enabled("cpu"):
@@ -62,7 +74,8 @@ class PackedConv2d(nn.Conv2d):
 
     def _pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         weight = torch.ops.mkldnn._reorder_convolution_weight(
-            self.weight.detach().to(dtype), list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            self.weight.detach().to(dtype), list(self.padding), list(self.stride), list(self.dilation), self.groups
+        )
         packed = self._packed[dtype] = (weight, None if self.bias is None else self.bias.detach().to(dtype))
         return packed
 
@@ -78,8 +91,14 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 def packable(conv: nn.Module) -> bool:
     """A plain float32 CPU ``Conv2d`` with zero padding given in numbers, on a build with oneDNN."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.weight.dtype is torch.float32 and conv.weight.device.type == "cpu" and _packing_works())
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.weight.dtype is torch.float32
+        and conv.weight.device.type == "cpu"
+        and _packing_works()
+    )
 
 
 def pack_convolutions(model: nn.Module) -> nn.Module:
@@ -103,8 +122,9 @@ def _packing_works(dtype: torch.dtype = torch.float32) -> bool:
     try:
         with torch.no_grad():
             weight, bias = PackedConv2d.from_conv(conv)._pack(dtype)
-            packed = torch.ops.mkldnn._convolution_pointwise(images.to(dtype), weight, bias, [1, 1], [2, 2], [1, 1], 2,
-                                                             "none", [], "")
+            packed = torch.ops.mkldnn._convolution_pointwise(
+                images.to(dtype), weight, bias, [1, 1], [2, 2], [1, 1], 2, "none", [], ""
+            )
     except (RuntimeError, AttributeError, NotImplementedError):  # op missing or dtype unsupported on this CPU
         return False
     tolerance = 1e-5 if dtype is torch.float32 else 2e-2

@@ -1,4 +1,5 @@
 """Mixed precision: the config's precision names and the autocast context every forward runs under."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Content-addressed on-disk cache shared by every stage (safe to delete at any time)."""
+
 from __future__ import annotations
 
 import hashlib

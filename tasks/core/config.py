@@ -4,6 +4,7 @@ A config is YAML, safe-loaded and validated by these pydantic models (``extra="f
 a config file are resolved relative to the file's folder. :func:`load_config` reports every problem
 at once as :class:`ConfigErrors` whose lines start with the dotted field path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,27 +62,52 @@ class ModelConfig(_Section):
     """One classifier to audit."""
 
     name: str = Field(..., min_length=1, description="Label for this model in every table (unique within the config).")
-    source: Literal["torchvision", "places365", "checkpoint", "python", "demo"] = Field(
-        "demo", description="Where the model comes from: torchvision weights, the Places365 CSAIL checkpoint, a local checkpoint, a Python callable, or the synthetic world's demo model."
+    source: str = Field(
+        "demo",
+        min_length=1,
+        description=(
+            "Where the model comes from, by registered name (README, Registered names): torchvision weights, the "
+            "Places365 CSAIL checkpoint, a local checkpoint, a Python callable, or the synthetic world's demo model."
+        ),
     )
-    arch: str | None = Field(None, description="torchvision architecture name (e.g. resnet18) for torchvision/places365/checkpoint sources.")
-    weights: str | None = Field(None, description="torchvision weights enum member (e.g. IMAGENET1K_V1); for places365 an optional checkpoint path or URL.")
-    path: str | None = Field(None, description="Local checkpoint file (.safetensors, .pt, .pth) for the checkpoint source.")
-    categories: str | None = Field(None, description="Places365 categories file (path or URL); default downloads categories_places365.txt.")
-    callable: str | None = Field(None, description="`package.module:function` returning an nn.Module, for the python source.")
-    class_names: list[str] | str | None = Field(None, description="Class names (list or a text file, one per line) for checkpoint/python sources.")
-    num_classes: PositiveInt | None = Field(None, description="Number of output classes for checkpoint/python sources when class_names is not given.")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="Preprocessing for checkpoint/python sources.")
-    cam_layer: str | None = Field(None, description="Layer the CAMs read (named_modules name); default: the last block of the last stage.")
-    layers: list[str] | None = Field(None, min_length=1, description="Layers whose units are labelled (named_modules names); default: layer1-layer4 when the model has them, else the CAM layer.")
-
-    @model_validator(mode="after")
-    def _source_fields(self) -> "ModelConfig":
-        needs = {"torchvision": ("arch", "weights"), "places365": ("arch",), "checkpoint": ("arch", "path"), "python": ("callable",)}
-        missing = [field for field in needs.get(self.source, ()) if getattr(self, field) is None]
-        if missing:
-            raise ValueError(f"source '{self.source}' needs {', '.join(missing)}")
-        return self
+    arch: str | None = Field(
+        None, description="torchvision architecture name (e.g. resnet18) for torchvision/places365/checkpoint sources."
+    )
+    weights: str | None = Field(
+        None,
+        description=(
+            "torchvision weights enum member (e.g. IMAGENET1K_V1); for places365 an optional checkpoint path or URL."
+        ),
+    )
+    path: str | None = Field(
+        None, description="Local checkpoint file (.safetensors, .pt, .pth) for the checkpoint source."
+    )
+    categories: str | None = Field(
+        None, description="Places365 categories file (path or URL); default downloads categories_places365.txt."
+    )
+    callable: str | None = Field(
+        None, description="`package.module:function` returning an nn.Module, for the python source."
+    )
+    class_names: list[str] | str | None = Field(
+        None, description="Class names (list or a text file, one per line) for checkpoint/python sources."
+    )
+    num_classes: PositiveInt | None = Field(
+        None, description="Number of output classes for checkpoint/python sources when class_names is not given."
+    )
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig, description="Preprocessing for checkpoint/python sources."
+    )
+    cam_layer: str | None = Field(
+        None, description="Layer the CAMs read (named_modules name); default: the last block of the last stage."
+    )
+    layers: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Layers whose units are labelled (named_modules names); default: layer1-layer4 when the model has them, "
+            "else the CAM layer."
+        ),
+    )
 
 
 class WorldConfig(_Section):
@@ -97,7 +123,9 @@ class WorldConfig(_Section):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
     seed: int = Field(0, description="Seed of the world generator.")
-    image_size: PositiveInt = Field(128, description="Side of the square world images in pixels (128 gives 4x4 maps at ResNet's layer4).")
+    image_size: PositiveInt = Field(
+        128, description="Side of the square world images in pixels (128 gives 4x4 maps at ResNet's layer4)."
+    )
     n_train: PositiveInt = Field(4000, description="Training images (demo model and toy CLIP).")
     n_val: PositiveInt = Field(1000, description="Held-out images (the default image and probe sets).")
     min_radius: float = Field(0.14, gt=0, lt=0.5, description="Smallest shape radius, as a fraction of the image side.")
@@ -108,14 +136,19 @@ class WorldConfig(_Section):
 class ImageSetConfig(_Section):
     """The images to explain."""
 
-    kind: Literal["world", "folder", "list", "broden"] = Field("world", description="A synthetic-world split, a folder (recursive), a CSV/text list, or a Broden-format folder.")
+    kind: Literal["world", "folder", "list", "broden"] = Field(
+        "world",
+        description="A synthetic-world split, a folder (recursive), a CSV/text list, or a Broden-format folder.",
+    )
     root: str | None = Field(None, description="Root folder of the images (folder, list, broden kinds).")
-    list_file: str | None = Field(None, description="CSV (path[,label][,mask][,x0,y0,x1,y1]) or text list, for the list kind.")
+    list_file: str | None = Field(
+        None, description="CSV (path[,label][,mask][,x0,y0,x1,y1]) or text list, for the list kind."
+    )
     split: str | None = Field("val", description="Split to use for world and broden kinds (None: all).")
     limit: PositiveInt | None = Field(None, description="Use only the first N images (deterministic order).")
 
     @model_validator(mode="after")
-    def _kind_fields(self) -> "ImageSetConfig":
+    def _kind_fields(self) -> ImageSetConfig:
         if self.kind in ("folder", "broden", "list") and self.root is None:
             raise ValueError(f"kind '{self.kind}' needs root")
         if self.kind == "list" and self.list_file is None:
@@ -126,7 +159,9 @@ class ImageSetConfig(_Section):
 class ProbeConfig(_Section):
     """The probe set neuron labelling shows the models (Broden format: images + concept masks)."""
 
-    kind: Literal["world", "broden"] = Field("world", description="The synthetic world's split or a Broden-format folder (e.g. broden1_224).")
+    kind: Literal["world", "broden"] = Field(
+        "world", description="The synthetic world's split or a Broden-format folder (e.g. broden1_224)."
+    )
     root: str | None = Field(None, description="Broden-format folder, for the broden kind.")
     split: str | None = Field("val", description="Split to use (None: every image).")
     limit: PositiveInt | None = Field(None, description="Use only the first N probe images (deterministic order).")
@@ -134,7 +169,7 @@ class ProbeConfig(_Section):
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding probe images.")
 
     @model_validator(mode="after")
-    def _kind_fields(self) -> "ProbeConfig":
+    def _kind_fields(self) -> ProbeConfig:
         if self.kind == "broden" and self.root is None:
             raise ValueError("kind 'broden' needs root")
         return self
@@ -143,12 +178,22 @@ class ProbeConfig(_Section):
 class ConceptsConfig(_Section):
     """The concept set CLIP-Dissect chooses labels from."""
 
-    source: Literal["world", "broden", "file", "classes"] = Field("world", description="The world's concepts, the probe set's Broden label names, a text file (one concept per line), or each model's class names.")
-    path: str | None = Field(None, description="Concept file (one per line), for the file source, e.g. the paper's 20k-word list.")
-    categories: list[str] | None = Field(None, description="Broden categories whose labels become concepts (broden source); default: all.")
+    source: Literal["world", "broden", "file", "classes"] = Field(
+        "world",
+        description=(
+            "The world's concepts, the probe set's Broden label names, a text file (one concept per line), or each "
+            "model's class names."
+        ),
+    )
+    path: str | None = Field(
+        None, description="Concept file (one per line), for the file source, e.g. the paper's 20k-word list."
+    )
+    categories: list[str] | None = Field(
+        None, description="Broden categories whose labels become concepts (broden source); default: all."
+    )
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "ConceptsConfig":
+    def _source_fields(self) -> ConceptsConfig:
         if self.source == "file" and self.path is None:
             raise ValueError("source 'file' needs path")
         return self
@@ -157,10 +202,20 @@ class ConceptsConfig(_Section):
 class ClipConfig(_Section):
     """The CLIP model CLIP-Dissect uses (any open_clip model)."""
 
-    model: str = Field("xai-toy-clip", description="open_clip model name (e.g. ViT-B-16); xai-toy-clip is the world's toy CLIP.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. openai) or checkpoint path; default for xai-toy-clip: the trained toy CLIP.")
+    model: str = Field(
+        "xai-toy-clip", description="open_clip model name (e.g. ViT-B-16); xai-toy-clip is the world's toy CLIP."
+    )
+    pretrained: str | None = Field(
+        None,
+        description=(
+            "open_clip pretrained tag (e.g. openai) or checkpoint path; default for xai-toy-clip: the trained toy CLIP."
+        ),
+    )
     template: str = Field("{}", description="Prompt template each concept is inserted into.")
-    similarity: str = Field("soft_wpmi", description="Similarity function: cos_similarity, cos_similarity_cubed, rank_reorder, wpmi, soft_wpmi (checked against the registry before a run).")
+    similarity: str = Field(
+        "soft_wpmi",
+        description="CLIP-Dissect similarity function by registered name (README, Registered names).",
+    )
     batch_size: PositiveInt = Field(64, description="Probe images per CLIP forward.")
 
     @field_validator("template")
@@ -174,16 +229,26 @@ class ClipConfig(_Section):
 class NetDissectConfig(_Section):
     """Network Dissection (Bau et al. 2017) options."""
 
-    quantile: float = Field(0.005, gt=0, lt=1, description="Top share of each unit's activations that counts as active.")
+    quantile: float = Field(
+        0.005, gt=0, lt=1, description="Top share of each unit's activations that counts as active."
+    )
     iou_threshold: float = Field(0.04, ge=0, le=1, description="Best IoU at which a unit counts as interpretable.")
-    categories: list[str] | None = Field(None, description="Concept categories to score (e.g. [object, part, scene]); default: all.")
+    categories: list[str] | None = Field(
+        None, description="Concept categories to score (e.g. [object, part, scene]); default: all."
+    )
 
 
 class DissectConfig(_Section):
     """Neuron labelling."""
 
     enabled: bool = Field(True, description="Run the dissect stage.")
-    methods: list[str] = Field(["clip_dissect", "netdissect"], min_length=1, description="Labelling methods, by registry name: clip_dissect, netdissect (needs a probe set with masks).")
+    methods: list[str] = Field(
+        ["clip_dissect", "netdissect"],
+        min_length=1,
+        description=(
+            "Labelling methods by registered name (README, Registered names); netdissect needs a probe set with masks."
+        ),
+    )
     pooling: Literal["avg", "max"] = Field("avg", description="Spatial pooling of conv units for CLIP-Dissect.")
     top_concepts: PositiveInt = Field(5, description="Best concepts kept per unit.")
     top_images: PositiveInt = Field(10, description="Most activating probe images kept per unit.")
@@ -198,52 +263,106 @@ class LimeSearchConfig(_Section):
 
     enabled: bool = Field(False, description="Run the search for every image (writes lime_trials).")
     grid: list[dict[str, str | int | float]] = Field(
-        [{"segmentation": "quickshift"}, {"segmentation": "slic", "n_segments": 50}, {"segmentation": "felzenszwalb", "scale": 100},
-         {"segmentation": "quickshift", "num_samples": 500}],
-        min_length=1, description="Parameter sets: segmentation, its parameters, num_samples, kernel_width.")
-    seeds: list[int] = Field([0, 1], min_length=2, max_length=2, description="The two seeds whose agreement measures stability.")
+        [
+            {"segmentation": "quickshift"},
+            {"segmentation": "slic", "n_segments": 50},
+            {"segmentation": "felzenszwalb", "scale": 100},
+            {"segmentation": "quickshift", "num_samples": 500},
+        ],
+        min_length=1,
+        description="Parameter sets: segmentation, its parameters, num_samples, kernel_width.",
+    )
+    seeds: list[int] = Field(
+        [0, 1], min_length=2, max_length=2, description="The two seeds whose agreement measures stability."
+    )
 
 
 class LimeConfig(_Section):
     """LIME (lime's explanation model, batched perturbations)."""
 
-    segmentation: Literal["quickshift", "slic", "felzenszwalb"] = Field("quickshift", description="Superpixel algorithm (quickshift with lime's defaults).")
-    segmentation_params: dict[str, str | int | float] = Field({}, description="Parameters of the segmentation algorithm (scikit-image names).")
+    segmentation: Literal["quickshift", "slic", "felzenszwalb"] = Field(
+        "quickshift", description="Superpixel algorithm (quickshift with lime's defaults)."
+    )
+    segmentation_params: dict[str, str | int | float] = Field(
+        {}, description="Parameters of the segmentation algorithm (scikit-image names)."
+    )
     num_samples: PositiveInt = Field(1000, description="Perturbed samples per image.")
-    hide_color: list[int] | None = Field(None, min_length=3, max_length=3, description="RGB of hidden superpixels; null: each superpixel's mean colour (lime's default).")
+    hide_color: list[int] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="RGB of hidden superpixels; null: each superpixel's mean colour (lime's default).",
+    )
     kernel_width: float = Field(0.25, gt=0, description="Width of LIME's exponential kernel.")
-    num_features: PositiveInt = Field(100000, description="Superpixels kept in the ridge fit (lime's default keeps all).")
+    num_features: PositiveInt = Field(
+        100000, description="Superpixels kept in the ridge fit (lime's default keeps all)."
+    )
     batch_size: PositiveIntOrAuto = Field(
-        "auto", description="Perturbed images per model forward; auto: 16 on CPU in fp32, 32 with bf16/fp16 (cache-sized batches run fastest there), 256 on GPU.")
+        "auto",
+        description=(
+            "Perturbed images per model forward; auto: 16 on CPU in fp32, 32 with bf16/fp16 (cache-sized batches run "
+            "fastest there), 256 on GPU."
+        ),
+    )
     search: LimeSearchConfig = Field(default_factory=LimeSearchConfig, description="Parameter search.")
 
 
 class MetricsConfig(_Section):
     """Agreement, localization and faithfulness metrics."""
 
-    agreement_rule: Literal["top_q", "otsu"] = Field("top_q", description="Binarisation for IoU: the top q of pixels, or Otsu's threshold.")
+    agreement_rule: Literal["top_q", "otsu"] = Field(
+        "top_q", description="Binarisation for IoU: the top q of pixels, or Otsu's threshold."
+    )
     agreement_q: float = Field(0.2, gt=0, lt=1, description="Share of pixels kept by the top_q rule.")
-    localization: bool = Field(True, description="Score maps against ground-truth masks or boxes when the images have them.")
+    localization: bool = Field(
+        True, description="Score maps against ground-truth masks or boxes when the images have them."
+    )
     faithfulness: bool = Field(True, description="Deletion and insertion AUC of every map.")
     steps: PositiveInt = Field(20, description="Deletion/insertion steps.")
-    baseline: Literal["blur", "mean"] = Field("blur", description="What deleted pixels become: a blurred copy or the dataset mean.")
-    batch_size: PositiveIntOrAuto = Field("auto", description="Perturbed images per forward in deletion/insertion; auto: as LIME's on CPU, 64 on GPU.")
-    road: bool = Field(False, description="Also score CAM maps with ROAD (grad-cam's ROADCombined; one sparse solve per image and percentile, slow).")
-    road_percentiles: list[Annotated[int, Field(gt=0, lt=100)]] = Field([20, 40, 60, 80], min_length=1, description="Percentiles of removed pixels ROAD averages over.")
+    baseline: Literal["blur", "mean"] = Field(
+        "blur", description="What deleted pixels become: a blurred copy or the dataset mean."
+    )
+    batch_size: PositiveIntOrAuto = Field(
+        "auto", description="Perturbed images per forward in deletion/insertion; auto: as LIME's on CPU, 64 on GPU."
+    )
+    road: bool = Field(
+        False,
+        description=(
+            "Also score CAM maps with ROAD (grad-cam's ROADCombined; one sparse solve per image and percentile, slow)."
+        ),
+    )
+    road_percentiles: list[Annotated[int, Field(gt=0, lt=100)]] = Field(
+        [20, 40, 60, 80], min_length=1, description="Percentiles of removed pixels ROAD averages over."
+    )
 
 
 class ExplainConfig(_Section):
     """Per-image explanations."""
 
     enabled: bool = Field(True, description="Run the explain stage.")
-    methods: list[str] = Field(["gradcam", "scorecam", "ablationcam", "lime"], min_length=1, description="Explanation methods, by registry name: the grad-cam family (gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam, ablationcam) and lime.")
-    chunk_size: PositiveInt = Field(16, description="Images per work unit (one Prefect task, one Parquet file per table).")
+    methods: list[str] = Field(
+        ["gradcam", "scorecam", "ablationcam", "lime"],
+        min_length=1,
+        description="Explanation methods by registered name (README, Registered names).",
+    )
+    chunk_size: PositiveInt = Field(
+        16, description="Images per work unit (one Prefect task, one Parquet file per table)."
+    )
     batch_size: PositiveInt = Field(16, description="Images per model forward.")
     topk: PositiveInt = Field(5, description="Classes kept per image in the predictions table.")
-    target: Literal["predicted", "label"] = Field("predicted", description="Class each map explains: the top-1 prediction or the image's label.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact).")
-    scorecam_batch_size: PositiveIntOrAuto = Field("auto", description="Masked images per forward in ScoreCAM (grad-cam uses 16); auto: as LIME's on CPU, 64 on GPU.")
-    ablationcam_batch_size: PositiveInt = Field(128, description="Ablated channels per forward in AblationCAM (grad-cam uses 32; 128 is ~4x faster on CPU).")
+    target: Literal["predicted", "label"] = Field(
+        "predicted", description="Class each map explains: the top-1 prediction or the image's label."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact)."
+    )
+    scorecam_batch_size: PositiveIntOrAuto = Field(
+        "auto",
+        description="Masked images per forward in ScoreCAM (grad-cam uses 16); auto: as LIME's on CPU, 64 on GPU.",
+    )
+    ablationcam_batch_size: PositiveInt = Field(
+        128, description="Ablated channels per forward in AblationCAM (grad-cam uses 32; 128 is ~4x faster on CPU)."
+    )
     lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
 
@@ -258,15 +377,25 @@ class ExplainConfig(_Section):
 class RunnerConfig(_Section):
     """How Prefect executes tasks: threads in this process, or a Dask cluster (one per flow run)."""
 
-    kind: Literal["thread", "dask"] = Field("thread", description="Threads in the flow's process, or prefect-dask's DaskTaskRunner.")
+    kind: Literal["thread", "dask"] = Field(
+        "thread", description="Threads in the flow's process, or prefect-dask's DaskTaskRunner."
+    )
     workers: PositiveInt = Field(1, description="Tasks run at once by the thread-pool task runner (thread kind).")
-    address: str | None = Field(None, description="Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (dask kind); unset: a LocalCluster per flow run.")
+    address: str | None = Field(
+        None,
+        description=(
+            "Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (dask kind); unset: a LocalCluster per "
+            "flow run."
+        ),
+    )
     n_workers: PositiveInt = Field(2, description="Worker processes of the LocalCluster (dask kind without address).")
     threads_per_worker: PositiveInt = Field(1, description="Threads per LocalCluster worker process.")
-    worker_resources: dict[str, float] = Field({}, description="Dask resources each LocalCluster worker advertises, e.g. {GPU: 1}.")
+    worker_resources: dict[str, float] = Field(
+        {}, description="Dask resources each LocalCluster worker advertises, e.g. {GPU: 1}."
+    )
 
     @model_validator(mode="after")
-    def _dask_fields(self) -> "RunnerConfig":
+    def _dask_fields(self) -> RunnerConfig:
         if self.kind != "dask" and self.address is not None:
             raise ValueError("address needs kind 'dask'")
         return self
@@ -277,17 +406,25 @@ class AuditConfig(_Section):
 
     name: str = Field("audit", min_length=1, description="Config name: runs of the same name are compared and resumed.")
     seed: int = Field(0, description="Seed for every random choice of the run.")
-    results: str | None = Field(None, description="Results root (local folder or fsspec URL); CLI --results or ./results when unset.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="Torch device: auto picks CUDA when present.")
-    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="demo-resnet18")], min_length=1, description="Models to audit.")
+    results: str | None = Field(
+        None, description="Results root (local folder or fsspec URL); CLI --results or ./results when unset."
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="Torch device: auto picks CUDA when present."
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(name="demo-resnet18")], min_length=1, description="Models to audit."
+    )
     images: ImageSetConfig = Field(default_factory=ImageSetConfig, description="Images to explain.")
-    world: WorldConfig = Field(default_factory=WorldConfig, description="The synthetic world (demo model, world image sets).")
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="The synthetic world (demo model, world image sets)."
+    )
     dissect: DissectConfig = Field(default_factory=DissectConfig, description="Neuron labelling stage.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanation stage.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task execution.")
 
     @model_validator(mode="after")
-    def _unique_model_names(self) -> "AuditConfig":
+    def _unique_model_names(self) -> AuditConfig:
         names = [model.name for model in self.models]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

@@ -1,4 +1,5 @@
 """The project's own exception types: every expected failure is one of these."""
+
 from __future__ import annotations
 
 

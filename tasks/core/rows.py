@@ -1,4 +1,5 @@
 """The one way an ``errors`` row is built, so every stage names failures alike."""
+
 from __future__ import annotations
 
 from tasks.core.errors import ItemError

@@ -5,13 +5,14 @@ go to the ``images`` table one explain chunk at a time, so a set of any size cos
 memory and the flow hands its tasks chunk numbers, not records. Unusable entries (path escapes,
 duplicates, missing files) become ``errors`` rows of stage ``list`` and the run goes on with the rest.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import islice
 
-from tasks.core.config import AuditConfig
 from storage.parquet import ResultsStore
+from tasks.core.config import AuditConfig
 from tasks.core.errors import ItemError
 from tasks.data.images import BrodenProbeSet, ImageRecord, iter_image_folder, iter_image_list
 
@@ -22,8 +23,12 @@ def _world_records(config: AuditConfig) -> Iterator[ImageRecord]:
     root = ensure_world(config.world)
     for row in read_attributes(root, config.images.split):
         stem = row["image"].removesuffix(".png")
-        yield ImageRecord(image_id=row["image"], path=root / "images" / row["image"], label_name=row["object"],
-                          mask_path=root / "images" / f"{stem}_object.png")
+        yield ImageRecord(
+            image_id=row["image"],
+            path=root / "images" / row["image"],
+            label_name=row["object"],
+            mask_path=root / "images" / f"{stem}_object.png",
+        )
 
 
 def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
@@ -43,8 +48,12 @@ def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
 def record_row(record: ImageRecord) -> dict:
     """A record as the plain dict a Prefect task receives."""
     return {
-        "image_id": record.image_id, "path": str(record.path), "label": record.label, "label_name": record.label_name,
-        "mask_path": str(record.mask_path) if record.mask_path else None, "box": list(record.box) if record.box else None,
+        "image_id": record.image_id,
+        "path": str(record.path),
+        "label": record.label,
+        "label_name": record.label_name,
+        "mask_path": str(record.mask_path) if record.mask_path else None,
+        "box": list(record.box) if record.box else None,
     }
 
 
@@ -65,7 +74,9 @@ def list_image_set(config: AuditConfig, store: ResultsStore, run_id: str) -> int
 
     for item in iter_image_set(config):
         if isinstance(item, ItemError):
-            errors.append({"stage": "list", "item_id": item.item_id, "error_type": item.error_type, "message": item.message})
+            errors.append(
+                {"stage": "list", "item_id": item.item_id, "error_type": item.error_type, "message": item.message}
+            )
             continue
         pending.append(record_row(item))
         if len(pending) == chunk_size:
@@ -78,5 +89,7 @@ def list_image_set(config: AuditConfig, store: ResultsStore, run_id: str) -> int
 
 def read_image_chunk(store: ResultsStore, run_id: str, chunk: int) -> list[dict]:
     """The records of one explain chunk, as :func:`list_image_set` wrote them."""
-    return [{key: value for key, value in row.items() if key != "chunk"}
-            for row in store.read_unit("images", run_id, image_chunk_unit(chunk))]
+    return [
+        {key: value for key, value in row.items() if key != "chunk"}
+        for row in store.read_unit("images", run_id, image_chunk_unit(chunk))
+    ]

@@ -16,6 +16,7 @@ root never exists as a usable :class:`ImageRecord`.
 Image ids are POSIX paths relative to the set's root. Paths that leave the root (``..``, an
 absolute path, a symlink resolving outside) are refused with :class:`PathEscapeError`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,17 @@ from PIL import Image, ImageOps
 from tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 )
 
 #: Transparent pixels are composited onto white: transparent web images (logos, cut-outs) are
@@ -84,9 +95,7 @@ def _join_under(root_real: str, relative: str, item_id: str) -> Path:
         raise ItemError(item_id, f"cannot resolve path {relative!r}: {exc}", type(exc).__name__) from None
     prefix = root_real if root_real.endswith(os.sep) else root_real + os.sep
     if not resolved.startswith(prefix):
-        raise PathEscapeError(
-            item_id, f"path {relative!r} resolves to {resolved}, outside the set root {root_real}"
-        )
+        raise PathEscapeError(item_id, f"path {relative!r} resolves to {resolved}, outside the set root {root_real}")
     return Path(resolved)
 
 
@@ -101,11 +110,7 @@ def _normalized_id(relative: str) -> str:
 def _sorted_entries(directory: Path) -> list[tuple[str, bool, bool]]:
     """(name, is_dir, is_symlink) of a directory's non-hidden entries, sorted by name."""
     with os.scandir(directory) as it:
-        entries = [
-            (e.name, e.is_dir(follow_symlinks=True), e.is_symlink())
-            for e in it
-            if not e.name.startswith(".")
-        ]
+        entries = [(e.name, e.is_dir(follow_symlinks=True), e.is_symlink()) for e in it if not e.name.startswith(".")]
     entries.sort()
     return entries
 
@@ -230,8 +235,7 @@ def _read_list_header(list_path: Path) -> list[str]:
         raise ConfigError(
             "images.list_file",
             f"{list_path}: header {header} must name 'path' and only columns from "
-            f"{', '.join(LIST_COLUMNS)}, each once"
-            + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+            f"{', '.join(LIST_COLUMNS)}, each once" + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
         )
     present_box = [c for c in _BOX_COLUMNS if c in header]
     if present_box and len(present_box) != 4:
@@ -285,7 +289,9 @@ def _list_record(
     except PathEscapeError as exc:
         return exc
     if image_id in seen:
-        return ItemError(image_id, f"duplicate id (an earlier line of the list already names it; {where})", "DuplicateId")
+        return ItemError(
+            image_id, f"duplicate id (an earlier line of the list already names it; {where})", "DuplicateId"
+        )
     seen.add(image_id)
 
     label: int | None = None
@@ -295,13 +301,17 @@ def _list_record(
         if re.fullmatch(r"[+-]?\d+", raw_label):
             label = int(raw_label)
             if label < 0 or (name_index is not None and label >= len(name_index)):
-                return ItemError(image_id, f"label {label} out of range" + (f" 0..{len(name_index) - 1}" if name_index else ""))
+                return ItemError(
+                    image_id, f"label {label} out of range" + (f" 0..{len(name_index) - 1}" if name_index else "")
+                )
         else:
             label_name = label_name or raw_label
     if label_name is not None and label is None and name_index is not None:
         if label_name not in name_index:
             close = difflib.get_close_matches(label_name, list(name_index), n=3)
-            return ItemError(image_id, f"unknown class name {label_name!r}" + (f"; closest: {', '.join(close)}" if close else ""))
+            return ItemError(
+                image_id, f"unknown class name {label_name!r}" + (f"; closest: {', '.join(close)}" if close else "")
+            )
         label = name_index[label_name]
 
     mask_path = None
@@ -316,7 +326,9 @@ def _list_record(
         try:
             x0, y0, x1, y1 = (int(row[c]) for c in _BOX_COLUMNS)
         except (KeyError, ValueError):
-            return ItemError(image_id, f"box needs four integers x0, y0, x1, y1, got {[row.get(c) for c in _BOX_COLUMNS]}")
+            return ItemError(
+                image_id, f"box needs four integers x0, y0, x1, y1, got {[row.get(c) for c in _BOX_COLUMNS]}"
+            )
         if not (0 <= x0 < x1 and 0 <= y0 < y1):
             return ItemError(image_id, f"box ({x0}, {y0}, {x1}, {y1}) must satisfy 0 <= x0 < x1 and 0 <= y0 < y1")
         box = (x0, y0, x1, y1)
@@ -363,12 +375,14 @@ def load_rgb(path: str | os.PathLike[str], item_id: str | None = None) -> Image.
             return _to_rgb(_apply_exif_orientation(img))
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(
-            item_id, f"image too large for the decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): {exc}",
+            item_id,
+            f"image too large for the decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): {exc}",
             "DecompressionBombError",
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(item_id, f"not a recognised image format: {path}", "UnidentifiedImageError") from None
-    except Exception as exc:  # any decoder failure (OSError, SyntaxError, ValueError, ...) is this item's error
+    # any decoder failure (OSError, SyntaxError, ValueError, ...) is this item's error
+    except Exception as exc:  # noqa: BLE001
         raise ImageDecodeError(
             item_id, f"truncated or corrupt image data ({type(exc).__name__}: {exc})", type(exc).__name__
         ) from None
@@ -377,7 +391,7 @@ def load_rgb(path: str | os.PathLike[str], item_id: str | None = None) -> Image.
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # malformed EXIF: the pixels are still valid, keep them as stored
+    except Exception:  # noqa: BLE001 - malformed EXIF: the pixels are still valid, keep them as stored
         return img
 
 
@@ -492,7 +506,9 @@ class BrodenProbeSet:
         if split is not None:
             splits = sorted({r.get("split", "") for r in rows})
             if split not in splits:
-                raise ConfigError(f"{field}.split", f"no rows with split {split!r}; splits present: {', '.join(splits)}")
+                raise ConfigError(
+                    f"{field}.split", f"no rows with split {split!r}; splits present: {', '.join(splits)}"
+                )
             rows = [r for r in rows if r.get("split") == split]
         self.split = split
         self._rows = rows
@@ -531,13 +547,17 @@ class BrodenProbeSet:
     def _read_labels(self) -> pd.DataFrame:
         header, rows = self._read_csv("label.csv")
         if "number" not in header or "name" not in header:
-            raise ConfigError(self.field, f"{self.root / 'label.csv'} needs 'number' and 'name' columns (header: {header})")
+            raise ConfigError(
+                self.field, f"{self.root / 'label.csv'} needs 'number' and 'name' columns (header: {header})"
+            )
         records = []
         for row in rows:
             try:
                 number = int(row.get("number", ""))
             except ValueError:
-                raise ConfigError(self.field, f"label.csv: label number {row.get('number')!r} is not an integer") from None
+                raise ConfigError(
+                    self.field, f"label.csv: label number {row.get('number')!r} is not an integer"
+                ) from None
             records.append(
                 {"number": number, "name": row.get("name", ""), "category": _main_category(row.get("category", ""))}
             )
@@ -617,7 +637,10 @@ class BrodenProbeSet:
                 elif all(re.fullmatch(r"\d+", p) for p in parts):
                     image_labels[cat] = [int(p) for p in parts]
                 else:
-                    raise ItemError(image_id, f"category {cat!r}: cell {row.get(cat)!r} mixes or holds neither PNG names nor label numbers")
+                    raise ItemError(
+                        image_id,
+                        f"category {cat!r}: cell {row.get(cat)!r} mixes or holds neither PNG names nor label numbers",
+                    )
         except ItemError as exc:
             return exc
         except OSError as exc:
@@ -632,8 +655,10 @@ class BrodenProbeSet:
             with Image.open(path) as img:
                 img.load()
                 rgb = np.asarray(img.convert("RGB"))
-        except Exception as exc:  # any decoder failure makes this item unusable
-            raise ImageDecodeError(image_id, f"cannot decode segmentation {name}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure makes this item unusable
+            raise ImageDecodeError(
+                image_id, f"cannot decode segmentation {name}: {type(exc).__name__}: {exc}"
+            ) from None
         labels = decode_label_mask(rgb)
         h, w = labels.shape
         if (h, w) != (sh, sw):
@@ -658,7 +683,7 @@ def _image_size(path: Path, image_id: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except Exception as exc:  # any header failure makes this item unusable
+    except Exception as exc:  # noqa: BLE001 - any header failure makes this item unusable
         raise ImageDecodeError(image_id, f"cannot read image size: {type(exc).__name__}: {exc}") from None
     return height, width
 

@@ -1,4 +1,5 @@
 """A per-process cache of loaded models, shared by the tasks of one worker process."""
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ preprocessing and class names, and gives every model an identity (a hash of wher
 its weights, input and class names) that keys the caches. The layer helpers here serve every
 source's models alike.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -71,7 +72,10 @@ def load_model(model: ModelConfig, field: str = "model", world: WorldConfig | No
     Raises :class:`ConfigError` for unknown sources, architectures, weights, missing files or
     bad class names, and :class:`CheckpointError` for unsafe, truncated or mismatching weights.
     """
-    loaded = model_source(model.source, field).load(model, field, world or WorldConfig())
+    source = model_source(model.source, field)
+    for problem_field, message in source.missing_fields(model, field):
+        raise ConfigError(problem_field, message)
+    loaded = source.load(model, field, world or WorldConfig())
     module = loaded.module
     module.eval()
     identity = _content_hash(
@@ -121,8 +125,12 @@ def resolve_layer(module: nn.Module, name: str, field: str = "layer") -> nn.Modu
         ) from None
 
 
-_POOLING = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-            nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_POOLING = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 
 
 def default_cam_layer(module: nn.Module, input_size: int = 224, field: str = "layer") -> str:
@@ -132,8 +140,8 @@ def default_cam_layer(module: nn.Module, input_size: int = 224, field: str = "la
     that ran last among those returning a 4-D ``[N, C, H, W]`` output with H, W > 1, pooling
     layers aside — ``layer4`` for ResNets, ``features`` for VGG/DenseNet/MobileNet/EfficientNet/
     ConvNeXt/SqueezeNet, ``trunk_output`` for RegNet, ``inception5b``/``Mixed_7c`` for
-    GoogLeNet/Inception-v3, ``permute`` (the NCHW map after the last norm) for Swin. Transformers (a later child returns token sequences) have no
-    such map: their CAM layer must be given in the config.
+    GoogLeNet/Inception-v3, ``permute`` (the NCHW map after the last norm) for Swin.
+    Transformers (a later child returns token sequences) have no such map: their CAM layer must be given in the config.
     """
     calls: list[tuple[str, tuple[int, ...] | None]] = []
     hooks = []

@@ -4,6 +4,7 @@ Every weights file is read without running code: safetensors, or ``torch.load(we
 which refuses any pickle that would import something other than tensors and plain containers.
 Model sources (:mod:`tasks.data.sources`) share these; none of it knows any source.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             obj: Any = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError and OSError
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt): {exc}") from None
     else:
         obj = torch_load_safely(path)
@@ -44,7 +45,7 @@ def torch_load_safely(path: Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` of ``path``, its refusals and corruption as :class:`CheckpointError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # the unpickler reports refusals and corruption in many types
+    except Exception as exc:  # noqa: BLE001 - the unpickler reports refusals and corruption in many types
         text = str(exc)
         refused = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand ([^\s.]+)", text)
         if refused:
@@ -95,7 +96,8 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source:
         problems.append(f"{len(wrong_shape)} shape mismatches: {_few(wrong_shape)}")
     if problems:
         raise CheckpointError(
-            f"{source}: does not match {type(model).__name__}: " + "; ".join(problems)
+            f"{source}: does not match {type(model).__name__}: "
+            + "; ".join(problems)
             + " (is the architecture / num_classes right?)"
         )
     model.load_state_dict(state, strict=True)
@@ -131,7 +133,7 @@ def download(url: str, dest: Path, field: str, hash_prefix: str | None = None) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix, progress=True)
-    except Exception as exc:  # URLError, HTTPError, hash mismatch, disk errors
+    except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, hash mismatch, disk errors
         raise ConfigError(
             field, f"cannot download {url} ({type(exc).__name__}: {exc}); put the file at {dest} or give a local path"
         ) from None

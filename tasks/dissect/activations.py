@@ -4,6 +4,7 @@ Every requested layer is captured in one forward pass per batch. Pooled activati
 per unit per image, what CLIP-Dissect compares) can be cached on disk; spatial activations (what
 Network Dissection thresholds) are streamed batch by batch and never held for the whole set.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -145,9 +146,7 @@ def spatial_units(output: Tensor) -> Tensor:
         side = int(round(patches.shape[1] ** 0.5))
         if side * side == patches.shape[1]:
             return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], side, side)
-    raise ConfigError(
-        "layers", f"layer output of shape {tuple(output.shape)} has no spatial grid to dissect"
-    )
+    raise ConfigError("layers", f"layer output of shape {tuple(output.shape)} has no spatial grid to dissect")
 
 
 def _batch_tensor(batch: object) -> Tensor:
@@ -268,7 +267,7 @@ def read_cached_tensor(path: Path) -> Tensor | None:
         return None
     try:
         return load_file(str(path))["tensor"]
-    except Exception as exc:  # a truncated or foreign file: recompute rather than fail the run
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: recompute rather than fail the run
         log.warning("ignoring unreadable cache file %s (%s); recomputing", path, exc)
         return None
 

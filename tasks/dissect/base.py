@@ -1,4 +1,5 @@
 """The one verb every neuron labeller answers: a model's layers and the probe set in, unit labels out."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -10,6 +10,7 @@ L2-normalised, cached) → the image-concept matrix ``P = 100 · I @ Tᵀ`` → 
 CPU; higher = better match). Work is vectorised over chunks of units whose size is set by
 ``chunk`` (units per chunk) or, when None, by a memory budget; ``device`` says where to compute.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
 from tasks.core.cache import cache_dir
 from tasks.core.errors import ConfigError
+from tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
 
 if TYPE_CHECKING:  # pandas only for label_units, so the similarity functions need torch alone
     import pandas as pd
@@ -53,9 +54,7 @@ def _check_inputs(clip_feats: Tensor, target_feats: Tensor) -> None:
             f"got shapes {tuple(clip_feats.shape)} and {tuple(target_feats.shape)}"
         )
     if clip_feats.shape[0] != target_feats.shape[0]:
-        raise ValueError(
-            f"clip_feats has {clip_feats.shape[0]} images but target_feats has {target_feats.shape[0]}"
-        )
+        raise ValueError(f"clip_feats has {clip_feats.shape[0]} images but target_feats has {target_feats.shape[0]}")
 
 
 def _unit_slices(n_units: int, bytes_per_unit: int, chunk: int | None) -> Iterator[slice]:
@@ -112,9 +111,7 @@ def _concept_probabilities(clip_feats: Tensor, a: float, device: torch.device) -
 def _top_images(target_feats: Tensor, top_k: int, device: torch.device) -> Tensor:
     """Indices ``[n_units, top_k]`` of each unit's most activating images, most activating first."""
     if not 1 <= top_k <= target_feats.shape[0]:
-        raise ConfigError(
-            "top_k", f"must be between 1 and the number of images ({target_feats.shape[0]}), got {top_k}"
-        )
+        raise ConfigError("top_k", f"must be between 1 and the number of images ({target_feats.shape[0]}), got {top_k}")
     return torch.topk(target_feats.to(device, torch.float32), k=top_k, dim=0).indices.T.contiguous()
 
 
@@ -472,9 +469,10 @@ def cached_clip_text_features(
 ) -> Tensor:
     """:func:`clip_text_features`, cached per (CLIP identity, concept list, template)."""
     _check_template(template)
-    path = cache_dir(
-        "clip_text_features", clip=clip_identity, concepts=concepts_hash(concepts), template=template
-    ) / "features.safetensors"
+    path = (
+        cache_dir("clip_text_features", clip=clip_identity, concepts=concepts_hash(concepts), template=template)
+        / "features.safetensors"
+    )
     cached = read_cached_tensor(path)
     if cached is not None and cached.shape[0] == len(concepts):
         return cached
@@ -564,8 +562,9 @@ def load_concepts(source: str | os.PathLike | Iterable[str | bytes], *, field: s
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ConfigError(
-                    field, f"{where}, line {number}: not valid UTF-8 (byte {raw[exc.start]:#04x} at "
-                    f"column {exc.start + 1}); save the file as UTF-8"
+                    field,
+                    f"{where}, line {number}: not valid UTF-8 (byte {raw[exc.start]:#04x} at "
+                    f"column {exc.start + 1}); save the file as UTF-8",
                 ) from None
         else:
             line = raw
@@ -574,8 +573,9 @@ def load_concepts(source: str | os.PathLike | Iterable[str | bytes], *, field: s
             continue
         if len(line) > MAX_CONCEPT_CHARS:
             raise ConfigError(
-                field, f"{where}, line {number}: concept of {len(line)} characters (at most "
-                f"{MAX_CONCEPT_CHARS}); one concept per line is expected"
+                field,
+                f"{where}, line {number}: concept of {len(line)} characters (at most "
+                f"{MAX_CONCEPT_CHARS}); one concept per line is expected",
             )
         concepts.setdefault(line, None)
     if not concepts:
@@ -625,9 +625,7 @@ def concepts_from_broden_labels(label_csv: str | os.PathLike, categories: Iterab
     duplicates dropped), optionally only labels of the given categories."""
     wanted = set(categories) if categories is not None else None
     names = [
-        broden_concept_name(name)
-        for name, cats in _broden_rows(label_csv)
-        if wanted is None or wanted & set(cats)
+        broden_concept_name(name) for name, cats in _broden_rows(label_csv) if wanted is None or wanted & set(cats)
     ]
     return load_concepts(names, field="concepts")
 

@@ -3,6 +3,7 @@
 A new method is one :class:`~tasks.dissect.base.Labeller` subclass plus one entry in
 :data:`LABELLERS`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +35,9 @@ class ClipDissect(Labeller):
         similarity = clip_similarity(config, probe, concepts)
         labels = Labels({})
         for layer in layers:
-            frame, errors = finite_clip_dissect_rows(config, similarity, activations[layer], probe, concepts, categories,
-                                                     model.name, layer)
+            frame, errors = finite_clip_dissect_rows(
+                config, similarity, activations[layer], probe, concepts, categories, model.name, layer
+            )
             labels.frames[layer] = frame
             labels.errors += errors
         return labels
@@ -51,9 +53,14 @@ class NetDissect(Labeller):
     def label(self, config: AuditConfig, model: Any, all_layers: list[str], layers: list[str], probe: Probe) -> Labels:
         nonfinite: dict[str, None] = {}
         frames = netdissect_rows(config, model, layers, probe, nonfinite)
-        errors = [nonfinite_activation_row(model.name, image_id,
-                                           f"NaN/Inf activations in {', '.join(layers)}; image left out of Network Dissection")
-                  for image_id in nonfinite]
+        errors = [
+            nonfinite_activation_row(
+                model.name,
+                image_id,
+                f"NaN/Inf activations in {', '.join(layers)}; image left out of Network Dissection",
+            )
+            for image_id in nonfinite
+        ]
         return Labels(frames, errors)
 
 
@@ -66,4 +73,6 @@ def labeller(name: str) -> Labeller:
     try:
         return LABELLERS[name]
     except KeyError:
-        raise ConfigError("dissect.methods", f"unknown method {name!r}; valid: {', '.join(sorted(LABELLERS))}") from None
+        raise ConfigError(
+            "dissect.methods", f"unknown method {name!r}; valid: {', '.join(sorted(LABELLERS))}"
+        ) from None

@@ -15,6 +15,7 @@ shifts or doubles as values arrive, keeping counts exact (:class:`UnitQuantile`;
 reported per unit), then intersections and unions are tallied batch by batch
 (:class:`IoUTally`). Two passes over the activations (three with a refined threshold).
 """
+
 from __future__ import annotations
 
 import math
@@ -479,13 +480,14 @@ class IoUTally:
         tensors are ``[units, len(labels)]`` (iou float64, counts int64), on the tally's device."""
         labels = torch.nonzero(self.label_pixels > 0).flatten()
         label_list = labels.tolist()
-        groups = torch.tensor([self._group_of(l) for l in label_list], dtype=torch.long, device=self.device)
+        groups = torch.tensor([self._group_of(label) for label in label_list], dtype=torch.long, device=self.device)
         inter = self.intersection[:, labels]
         union = self.group_area[:, groups] + self.label_pixels[labels][None, :] - inter
         union = torch.maximum(union, inter)  # a label seen outside its declared categories
         iou = inter.double() / union.clamp_min(1).double()
         categories = [
-            self._label_group[l][0] if l in self._label_group else self.seen_category.get(l) for l in label_list
+            self._label_group[label][0] if label in self._label_group else self.seen_category.get(label)
+            for label in label_list
         ]
         return label_list, categories, iou, inter, union
 
@@ -527,11 +529,17 @@ def unit_labels(
     best first), ``best_per_category`` (``{"category", "concept", "score"}``) and
     ``interpretable`` (best IoU ≥ ``iou_threshold``). Ties go to the lower label number."""
     n_units = iou.shape[0]
-    names = [label_names.get(l, str(l)) for l in labels]
+    names = [label_names.get(label, str(label)) for label in labels]
     iou = iou.double().cpu()
     if not labels:
-        empty = {"concept": None, "category": None, "score": 0.0, "top_concepts": [], "best_per_category": [],
-                 "interpretable": False}
+        empty = {
+            "concept": None,
+            "category": None,
+            "score": 0.0,
+            "top_concepts": [],
+            "best_per_category": [],
+            "interpretable": False,
+        }
         frame = pd.DataFrame([{"unit": u, **empty} for u in range(n_units)])
         return frame.astype({"unit": "int32", "score": "float32"})
     # Stable sort over labels in ascending order, so equal IoUs keep the lower label first.
@@ -615,8 +623,14 @@ def dissect_layers(
         found[layer] = (estimator.finish_refine() if threshold_passes == 2 else estimator.estimate())[0].float()
 
     tallies = {
-        layer: IoUTally(t, label_categories=label_categories, categories=categories, seg_size=seg_size,
-                        top_images=top_images, device=device)
+        layer: IoUTally(
+            t,
+            label_categories=label_categories,
+            categories=categories,
+            seg_size=seg_size,
+            top_images=top_images,
+            device=device,
+        )
         for layer, t in found.items()
     }
     for item in batches_factory():

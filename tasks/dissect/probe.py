@@ -4,6 +4,7 @@ The usable images are listed once per probe set (every image and mask decoded on
 becomes an ``errors`` row of stage ``probe``) and cached, so model activations, CLIP features and Network
 Dissection passes all see exactly the same images in the same order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.core.config import AuditConfig
 from tasks.core.cache import cache_dir
+from tasks.core.config import AuditConfig
 from tasks.core.errors import ItemError
 from tasks.data.images import BrodenProbeSet, load_rgb
 from tasks.dissect.netdissect import DissectBatch
@@ -59,7 +60,9 @@ def open_probe(config: AuditConfig) -> Probe:
     """The configured probe set's usable images, listed and checked once, then cached."""
     settings = config.dissect.probe
     root = probe_root(config)
-    identity = hashlib.sha256(json.dumps([str(root), _index_digest(root), settings.split, settings.limit]).encode()).hexdigest()[:16]
+    identity = hashlib.sha256(
+        json.dumps([str(root), _index_digest(root), settings.split, settings.limit]).encode()
+    ).hexdigest()[:16]
     listing = cache_dir("probe", identity=identity) / "listing.json"
     if listing.is_file():
         cached = json.loads(listing.read_text())
@@ -74,7 +77,9 @@ def open_probe(config: AuditConfig) -> Probe:
             image_ids.append(item.image_id)
             paths.append(str(item.path))
         except ItemError as error:
-            errors.append({"stage": "probe", "item_id": error.item_id, "error_type": error.error_type, "message": error.message})
+            errors.append(
+                {"stage": "probe", "item_id": error.item_id, "error_type": error.error_type, "message": error.message}
+            )
     temp = listing.with_name(f".{listing.name}.tmp")
     temp.write_text(json.dumps({"image_ids": image_ids, "paths": paths, "errors": errors}))
     temp.replace(listing)
@@ -96,13 +101,26 @@ class _ProbeImages(Dataset):
 
 def pixel_batches(probe: Probe, preprocess: Callable, batch_size: int, workers: int = 0) -> DataLoader:
     """Preprocessed probe images in probe order, decoded by ``workers`` processes."""
-    return DataLoader(_ProbeImages(probe, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        _ProbeImages(probe, preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def dissect_batches(probe: Probe, preprocess: Callable, module: torch.nn.Module, layers: list[str], batch_size: int,
-                    device: torch.device, categories: list[str] | None = None, workers: int = 0,
-                    nonfinite: dict[str, None] | None = None) -> Iterator[DissectBatch]:
+def dissect_batches(
+    probe: Probe,
+    preprocess: Callable,
+    module: torch.nn.Module,
+    layers: list[str],
+    batch_size: int,
+    device: torch.device,
+    categories: list[str] | None = None,
+    workers: int = 0,
+    nonfinite: dict[str, None] | None = None,
+) -> Iterator[DissectBatch]:
     """Network Dissection batches: each layer's spatial activations with the images' concept masks.
 
     An image with a NaN or infinite activation in any of ``layers`` is left out of its batch
@@ -116,7 +134,9 @@ def dissect_batches(probe: Probe, preprocess: Callable, module: torch.nn.Module,
     activations = iter_spatial_activations(module, layers, pixels, device)
     for acts in activations:
         batch_items = list(islice(items, next(iter(acts.values())).shape[0]))
-        keep = torch.stack([torch.isfinite(layer_acts).flatten(1).all(dim=1).cpu() for layer_acts in acts.values()]).all(dim=0)
+        keep = torch.stack(
+            [torch.isfinite(layer_acts).flatten(1).all(dim=1).cpu() for layer_acts in acts.values()]
+        ).all(dim=0)
         if not keep.all():
             for item, kept in zip(batch_items, keep.tolist()):
                 if not kept and nonfinite is not None:
@@ -125,6 +145,9 @@ def dissect_batches(probe: Probe, preprocess: Callable, module: torch.nn.Module,
             batch_items = [item for item, kept in zip(batch_items, keep.tolist()) if kept]
             if not batch_items:
                 continue
-        yield DissectBatch(acts=acts, masks=[item.masks for item in batch_items],
-                           image_labels=[item.image_labels for item in batch_items],
-                           image_ids=[item.image_id for item in batch_items])
+        yield DissectBatch(
+            acts=acts,
+            masks=[item.masks for item in batch_items],
+            image_labels=[item.image_labels for item in batch_items],
+            image_ids=[item.image_id for item in batch_items],
+        )

@@ -5,6 +5,7 @@ The Prefect wrappers in :mod:`tasks.dissect.tasks` reuse the process's loaded mo
 one ``neurons`` file per (model, layer, method) work unit; the labellers of
 :mod:`tasks.dissect.labellers` call these functions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,12 @@ from tasks.core.config import AuditConfig
 from tasks.core.errors import ItemError
 from tasks.core.rows import error_row
 from tasks.data.models import default_cam_layer, resolve_layer
-from tasks.dissect.activations import cached_pooled_activations, finite_selection, read_cached_tensor, write_tensor_atomic
+from tasks.dissect.activations import (
+    cached_pooled_activations,
+    finite_selection,
+    read_cached_tensor,
+    write_tensor_atomic,
+)
 from tasks.dissect.clip_dissect import (
     broden_concept_categories,
     cached_clip_image_features,
@@ -92,6 +98,7 @@ _clip_lock = threading.Lock()
 @lru_cache(maxsize=2)
 def _load_clip(name: str, pretrained: str | None, device: str):
     import open_clip  # seconds to import; only CLIP-Dissect needs it
+
     if name == "xai-toy-clip":
         register_toy_clip()
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
@@ -115,9 +122,17 @@ def clip_similarity(config: AuditConfig, probe: Probe, concepts: list[str]) -> t
     model, preprocess, tokenizer, identity = clip_model(config)
     device = resolve_device(config.device)
     image_feats = cached_clip_image_features(
-        model, preprocess, lambda: pixel_batches(probe, preprocess, settings.batch_size, config.dissect.probe.workers),
-        clip_identity=identity, probe_identity=probe.identity, device=device, batch_size=settings.batch_size)
-    text_feats = cached_clip_text_features(model, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device)
+        model,
+        preprocess,
+        lambda: pixel_batches(probe, preprocess, settings.batch_size, config.dissect.probe.workers),
+        clip_identity=identity,
+        probe_identity=probe.identity,
+        device=device,
+        batch_size=settings.batch_size,
+    )
+    text_feats = cached_clip_text_features(
+        model, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device
+    )
     return image_concept_matrix(image_feats, text_feats)
 
 
@@ -125,22 +140,42 @@ def pooled_layer_activations(config: AuditConfig, model, layers: list[str], prob
     """Pooled activations of every layer, one pass over the probe set, cached on disk."""
     settings = config.dissect.probe
     return cached_pooled_activations(
-        model.module, layers, lambda: pixel_batches(probe, model.preprocess, settings.batch_size, settings.workers),
-        model_identity=model.identity, probe_identity=probe.identity, pooling=config.dissect.pooling,
-        device=resolve_device(config.device))
+        model.module,
+        layers,
+        lambda: pixel_batches(probe, model.preprocess, settings.batch_size, settings.workers),
+        model_identity=model.identity,
+        probe_identity=probe.identity,
+        pooling=config.dissect.pooling,
+        device=resolve_device(config.device),
+    )
 
 
-def clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
-                      concepts: list[str], categories: dict[str, str]) -> pd.DataFrame:
+def clip_dissect_rows(
+    config: AuditConfig,
+    similarity_matrix: torch.Tensor,
+    activations: torch.Tensor,
+    probe: Probe,
+    concepts: list[str],
+    categories: dict[str, str],
+) -> pd.DataFrame:
     """CLIP-Dissect labels of one layer's units."""
-    scores = compute_similarity(config.dissect.clip.similarity, similarity_matrix, activations,
-                                device=resolve_device(config.device))
-    return label_units(scores, concepts, activations, probe.image_ids, top_k=config.dissect.top_concepts,
-                       top_images=config.dissect.top_images, concept_category=categories)
+    scores = compute_similarity(
+        config.dissect.clip.similarity, similarity_matrix, activations, device=resolve_device(config.device)
+    )
+    return label_units(
+        scores,
+        concepts,
+        activations,
+        probe.image_ids,
+        top_k=config.dissect.top_concepts,
+        top_images=config.dissect.top_images,
+        concept_category=categories,
+    )
 
 
-def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe,
-                    nonfinite: dict[str, None] | None = None) -> dict[str, pd.DataFrame]:
+def netdissect_rows(
+    config: AuditConfig, model, layers: list[str], probe: Probe, nonfinite: dict[str, None] | None = None
+) -> dict[str, pd.DataFrame]:
     """Network Dissection labels of several layers, sharing each pass over the probe set; images
     with NaN/Inf activations are left out and named in ``nonfinite``."""
 
@@ -152,11 +187,26 @@ def netdissect_rows(config: AuditConfig, model, layers: list[str], probe: Probe,
     cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
     thresholds = cached if files and all(value is not None for value in cached.values()) else None
     frames = dissect_layers(
-        lambda: dissect_batches(probe, model.preprocess, model.module, layers, probe_settings.batch_size, device,
-                                workers=probe_settings.workers, nonfinite=nonfinite),
-        broden.label_names, broden.label_category, thresholds=thresholds, quantile=settings.quantile,
-        iou_threshold=settings.iou_threshold, categories=settings.categories, top_k=config.dissect.top_concepts,
-        top_images=config.dissect.top_images, device=device)
+        lambda: dissect_batches(
+            probe,
+            model.preprocess,
+            model.module,
+            layers,
+            probe_settings.batch_size,
+            device,
+            workers=probe_settings.workers,
+            nonfinite=nonfinite,
+        ),
+        broden.label_names,
+        broden.label_category,
+        thresholds=thresholds,
+        quantile=settings.quantile,
+        iou_threshold=settings.iou_threshold,
+        categories=settings.categories,
+        top_k=config.dissect.top_concepts,
+        top_images=config.dissect.top_images,
+        device=device,
+    )
     if files and thresholds is None:
         for layer, frame in frames.items():
             write_tensor_atomic(torch.tensor(frame["threshold"].to_numpy(dtype="float32")), files[layer])
@@ -174,28 +224,59 @@ def threshold_files(model, probe: Probe, layers: list[str], quantile: float, dev
     a warm run skip that pass (the IoU pass reproduces the same rows from the same float32 values).
     """
 
-    folder = cache_dir("netdissect_thresholds", model=model.identity, preprocess=repr(model.preprocess), probe=probe.identity,
-                       quantile=quantile, bins=DEFAULT_BINS, device=device.type, version=THRESHOLDS_VERSION)
+    folder = cache_dir(
+        "netdissect_thresholds",
+        model=model.identity,
+        preprocess=repr(model.preprocess),
+        probe=probe.identity,
+        quantile=quantile,
+        bins=DEFAULT_BINS,
+        device=device.type,
+        version=THRESHOLDS_VERSION,
+    )
     return {layer: folder / f"{content_key(layer=layer)}.safetensors" for layer in layers}
 
 
-def finite_clip_dissect_rows(config: AuditConfig, similarity_matrix: torch.Tensor, activations: torch.Tensor, probe: Probe,
-                             concepts: list[str], categories: dict[str, str], model_name: str, layer: str) -> tuple[pd.DataFrame, list[dict]]:
+def finite_clip_dissect_rows(
+    config: AuditConfig,
+    similarity_matrix: torch.Tensor,
+    activations: torch.Tensor,
+    probe: Probe,
+    concepts: list[str],
+    categories: dict[str, str],
+    model_name: str,
+    layer: str,
+) -> tuple[pd.DataFrame, list[dict]]:
     """:func:`clip_dissect_rows` without NaN/Inf activations, and the ``errors`` rows naming each
     probe image left out and each unit left unlabelled because of them."""
     images, units = finite_selection(activations)
-    errors = [nonfinite_activation_row(model_name, f"{model_name}/{layer}/unit {unit}",
-                                       f"unit {unit} of {layer} has no finite activation on any probe image; it is not labelled")
-              for unit in torch.nonzero(~units).flatten().tolist()]
-    errors += [nonfinite_activation_row(model_name, probe.image_ids[index],
-                                        f"NaN/Inf activations in {layer}; image left out of CLIP-Dissect for this layer")
-               for index in torch.nonzero(~images).flatten().tolist()]
+    errors = [
+        nonfinite_activation_row(
+            model_name,
+            f"{model_name}/{layer}/unit {unit}",
+            f"unit {unit} of {layer} has no finite activation on any probe image; it is not labelled",
+        )
+        for unit in torch.nonzero(~units).flatten().tolist()
+    ]
+    errors += [
+        nonfinite_activation_row(
+            model_name,
+            probe.image_ids[index],
+            f"NaN/Inf activations in {layer}; image left out of CLIP-Dissect for this layer",
+        )
+        for index in torch.nonzero(~images).flatten().tolist()
+    ]
     if errors:
         kept = torch.nonzero(images).flatten().tolist()
         probe = replace(probe, image_ids=[probe.image_ids[i] for i in kept], paths=[probe.paths[i] for i in kept])
-        similarity_matrix, activations = similarity_matrix[images.to(similarity_matrix.device)], activations[images][:, units]
+        similarity_matrix, activations = (
+            similarity_matrix[images.to(similarity_matrix.device)],
+            activations[images][:, units],
+        )
     frame = clip_dissect_rows(config, similarity_matrix, activations, probe, concepts, categories)
-    frame["unit"] = torch.nonzero(units).flatten().cpu().numpy()[frame["unit"].to_numpy()]  # back to the layer's own unit numbers
+    frame["unit"] = (
+        torch.nonzero(units).flatten().cpu().numpy()[frame["unit"].to_numpy()]
+    )  # back to the layer's own unit numbers
     return frame, errors
 
 
@@ -204,7 +285,9 @@ def nonfinite_activation_row(model_name: str, item_id: str, message: str) -> dic
     return error_row("dissect", model_name, ItemError(item_id, message, "NonFiniteActivationError"))
 
 
-def write_neurons(store: ResultsStore, run_id: str, model_name: str, layer: str, method: str, frame: pd.DataFrame) -> int:
+def write_neurons(
+    store: ResultsStore, run_id: str, model_name: str, layer: str, method: str, frame: pd.DataFrame
+) -> int:
     """Write one (model, layer, method) unit of ``neurons`` (only the table's columns); returns its row count."""
     frame = frame.assign(model=model_name, layer=layer, method=method)
     columns = [column for column in frame.columns if column in TABLES["neurons"].names]

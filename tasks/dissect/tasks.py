@@ -1,4 +1,5 @@
 """The dissect stage's Prefect tasks: probe listing, layer resolution, one labelling work unit."""
+
 from __future__ import annotations
 
 from prefect import get_run_logger, task
@@ -24,10 +25,22 @@ def layers_task(config: AuditConfig, model_name: str) -> list[str]:
         return model_layers(model, model_config.layers)
 
 
-@task(name="label-units", task_run_name="{method} {model_name} {layers}", tags=["gpu"],
-      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
-def label_task(config: AuditConfig, model_name: str, method: str, all_layers: list[str], layers: list[str],
-               results: str, run_id: str) -> int:
+@task(
+    name="label-units",
+    task_run_name="{method} {model_name} {layers}",
+    tags=["gpu"],
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+)
+def label_task(
+    config: AuditConfig,
+    model_name: str,
+    method: str,
+    all_layers: list[str],
+    layers: list[str],
+    results: str,
+    run_id: str,
+) -> int:
     """Label ``layers`` of ``model_name`` with ``method``; one ``neurons`` file per layer, returns the row count.
 
     The ``errors`` file is written first: a layer's ``neurons`` file marks its unit done.

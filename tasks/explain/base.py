@@ -4,6 +4,7 @@ An explainer is a *family* of methods that may share work (the gradient CAMs sha
 forward/backward pass): the explain stage groups the configured methods by family and calls
 each family once per batch, so it never branches on a method name.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -57,7 +58,8 @@ class Explainer(ABC):
     """Whether ROAD (grad-cam's metric, ``explain.metrics.road``) scores this family's maps."""
 
     @abstractmethod
-    def explain(self, context: ExplainContext, images: Tensor, targets: Sequence[int],
-                methods: Sequence[str]) -> Explanations:
+    def explain(
+        self, context: ExplainContext, images: Tensor, targets: Sequence[int], methods: Sequence[str]
+    ) -> Explanations:
         """Maps of ``images`` (preprocessed ``[B, 3, H, W]`` on the model's device) for ``targets``
         (one class per image), for each of ``methods`` (a subset of :attr:`methods`)."""

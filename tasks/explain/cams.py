@@ -9,6 +9,7 @@ grad-cam's, not a copy. ScoreCAM and AblationCAM need perturbation forwards of t
 run through grad-cam subclasses that change how those forwards are batched, not what they
 compute.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -32,12 +33,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
-from tasks.core.errors import ConfigError
 from tasks.compute.inference import inference_model
 from tasks.compute.memory_format import channels_last_weights
 from tasks.compute.precision import autocast_context
+from tasks.core.errors import ConfigError
 from tasks.explain.base import ExplainContext, Explainer, Explanations
-
 
 GPU_SCORECAM_BATCH_SIZE = 64
 """ScoreCAM's masked images per forward on accelerators when none is given (measured on an H200)."""
@@ -57,8 +57,14 @@ class BatchedScoreCAM(ScoreCAM):
     forwards may run under autocast.
     """
 
-    def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
-                 batch_size: int | None = None, amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: list[nn.Module],
+        reshape_transform: Callable | None = None,
+        batch_size: int | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform)
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
@@ -67,10 +73,12 @@ class BatchedScoreCAM(ScoreCAM):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
         model = inference_model(self.model)
-        batch_size = self.batch_size or perturbation_batch_size(self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE)
+        batch_size = self.batch_size or perturbation_batch_size(
+            self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE
+        )
         with torch.no_grad():
             for image, target in enumerate(targets):
-                upsampled = upsample(torch.from_numpy(activations[image:image + 1]).to(self.device))
+                upsampled = upsample(torch.from_numpy(activations[image : image + 1]).to(self.device))
                 flat = upsampled.view(upsampled.size(0), upsampled.size(1), -1)
                 maxs = flat.max(dim=-1)[0][:, :, None, None]
                 mins = flat.min(dim=-1)[0][:, :, None, None]
@@ -78,13 +86,13 @@ class BatchedScoreCAM(ScoreCAM):
                 distinct, reuse = _distinct_masks(masks)
                 distinct_scores = torch.empty(len(distinct), dtype=torch.float32)
                 for start in range(0, len(distinct), batch_size):
-                    channels = torch.as_tensor(distinct[start:start + batch_size], device=self.device)
+                    channels = torch.as_tensor(distinct[start : start + batch_size], device=self.device)
                     batch = input_tensor[image][None] * masks[channels][:, None]
                     if batch.dim() == 4:
                         batch = batch.contiguous(memory_format=torch.channels_last)
                     with autocast_context(self.device, self.amp_dtype):
                         outputs = model(batch)
-                    distinct_scores[start:start + len(channels)] = target(outputs.float()).cpu()
+                    distinct_scores[start : start + len(channels)] = target(outputs.float()).cpu()
                 scores[image] = distinct_scores[torch.from_numpy(reuse)]
         return torch.nn.Softmax(dim=-1)(scores).numpy()
 
@@ -103,8 +111,14 @@ class BatchedAblationCAM(AblationCAM):
     for CNN blocks and transformer residual streams when the target is a whole block).
     """
 
-    def __init__(self, model: nn.Module, target_layers: list[nn.Module], reshape_transform: Callable | None = None,
-                 batch_size: int = 128, amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: list[nn.Module],
+        reshape_transform: Callable | None = None,
+        batch_size: int = 128,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform, batch_size=batch_size)
         # The library's default ablation layer is one module shared by every AblationCAM.
         self.ablation_layer = type(self.ablation_layer)()
@@ -126,18 +140,23 @@ class BatchedAblationCAM(AblationCAM):
                 for batch_index, (target, tensor) in enumerate(zip(targets, input_tensor)):
                     new_scores = []
                     channels_to_ablate = ablation_layer.activations_to_be_ablated(
-                        activations[batch_index, :], self.ratio_channels_to_ablate)
+                        activations[batch_index, :], self.ratio_channels_to_ablate
+                    )
                     number_channels_to_ablate = len(channels_to_ablate)
                     for i in range(0, number_channels_to_ablate, self.batch_size):
                         count = min(self.batch_size, number_channels_to_ablate - i)
                         ablation_layer.set_next_batch(
-                            input_batch_index=batch_index, activations=self.activations, num_channels_to_ablate=count)
+                            input_batch_index=batch_index, activations=self.activations, num_channels_to_ablate=count
+                        )
                         with autocast_context(self.device, self.amp_dtype):
                             scores = target(self.model(tensor[None]).float())
                         new_scores.extend(scores.cpu().tolist())
                         ablation_layer.indices = ablation_layer.indices[count:]
-                    weights.extend(self.assemble_ablation_scores(
-                        new_scores, original_scores[batch_index], channels_to_ablate, number_of_channels))
+                    weights.extend(
+                        self.assemble_ablation_scores(
+                            new_scores, original_scores[batch_index], channels_to_ablate, number_of_channels
+                        )
+                    )
         finally:
             replace_layer_recursive(self.model, ablation_layer, target_layer)
 
@@ -157,6 +176,7 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
     "ablationcam": BatchedAblationCAM,
 }
 """Config name -> grad-cam class (ScoreCAM and AblationCAM: the batched subclasses above)."""
+
 
 def forward_with_cams(
     model: nn.Module,
@@ -192,14 +212,25 @@ def forward_with_cams(
         equals what grad-cam's class of that name returns for the same model, layer, input and
         ``ClassifierOutputTarget``.
     """
-    cams = {name: _cam(cam_class(name), model, target_layer, reshape_transform, scorecam_batch_size,
-                       ablationcam_batch_size, amp_dtype) for name in methods}
+    cams = {
+        name: _cam(
+            cam_class(name),
+            model,
+            target_layer,
+            reshape_transform,
+            scorecam_batch_size,
+            ablationcam_batch_size,
+            amp_dtype,
+        )
+        for name in methods
+    }
     model.eval()
     device = next(model.parameters()).device
     images = images.to(device)
     need_grads = any(cam.uses_gradients for cam in cams.values())
     logits, activations, gradients = _capture(
-        model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype)
+        model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype
+    )
     if targets is None:
         targets = logits.argmax(dim=-1).tolist()
     if len(targets) != images.shape[0]:
@@ -228,9 +259,16 @@ def compute_cams(
 ) -> dict[str, np.ndarray]:
     """CAMs of a batch, ``{method: float32 [B, H, W] in [0, 1]}``; see :func:`forward_with_cams`."""
     return forward_with_cams(
-        model, target_layer, images, targets, methods,
-        scorecam_batch_size=scorecam_batch_size, ablationcam_batch_size=ablationcam_batch_size,
-        reshape_transform=reshape_transform, amp_dtype=amp_dtype)[1]
+        model,
+        target_layer,
+        images,
+        targets,
+        methods,
+        scorecam_batch_size=scorecam_batch_size,
+        ablationcam_batch_size=ablationcam_batch_size,
+        reshape_transform=reshape_transform,
+        amp_dtype=amp_dtype,
+    )[1]
 
 
 def cam_class(name: str) -> type[BaseCAM]:
@@ -320,8 +358,11 @@ def _distinct_masks(masks: Tensor) -> tuple[list[int], np.ndarray]:
     bits = flat.view(torch.int32)
     multipliers = torch.randint(1, 2**31 - 1, (flat.shape[1],), generator=torch.Generator().manual_seed(0))
     multipliers = multipliers.to(flat.device)
-    fingerprints = torch.cat([(bits[start:start + 64].long() * multipliers).sum(dim=1)
-                              for start in range(0, len(bits), 64)]).cpu().tolist()
+    fingerprints = (
+        torch.cat([(bits[start : start + 64].long() * multipliers).sum(dim=1) for start in range(0, len(bits), 64)])
+        .cpu()
+        .tolist()
+    )
     distinct: list[int] = []
     reuse = np.empty(masks.shape[0], dtype=np.int64)
     groups: dict[int, list[int]] = {}
@@ -337,14 +378,25 @@ def _distinct_masks(masks: Tensor) -> tuple[list[int], np.ndarray]:
 
 
 class CamFamily(Explainer):
-    """The grad-cam family: every gradient CAM of a batch from one shared pass (:func:`compute_cams`)."""
+    """The grad-cam family: every gradient CAM of a batch from one shared forward/backward pass.
+
+    ScoreCAM and AblationCAM add perturbation forwards of their own (:func:`compute_cams`).
+    """
 
     methods = tuple(CAM_METHODS)
 
-    def explain(self, context: ExplainContext, images: Tensor, targets: Sequence[int],
-                methods: Sequence[str]) -> Explanations:
+    def explain(
+        self, context: ExplainContext, images: Tensor, targets: Sequence[int], methods: Sequence[str]
+    ) -> Explanations:
         settings = context.settings
-        maps = compute_cams(context.model.module, context.layer, images, targets, methods, amp_dtype=context.amp_dtype,
-                            scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
-                            ablationcam_batch_size=settings.ablationcam_batch_size)
+        maps = compute_cams(
+            context.model.module,
+            context.layer,
+            images,
+            targets,
+            methods,
+            amp_dtype=context.amp_dtype,
+            scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
+            ablationcam_batch_size=settings.ablationcam_batch_size,
+        )
         return Explanations(maps)

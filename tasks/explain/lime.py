@@ -10,6 +10,7 @@ perturbed images come from one gather of the segment map per batch instead of a 
 its inference copy (BatchNorm folded, channels-last weights: :mod:`tasks.compute.inference`; optionally
 under autocast), and segmentations are cached so parameter sets and seeds share them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,12 +33,12 @@ from skimage.segmentation import felzenszwalb, quickshift, slic
 from torch import Tensor, nn
 
 from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
-from tasks.core.errors import ConfigError, ItemError, NonFiniteError
 from tasks.compute.inference import inference_model
 from tasks.compute.precision import autocast_context
-from tasks.metrics.maps import deletion_insertion, mask_iou
+from tasks.core.errors import ConfigError, ItemError, NonFiniteError
 from tasks.data.models import PixelModel
 from tasks.explain.base import ExplainContext, Explainer, Explanations
+from tasks.metrics.maps import deletion_insertion, mask_iou
 
 SEGMENTATIONS: dict[str, Callable[..., np.ndarray]] = {
     "quickshift": quickshift,
@@ -90,7 +91,7 @@ class LimeResult:
     def top_segments(self, k: int = 5) -> np.ndarray:
         """Ids of the (at most) ``k`` superpixels with the largest positive weights."""
         order = np.argsort(-self.weights, kind="stable")
-        return order[: k][self.weights[order[: k]] > 0]
+        return order[:k][self.weights[order[:k]] > 0]
 
     def top_mask(self, k: int = 5) -> np.ndarray:
         """Bool ``[H, W]`` mask of the top-``k`` positive superpixels (lime's positive_only mask)."""
@@ -181,8 +182,9 @@ def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color: Any = None
     flat = segments.ravel()
     counts = np.bincount(flat)
     pixels = image.reshape(-1, image.shape[-1])
-    means = np.stack([np.bincount(flat, weights=pixels[:, c].astype(np.float64)) / counts
-                      for c in range(pixels.shape[1])], axis=1)
+    means = np.stack(
+        [np.bincount(flat, weights=pixels[:, c].astype(np.float64)) / counts for c in range(pixels.shape[1])], axis=1
+    )
     hidden[:] = means[segments]
     return hidden
 
@@ -215,14 +217,17 @@ def neighborhood_probabilities(
     network = inference_model(network)  # BatchNorm folded, channels-last: logits move ~1e-6
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            keep = on[start:start + batch_size][:, segment_ids][:, None]
+            keep = on[start : start + batch_size][:, segment_ids][:, None]
             batch = torch.empty((len(keep), *shown.shape[1:]), device=device, memory_format=torch.channels_last)
             torch.where(keep, shown, replaced, out=batch)
             with autocast_context(device, amp_dtype):
                 logits = network(batch)
             if not torch.isfinite(logits).all():  # LIME's regression must never be fitted to NaN/Inf
-                raise NonFiniteError("lime", "the model's output on LIME's perturbed images is not finite (NaN/Inf)",
-                                     "NonFiniteOutputError")
+                raise NonFiniteError(
+                    "lime",
+                    "the model's output on LIME's perturbed images is not finite (NaN/Inf)",
+                    "NonFiniteOutputError",
+                )
             outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
     return torch.cat(outputs).numpy()
 
@@ -249,12 +254,19 @@ def fit_explanation(
     distances = sklearn.metrics.pairwise_distances(data, data[0].reshape(1, -1), metric=distance_metric).ravel()
     base = LimeBase(partial(_lime_kernel, kernel_width=float(kernel_width)), verbose=False, random_state=random_state)
     intercept, explanation, score, local_pred = base.explain_instance_with_data(
-        data, probabilities, distances, target, num_features)
+        data, probabilities, distances, target, num_features
+    )
     weights = np.zeros(data.shape[1], dtype=np.float32)
     for feature, weight in explanation:
         weights[feature] = weight
-    return LimeResult(segments=segments, weights=weights, intercept=float(intercept), score=float(score),
-                      local_pred=float(np.ravel(local_pred)[0]), target=int(target))
+    return LimeResult(
+        segments=segments,
+        weights=weights,
+        intercept=float(intercept),
+        score=float(score),
+        local_pred=float(np.ravel(local_pred)[0]),
+        target=int(target),
+    )
 
 
 def explain_lime(
@@ -303,14 +315,28 @@ def explain_lime(
     for image, target in zip(images, targets):
         image = _hwc(image)
         segments = cache.segments(image, segmentation, **params)
-        results.append(_explain_one(
-            model_fn, image, int(target), segments, num_samples=num_samples, hide_color=hide_color,
-            kernel_width=kernel_width, num_features=num_features, seed=seed, batch_size=batch_size,
-            distance_metric=distance_metric, device=device, amp_dtype=amp_dtype))
+        results.append(
+            _explain_one(
+                model_fn,
+                image,
+                int(target),
+                segments,
+                num_samples=num_samples,
+                hide_color=hide_color,
+                kernel_width=kernel_width,
+                num_features=num_features,
+                seed=seed,
+                batch_size=batch_size,
+                distance_metric=distance_metric,
+                device=device,
+                amp_dtype=amp_dtype,
+            )
+        )
     return results
 
 
 # --- parameter search -----------------------------------------------------------------------
+
 
 def default_objective(components: Mapping[str, float]) -> float:
     """``deletion_auc + (1 - stability) / 2``, lower is better; both terms lie in [0, 1].
@@ -392,13 +418,33 @@ def lime_search(
         started = time.perf_counter()
         segments = cache.segments(image, algorithm, **segmentation_params)
         first, second = (
-            _explain_one(model_fn, image, target, segments, num_samples=num_samples, hide_color=hide_color,
-                         kernel_width=kernel_width, num_features=num_features, seed=seed, batch_size=batch_size,
-                         distance_metric="cosine", device=device, amp_dtype=amp_dtype)
-            for seed in seeds)
+            _explain_one(
+                model_fn,
+                image,
+                target,
+                segments,
+                num_samples=num_samples,
+                hide_color=hide_color,
+                kernel_width=kernel_width,
+                num_features=num_features,
+                seed=seed,
+                batch_size=batch_size,
+                distance_metric="cosine",
+                device=device,
+                amp_dtype=amp_dtype,
+            )
+            for seed in seeds
+        )
         deletion, insertion = deletion_insertion(
-            model_fn, pixels, first.saliency_map[None], [target], steps=steps, baseline=baseline,
-            batch_size=batch_size, amp_dtype=amp_dtype)
+            model_fn,
+            pixels,
+            first.saliency_map[None],
+            [target],
+            steps=steps,
+            baseline=baseline,
+            batch_size=batch_size,
+            amp_dtype=amp_dtype,
+        )
         components = {
             "deletion_auc": float(deletion[0]),
             "insertion_auc": float(insertion[0]),
@@ -406,31 +452,61 @@ def lime_search(
             "top_k_jaccard": mask_iou(_indicator(first, top_k), _indicator(second, top_k)),
             "n_segments": float(len(first.weights)),
         }
-        trials.append(LimeTrial(params=dict(params), objective=float(objective_fn(components)),
-                                components=components, seconds=time.perf_counter() - started, result=first))
+        trials.append(
+            LimeTrial(
+                params=dict(params),
+                objective=float(objective_fn(components)),
+                components=components,
+                seconds=time.perf_counter() - started,
+                result=first,
+            )
+        )
     best = min(trials, key=lambda trial: trial.objective)
     return LimeSearch(trials=trials, best=best)
 
 
 # --- internals --------------------------------------------------------------------------------
 
-def _explain_one(model_fn, image, target, segments, *, num_samples, hide_color, kernel_width, num_features,
-                 seed, batch_size, distance_metric, device, amp_dtype) -> LimeResult:
+
+def _explain_one(
+    model_fn,
+    image,
+    target,
+    segments,
+    *,
+    num_samples,
+    hide_color,
+    kernel_width,
+    num_features,
+    seed,
+    batch_size,
+    distance_metric,
+    device,
+    amp_dtype,
+) -> LimeResult:
     n_segments = int(segments.max()) + 1
     data = perturbation_matrix(n_segments, num_samples, seed)
     hidden = hidden_image(image, segments, hide_color)
     probabilities = neighborhood_probabilities(
-        model_fn, image, hidden, segments, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype)
+        model_fn, image, hidden, segments, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype
+    )
     if not 0 <= target < probabilities.shape[1]:
         raise ValueError(f"target {target} outside the model's {probabilities.shape[1]} classes")
-    return fit_explanation(segments, data, probabilities, target, kernel_width=kernel_width,
-                           num_features=num_features, distance_metric=distance_metric,
-                           random_state=np.random.RandomState(seed))
+    return fit_explanation(
+        segments,
+        data,
+        probabilities,
+        target,
+        kernel_width=kernel_width,
+        num_features=num_features,
+        distance_metric=distance_metric,
+        random_state=np.random.RandomState(seed),
+    )
 
 
 def _lime_kernel(distances: np.ndarray, kernel_width: float) -> np.ndarray:
     """lime_image's default exponential kernel."""
-    return np.sqrt(np.exp(-(distances ** 2) / kernel_width ** 2))
+    return np.sqrt(np.exp(-(distances**2) / kernel_width**2))
 
 
 def _hwc(image: np.ndarray) -> np.ndarray:
@@ -451,8 +527,9 @@ def _device_of(model_fn: ModelFn) -> torch.device:
 def _search_entry(index: int, entry: Mapping[str, Any]) -> tuple[str, dict[str, Any], int, float]:
     algorithm = entry.get("segmentation", "quickshift")
     if algorithm not in SEGMENTATIONS:
-        raise ConfigError(f"grid.{index}.segmentation",
-                          f"unknown algorithm {algorithm!r}; valid: {', '.join(SEGMENTATIONS)}")
+        raise ConfigError(
+            f"grid.{index}.segmentation", f"unknown algorithm {algorithm!r}; valid: {', '.join(SEGMENTATIONS)}"
+        )
     params = {key: value for key, value in entry.items() if key not in SEARCH_KEYS}
     check_segmentation_params(algorithm, params, where=f"grid.{index}")
     num_samples = int(entry.get("num_samples", 1000))
@@ -474,19 +551,25 @@ def _indicator(result: LimeResult, k: int) -> np.ndarray:
 
 
 class LimeExplainer(Explainer):
-    """LIME as an explainer: one image per :func:`explain_lime` call, so a model that fails on one
-    image fails only that image; maps scaled to max |weight| = 1 (a ranking-preserving scale)."""
+    """LIME: lime's explanation model on batched perturbations, maps scaled to a largest absolute weight of 1.
+
+    One image per :func:`explain_lime` call, so a model that fails on one image fails only that
+    image; the scale preserves every ranking.
+    """
 
     methods = ("lime",)
     road = False  # ROAD is grad-cam's metric for CAMs
 
-    def explain(self, context: ExplainContext, images: Tensor, targets: Sequence[int],
-                methods: Sequence[str]) -> Explanations:
+    def explain(
+        self, context: ExplainContext, images: Tensor, targets: Sequence[int], methods: Sequence[str]
+    ) -> Explanations:
         settings = context.settings.lime
         model_fn = context.model.pixel_model
         mean, std = model_fn.mean.cpu(), model_fn.std.cpu()
-        pixels = [((image.cpu() * std[0] + mean[0]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                  for image in images]
+        pixels = [
+            ((image.cpu() * std[0] + mean[0]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            for image in images
+        ]
         hide_color = None if settings.hide_color is None else tuple(settings.hide_color)
         cache = SegmentationCache(max_entries=max(1, len(pixels)))
         batch_size = configured_batch_size(settings.batch_size)
@@ -496,24 +579,55 @@ class LimeExplainer(Explainer):
         for index, (image, target) in enumerate(zip(pixels, targets)):
             image_id = context.image_ids[index]
             try:
-                (result,) = explain_lime(model_fn, [image], [target], segmentation=settings.segmentation,
-                                         segmentation_params=settings.segmentation_params, num_samples=settings.num_samples,
-                                         hide_color=hide_color, kernel_width=settings.kernel_width,
-                                         num_features=settings.num_features, seed=context.seed, batch_size=batch_size,
-                                         amp_dtype=context.amp_dtype, cache=cache)
-                search = None if not settings.search.enabled else lime_search(
-                    model_fn, image, target, settings.search.grid, seeds=tuple(settings.search.seeds), hide_color=hide_color,
-                    num_features=settings.num_features, steps=context.settings.metrics.steps, batch_size=batch_size,
-                    amp_dtype=context.amp_dtype, cache=cache)
+                (result,) = explain_lime(
+                    model_fn,
+                    [image],
+                    [target],
+                    segmentation=settings.segmentation,
+                    segmentation_params=settings.segmentation_params,
+                    num_samples=settings.num_samples,
+                    hide_color=hide_color,
+                    kernel_width=settings.kernel_width,
+                    num_features=settings.num_features,
+                    seed=context.seed,
+                    batch_size=batch_size,
+                    amp_dtype=context.amp_dtype,
+                    cache=cache,
+                )
+                search = (
+                    None
+                    if not settings.search.enabled
+                    else lime_search(
+                        model_fn,
+                        image,
+                        target,
+                        settings.search.grid,
+                        seeds=tuple(settings.search.seeds),
+                        hide_color=hide_color,
+                        num_features=settings.num_features,
+                        steps=context.settings.metrics.steps,
+                        batch_size=batch_size,
+                        amp_dtype=context.amp_dtype,
+                        cache=cache,
+                    )
+                )
             except NonFiniteError as error:
                 failed[index] = ItemError(image_id, error.message, error.error_type)
                 continue
             maps[index] = result.saliency_map
             if search is not None:
-                trials += [{"model": context.model.name, "image_id": image_id,
-                            "params_json": json.dumps(trial.params, sort_keys=True), "objective": trial.objective,
-                            "seconds": trial.seconds, "components_json": json.dumps(trial.components, sort_keys=True),
-                            "best": trial is search.best} for trial in search.trials]
+                trials += [
+                    {
+                        "model": context.model.name,
+                        "image_id": image_id,
+                        "params_json": json.dumps(trial.params, sort_keys=True),
+                        "objective": trial.objective,
+                        "seconds": trial.seconds,
+                        "components_json": json.dumps(trial.components, sort_keys=True),
+                        "best": trial is search.best,
+                    }
+                    for trial in search.trials
+                ]
         scale = np.abs(maps).reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
         maps = np.divide(maps, scale, out=np.full_like(maps, np.nan), where=scale > 0)
         maps[(scale == 0).ravel()] = 0.0

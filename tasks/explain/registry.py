@@ -3,6 +3,7 @@
 A new family is one module defining an :class:`~tasks.explain.base.Explainer` plus one entry in
 :data:`BUILTIN`; code outside the project (or a test) calls :func:`register`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,7 +40,9 @@ def explainer(method: str) -> Explainer:
     try:
         return EXPLAINERS[method]
     except KeyError:
-        raise ConfigError("explain.methods", f"unknown method {method!r}; valid: {', '.join(sorted(EXPLAINERS))}") from None
+        raise ConfigError(
+            "explain.methods", f"unknown method {method!r}; valid: {', '.join(sorted(EXPLAINERS))}"
+        ) from None
 
 
 def families(methods: Sequence[str]) -> list[tuple[Explainer, list[str]]]:

@@ -6,6 +6,7 @@ explainer registry for maps and the metric registry for scores, so it never bran
 method's or a metric's name. Metrics are computed from the maps exactly as stored (float16), so
 recomputing them from the ``saliency`` table gives the stored values.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,16 @@ from tasks.metrics.registry import METRICS
 
 # Tables every explain chunk writes (an empty file when it has no rows); ``errors`` last, so a
 # chunk counts as done once its errors file exists.
-EXPLAIN_TABLES = ("predictions", "saliency", "agreement", "localization", "faithfulness", "lime_trials", "scores", "errors")
+EXPLAIN_TABLES = (
+    "predictions",
+    "saliency",
+    "agreement",
+    "localization",
+    "faithfulness",
+    "lime_trials",
+    "scores",
+    "errors",
+)
 
 
 def chunk_unit(model: str, index: int) -> str:
@@ -76,7 +86,10 @@ def ground_truth_mask(model, record: dict, image_size: tuple[int, int]) -> np.nd
         with Image.open(record["mask_path"]) as mask_file:
             mask = np.asarray(mask_file.convert("RGB")).any(axis=-1)
         if mask.shape != (image_size[1], image_size[0]):
-            raise ItemError(record["image_id"], f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image_size[0]}x{image_size[1]}")
+            raise ItemError(
+                record["image_id"],
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image_size[0]}x{image_size[1]}",
+            )
         drawn = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
     elif record.get("box"):
         drawn = Image.new("RGB", image_size)
@@ -95,7 +108,9 @@ def load_inputs(model, records: list[dict], target_mode: str, with_masks: bool) 
         try:
             true_label = _true_label(record, model.class_names)
             if target_mode == "label" and true_label is None:
-                raise ItemError(record["image_id"], "explain.target is 'label' but the image has no label among the model's classes")
+                raise ItemError(
+                    record["image_id"], "explain.target is 'label' but the image has no label among the model's classes"
+                )
             image = load_rgb(record["path"], item_id=record["image_id"])
             mask = ground_truth_mask(model, record, image.size) if with_masks else None
             inputs.append(_Input(record, model.preprocess(image), mask, true_label))
@@ -150,14 +165,43 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
             rows.add("errors", [error_row("explain", model.name, error, image_ids[index])])
             continue
         labels, probs = top_label[index].tolist(), top_prob[index].tolist()
-        rows.add("predictions", [{**base, "label": labels[0], "label_name": model.class_names[labels[0]], "prob": probs[0],
-                                  "true_label": item.true_label,
-                                  "topk": [{"label": label, "name": model.class_names[label], "prob": prob}
-                                           for label, prob in zip(labels, probs)]}])
-        rows.add("saliency", [{**base, "method": method, "target": targets[index], **encode_map(stored[method][index])}
-                              for method in stored])
-    scored = ScoredBatch(model.name, model.module, batch, stored, targets, image_ids, [item.gt_mask for item in inputs],
-                         usable, explain.metrics, config.seed, amp_dtype, frozenset(road_methods))
+        rows.add(
+            "predictions",
+            [
+                {
+                    **base,
+                    "label": labels[0],
+                    "label_name": model.class_names[labels[0]],
+                    "prob": probs[0],
+                    "true_label": item.true_label,
+                    "topk": [
+                        {"label": label, "name": model.class_names[label], "prob": prob}
+                        for label, prob in zip(labels, probs)
+                    ],
+                }
+            ],
+        )
+        rows.add(
+            "saliency",
+            [
+                {**base, "method": method, "target": targets[index], **encode_map(stored[method][index])}
+                for method in stored
+            ],
+        )
+    scored = ScoredBatch(
+        model.name,
+        model.module,
+        batch,
+        stored,
+        targets,
+        image_ids,
+        [item.gt_mask for item in inputs],
+        usable,
+        explain.metrics,
+        config.seed,
+        amp_dtype,
+        frozenset(road_methods),
+    )
     for metric in METRICS.values():
         if metric.enabled(explain.metrics):
             for table, table_rows in metric.rows(scored).items():
@@ -165,15 +209,24 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
     return rows
 
 
-def explain_records(config: AuditConfig, model_config: ModelConfig, model, records: list[dict],
-                    logger: logging.Logger | None = None) -> ChunkRows:
+def explain_records(
+    config: AuditConfig, model_config: ModelConfig, model, records: list[dict], logger: logging.Logger | None = None
+) -> ChunkRows:
     """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`)."""
-    layer = resolve_layer(model.module, model_config.cam_layer or default_cam_layer(model.module, model.input_size), field="models.cam_layer")
+    layer = resolve_layer(
+        model.module,
+        model_config.cam_layer or default_cam_layer(model.module, model.input_size),
+        field="models.cam_layer",
+    )
     inputs, errors = load_inputs(model, records, config.explain.target, config.explain.metrics.localization)
     rows = ChunkRows()
     rows.add("errors", errors)
-    batches = run_with_backoff(lambda batch: explain_batch(config, model, layer, batch), inputs, config.explain.batch_size,
-                               logger or logging.getLogger(__name__))
+    batches = run_with_backoff(
+        lambda batch: explain_batch(config, model, layer, batch),
+        inputs,
+        config.explain.batch_size,
+        logger or logging.getLogger(__name__),
+    )
     for batch_rows in batches:
         for table, table_rows in batch_rows.tables.items():
             rows.add(table, table_rows)

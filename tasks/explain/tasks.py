@@ -1,4 +1,5 @@
 """The explain stage's Prefect task: one image chunk of one model, its files written atomically."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,13 @@ def _logger() -> logging.Logger:
         return logging.getLogger(__name__)
 
 
-@task(name="explain-chunk", task_run_name="explain {model_name} chunk {chunk_index}", tags=["gpu"],
-      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+@task(
+    name="explain-chunk",
+    task_run_name="explain {model_name} chunk {chunk_index}",
+    tags=["gpu"],
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+)
 def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, results: str, run_id: str) -> dict[str, int]:
     """Explain one chunk of the run's ``images`` table and write its files; returns the row count per table."""
     store = ResultsStore(results)

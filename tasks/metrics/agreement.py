@@ -1,4 +1,5 @@
 """Agreement between methods: IoU of binarised maps, Spearman rank correlation, centre-of-mass distance."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,15 +14,15 @@ class Agreement(Metric):
     name = "agreement"
     category = "agreement"
     table = "agreement"
-    scores = (
-        Score("iou", "agreement_iou_mean", "higher", "IoU with others"),
-    )
+    scores = (Score("iou", "agreement_iou_mean", "higher", "IoU with others"),)
 
     def rows(self, batch: ScoredBatch) -> dict[str, list[dict[str, Any]]]:
         settings = batch.settings
         rows = []
         for index in batch.usable.nonzero()[0]:
             image_maps = {method: maps[index] for method, maps in batch.maps.items()}
-            rows += [{"model": batch.model_name, "image_id": batch.image_ids[index], **row}
-                     for row in agreement_rows(image_maps, settings.agreement_rule, settings.agreement_q)]
+            rows += [
+                {"model": batch.model_name, "image_id": batch.image_ids[index], **row}
+                for row in agreement_rows(image_maps, settings.agreement_rule, settings.agreement_q)
+            ]
         return {self.table: rows}

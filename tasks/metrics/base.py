@@ -6,6 +6,7 @@ declarations instead of prose. A metric writes rows of its own table (``table``)
 without a contract table of its own writes the long ``scores`` table (one row per image,
 method and value), and its per-method mean reaches ``summary_methods.scores``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,4 +1,5 @@
 """Faithfulness to the model: deletion and insertion AUC (RISE), and ROAD where the explainer allows it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,18 +42,44 @@ class Faithfulness(Metric):
         images, targets = batch.images[keep], [batch.targets[i] for i in keep]
         for method, method_maps in batch.maps.items():
             deletion, insertion = deletion_insertion(
-                batch.module, images, method_maps[keep], targets, steps=settings.steps, baseline=settings.baseline,
-                batch_size=configured_batch_size(settings.batch_size), amp_dtype=batch.amp_dtype)
-            road = (road_scores(batch.module, images, method_maps[keep], targets, settings.road_percentiles, batch.seed)
-                    if settings.road and method in batch.road_methods else np.full(len(keep), np.nan))
+                batch.module,
+                images,
+                method_maps[keep],
+                targets,
+                steps=settings.steps,
+                baseline=settings.baseline,
+                batch_size=configured_batch_size(settings.batch_size),
+                amp_dtype=batch.amp_dtype,
+            )
+            road = (
+                road_scores(batch.module, images, method_maps[keep], targets, settings.road_percentiles, batch.seed)
+                if settings.road and method in batch.road_methods
+                else np.full(len(keep), np.nan)
+            )
             for i, d, n, r in zip(keep, deletion, insertion, road):
                 image_id = batch.image_ids[i]
                 if np.isfinite(d) and np.isfinite(n):
-                    rows.append({"model": batch.model_name, "image_id": image_id, "method": method,
-                                 "deletion_auc": float(d), "insertion_auc": float(n),
-                                 "road": float(r) if np.isfinite(r) else None})
+                    rows.append(
+                        {
+                            "model": batch.model_name,
+                            "image_id": image_id,
+                            "method": method,
+                            "deletion_auc": float(d),
+                            "insertion_auc": float(n),
+                            "road": float(r) if np.isfinite(r) else None,
+                        }
+                    )
                 else:  # the model failed on some deleted/inserted image: no AUC rather than a NaN one
-                    errors.append(error_row("explain", batch.model_name, NonFiniteError(
-                        image_id, f"{method} faithfulness: the model's output on deleted/inserted images is not finite "
-                        "(NaN/Inf)", "NonFiniteMetricError")))
+                    errors.append(
+                        error_row(
+                            "explain",
+                            batch.model_name,
+                            NonFiniteError(
+                                image_id,
+                                f"{method} faithfulness: the model's output on deleted/inserted images is not finite "
+                                "(NaN/Inf)",
+                                "NonFiniteMetricError",
+                            ),
+                        )
+                    )
         return {self.table: rows, "errors": errors}

@@ -1,4 +1,5 @@
 """Localization against ground-truth masks: pointing game, IoU with the mask, energy inside it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,13 @@ class Localization(Metric):
             if mask is None or not mask.any():
                 continue
             tolerance = scaled_tolerance(max(mask.shape))
-            rows += [{"model": batch.model_name, "image_id": batch.image_ids[index], "method": method,
-                      **localization_row(maps[index], mask, tolerance, settings.agreement_rule, settings.agreement_q)}
-                     for method, maps in batch.maps.items()]
+            rows += [
+                {
+                    "model": batch.model_name,
+                    "image_id": batch.image_ids[index],
+                    "method": method,
+                    **localization_row(maps[index], mask, tolerance, settings.agreement_rule, settings.agreement_q),
+                }
+                for method, maps in batch.maps.items()
+            ]
         return {self.table: rows}

@@ -7,6 +7,7 @@ CAMs in [0, 1] are read alike. A map holding NaN or Inf raises :class:`NonFinite
 metrics. A metric that is undefined for a valid map (the rank correlation of a constant map,
 the centre of mass of a map with no positive mass) is NaN, stored as null.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,6 +50,7 @@ def require_finite(saliency_map: np.ndarray, item_id: str = "map") -> np.ndarray
 
 
 # --- agreement -------------------------------------------------------------------------------
+
 
 def binarize(saliency_map: np.ndarray, rule: str = "top_q", q: float = 0.2) -> np.ndarray:
     """The map's salient pixels as a bool mask.
@@ -122,19 +124,22 @@ def agreement_rows(maps: Mapping[str, np.ndarray], rule: str = "top_q", q: float
     rows = []
     for name_a, name_b in itertools.combinations(sorted(maps), 2):
         a, b = maps[name_a], maps[name_b]
-        rows.append({
-            "method_a": name_a,
-            "method_b": name_b,
-            "iou": map_iou(a, b, rule, q),
-            "spearman": spearman(a, b),
-            "com_distance": com_distance(a, b),
-            "rule": rule,
-            "q": q if rule == "top_q" else None,
-        })
+        rows.append(
+            {
+                "method_a": name_a,
+                "method_b": name_b,
+                "iou": map_iou(a, b, rule, q),
+                "spearman": spearman(a, b),
+                "com_distance": com_distance(a, b),
+                "rule": rule,
+                "q": q if rule == "top_q" else None,
+            }
+        )
     return rows
 
 
 # --- localization ----------------------------------------------------------------------------
+
 
 def scaled_tolerance(image_size: int) -> float:
     """The pointing game's 15 px at 224 px, scaled to an image side of ``image_size`` px."""
@@ -173,8 +178,9 @@ def energy_in_gt(saliency_map: np.ndarray, gt_mask: np.ndarray) -> float:
     return float(mass[mask].sum() / total)
 
 
-def localization_row(saliency_map: np.ndarray, gt_mask: np.ndarray, tolerance_px: float,
-                     rule: str = "top_q", q: float = 0.2) -> dict:
+def localization_row(
+    saliency_map: np.ndarray, gt_mask: np.ndarray, tolerance_px: float, rule: str = "top_q", q: float = 0.2
+) -> dict:
     """The ``localization`` metrics of one map against one mask."""
     return {
         "pointing_hit": pointing_hit(saliency_map, gt_mask, tolerance_px),
@@ -184,6 +190,7 @@ def localization_row(saliency_map: np.ndarray, gt_mask: np.ndarray, tolerance_px
 
 
 # --- faithfulness ----------------------------------------------------------------------------
+
 
 def trapezoid_auc(curve: np.ndarray, fractions: np.ndarray | None = None) -> float:
     """Area under a curve sampled at ``fractions`` of [0, 1] (default: evenly spaced)."""
@@ -280,7 +287,7 @@ def deletion_insertion_curves(
             with autocast_context(device, amp_dtype):
                 logits = model(batch)
             probs = torch.softmax(logits.float(), dim=-1)
-            probabilities[start:start + len(jobs)] = probs.gather(1, target_t[image][:, None])[:, 0].cpu()
+            probabilities[start : start + len(jobs)] = probs.gather(1, target_t[image][:, None])[:, 0].cpu()
     curves = probabilities.view(count, 2, steps + 1).numpy().astype(np.float64)
     return curves[:, 0], curves[:, 1], counts / pixels
 
@@ -315,10 +322,20 @@ def deletion_insertion(
         ``(deletion_auc [B], insertion_auc [B])``, trapezoid areas over the pixel fraction axis.
     """
     deletion, insertion, fractions = deletion_insertion_curves(
-        model, images, maps, targets, steps=steps, baseline=baseline, batch_size=batch_size,
-        amp_dtype=amp_dtype, blur_sigma=blur_sigma)
-    return (np.array([trapezoid_auc(curve, fractions) for curve in deletion]),
-            np.array([trapezoid_auc(curve, fractions) for curve in insertion]))
+        model,
+        images,
+        maps,
+        targets,
+        steps=steps,
+        baseline=baseline,
+        batch_size=batch_size,
+        amp_dtype=amp_dtype,
+        blur_sigma=blur_sigma,
+    )
+    return (
+        np.array([trapezoid_auc(curve, fractions) for curve in deletion]),
+        np.array([trapezoid_auc(curve, fractions) for curve in insertion]),
+    )
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> None:

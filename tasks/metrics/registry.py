@@ -3,6 +3,7 @@
 A new metric is one module defining a :class:`~tasks.metrics.base.Metric` plus one entry in
 :data:`BUILTIN`; code outside the project (or a test) calls :func:`register`.
 """
+
 from __future__ import annotations
 
 from tasks.metrics.agreement import Agreement

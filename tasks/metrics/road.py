@@ -5,6 +5,7 @@ read; ROAD fills removed pixels by noisy linear imputation from their neighbours
 grad-cam's ``ROADCombined`` averages ``(LeRF - MoRF) / 2`` of the target's softmax over
 percentiles of removed pixels: higher means the map's top pixels matter more to the model.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,8 +15,14 @@ import torch
 from torch import nn
 
 
-def road_scores(module: nn.Module, inputs: torch.Tensor, maps: np.ndarray, targets: Sequence[int],
-                percentiles: Sequence[int], seed: int = 0) -> np.ndarray:
+def road_scores(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    maps: np.ndarray,
+    targets: Sequence[int],
+    percentiles: Sequence[int],
+    seed: int = 0,
+) -> np.ndarray:
     """float64 ``[N]``: grad-cam's ``ROADCombined`` score of each ``maps[i]`` for class ``targets[i]``.
 
     ``inputs`` are the model's preprocessed ``[N, 3, H, W]`` tensors, ``maps`` ``[N, H, W]`` at
@@ -33,5 +40,7 @@ def road_scores(module: nn.Module, inputs: torch.Tensor, maps: np.ndarray, targe
     for index, target in enumerate(targets):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            scores[index] = metric(inputs[index:index + 1], maps[index:index + 1], [ClassifierOutputSoftmaxTarget(int(target))], module)[0]
+            scores[index] = metric(
+                inputs[index : index + 1], maps[index : index + 1], [ClassifierOutputSoftmaxTarget(int(target))], module
+            )[0]
     return scores

@@ -3,6 +3,7 @@
 A random network shows nothing in an audit; this one is small enough to train on two CPU cores
 in minutes and has a known answer (it must attend to the shape, not the colour or background).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from tasks.core.cache import cache_dir
+from tasks.core.config import WorldConfig
 from tasks.core.errors import CheckpointError
 from tasks.world.synthetic import SHAPES, WORLD_VERSION, atomic_directory, ensure_world, read_attributes
-from tasks.core.config import WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class DemoTrainSpec:
 def load_images(world_root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of one split as a uint8 (N, 3, H, W) tensor and their shape labels (N,)."""
     rows = read_attributes(world_root, split)
-    images = np.stack([np.asarray(Image.open(world_root / "images" / r["image"]).convert("RGB"))
-                       for r in rows])
+    images = np.stack([np.asarray(Image.open(world_root / "images" / r["image"]).convert("RGB")) for r in rows])
     labels = torch.tensor([SHAPES.index(r["object"]) for r in rows])
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
 
@@ -69,8 +69,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     model.eval()
     correct = 0
     for start in range(0, len(images), batch):
-        logits = model(normalize(images[start:start + batch]))
-        correct += int((logits.argmax(1) == labels[start:start + batch]).sum())
+        logits = model(normalize(images[start : start + batch]))
+        correct += int((logits.argmax(1) == labels[start : start + batch]).sum())
     return correct / len(images)
 
 
@@ -82,14 +82,15 @@ def train_demo_model(world_root: Path, spec: DemoTrainSpec) -> tuple[nn.Module, 
     steps_per_epoch = len(images) // spec.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch, pct_start=0.2)
+        optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch, pct_start=0.2
+    )
     generator = torch.Generator().manual_seed(spec.seed)
     start = time.perf_counter()
     model.train()
     for epoch in range(spec.epochs):
         order = torch.randperm(len(images), generator=generator)
         for step in range(steps_per_epoch):
-            idx = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+            idx = order[step * spec.batch_size : (step + 1) * spec.batch_size]
             x = normalize(images[idx])
             # Shapes stand upright and are mirror-symmetric: a left-right flip keeps the class.
             flip = torch.rand(len(idx), generator=generator) < 0.5
@@ -108,8 +109,12 @@ def train_demo_model(world_root: Path, spec: DemoTrainSpec) -> tuple[nn.Module, 
 
 def ensure_demo_model(world: WorldConfig = WorldConfig(), train: DemoTrainSpec = DemoTrainSpec()) -> Path:
     """The cached demo model directory (``model.safetensors`` + ``meta.json``), trained once."""
-    final = cache_dir("demo_model", version=WORLD_VERSION, recipe=DEMO_VERSION,
-                      world=world.model_dump(), train=asdict(train)) / "model"
+    final = (
+        cache_dir(
+            "demo_model", version=WORLD_VERSION, recipe=DEMO_VERSION, world=world.model_dump(), train=asdict(train)
+        )
+        / "model"
+    )
     if (final / "meta.json").is_file():
         return final
     world_root = ensure_world(world)
@@ -135,8 +140,7 @@ def ensure_demo_model(world: WorldConfig = WorldConfig(), train: DemoTrainSpec =
 def save_demo_model(model: nn.Module, meta: dict, folder: Path) -> Path:
     """Write ``model.safetensors`` + ``meta.json`` into ``folder`` atomically."""
     with atomic_directory(folder) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -149,6 +153,7 @@ def load_demo_model(path: Path) -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
     except RuntimeError as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'}: does not match resnet18 "
-                              f"with {len(meta['class_names'])} classes: {exc}") from exc
+        raise CheckpointError(
+            f"{path / 'model.safetensors'}: does not match resnet18 with {len(meta['class_names'])} classes: {exc}"
+        ) from exc
     return model.eval(), meta

@@ -16,6 +16,7 @@ On disk (Broden layout, every path in ``index.csv`` relative to ``images/``):
 - ``captions.csv`` (image, caption) and ``attributes.csv`` (image, split, color, object, texture,
   scene: concept names), the ground truth the demo model and the toy CLIP train on.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,18 @@ CATEGORY_CONCEPTS: dict[str, tuple[str, ...]] = {
     "scene": LAYOUTS,
 }
 INDEX_COLUMNS: tuple[str, ...] = (
-    "image", "split", "ih", "iw", "sh", "sw",
-    "color", "object", "part", "material", "scene", "texture",
+    "image",
+    "split",
+    "ih",
+    "iw",
+    "sh",
+    "sw",
+    "color",
+    "object",
+    "part",
+    "material",
+    "scene",
+    "texture",
 )
 SPLITS: tuple[str, ...] = ("train", "val")
 
@@ -89,8 +100,7 @@ def label_numbers() -> dict[str, int]:
     return {name: i + 1 for i, (name, _) in enumerate(world_concepts())}
 
 
-def describe(attrs: Mapping[str, str], mention: Iterable[str] = tuple(CATEGORY_CONCEPTS),
-             bare: bool = False) -> str:
+def describe(attrs: Mapping[str, str], mention: Iterable[str] = tuple(CATEGORY_CONCEPTS), bare: bool = False) -> str:
     """A caption naming exactly the attributes in ``mention`` (bare: the single word alone).
 
     ``attrs`` maps category (color, object, texture, scene) to concept name; by default every
@@ -166,8 +176,10 @@ def _unit_outline(shape: str) -> np.ndarray:
         a = 0.32
         b = float(np.sqrt(1.0 - a * a))
         quarter = np.array([[a, -b], [a, -a], [b, -a]])
-        turns = [np.array([[np.cos(k * np.pi / 2), -np.sin(k * np.pi / 2)],
-                           [np.sin(k * np.pi / 2), np.cos(k * np.pi / 2)]]) for k in range(4)]
+        turns = [
+            np.array([[np.cos(k * np.pi / 2), -np.sin(k * np.pi / 2)], [np.sin(k * np.pi / 2), np.cos(k * np.pi / 2)]])
+            for k in range(4)
+        ]
         return np.concatenate([quarter @ rot.T for rot in turns])
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
@@ -299,36 +311,52 @@ def _write_world(out: Path, spec: WorldConfig) -> None:
             "texture": (scene.texture, ~mask),
         }
         for category, (name, region) in regions.items():
-            _save_png(encode_segmentation(np.where(region, numbers[name], 0)),
-                      out / "images" / f"{stem}_{category}.png")
-        fractions = {scene.color: object_fraction, scene.shape: object_fraction,
-                     scene.texture: 1.0 - object_fraction, scene.layout: 1.0}
+            _save_png(
+                encode_segmentation(np.where(region, numbers[name], 0)), out / "images" / f"{stem}_{category}.png"
+            )
+        fractions = {
+            scene.color: object_fraction,
+            scene.shape: object_fraction,
+            scene.texture: 1.0 - object_fraction,
+            scene.layout: 1.0,
+        }
         for name, fraction in fractions.items():
             frequency[name] += 1
             coverage[name] += fraction
-        index_rows.append([
-            f"{stem}.png", split, size, size, size, size,
-            f"{stem}_color.png", f"{stem}_object.png", "", "",
-            numbers[scene.layout], f"{stem}_texture.png",
-        ])
-        attrs = {"color": scene.color, "object": scene.shape, "texture": scene.texture,
-                 "scene": scene.layout}
+        index_rows.append(
+            [
+                f"{stem}.png",
+                split,
+                size,
+                size,
+                size,
+                size,
+                f"{stem}_color.png",
+                f"{stem}_object.png",
+                "",
+                "",
+                numbers[scene.layout],
+                f"{stem}_texture.png",
+            ]
+        )
+        attrs = {"color": scene.color, "object": scene.shape, "texture": scene.texture, "scene": scene.layout}
         caption_rows.append([f"{stem}.png", describe(attrs)])
         attribute_rows.append([f"{stem}.png", split, *attrs.values()])
     _write_csv(out / "index.csv", list(INDEX_COLUMNS), index_rows)
     _write_csv(out / "captions.csv", ["image", "caption"], caption_rows)
     _write_csv(out / "attributes.csv", ["image", "split", *CATEGORY_CONCEPTS], attribute_rows)
     label_rows: list[list[object]] = [[0, "-", "-", 0, "0.000000", ""]]
-    label_rows += [[numbers[name], name, f"{category_of[name]}({frequency[name]})",
-                    frequency[name], f"{coverage[name]:.6f}", name] for name in numbers]
-    _write_csv(out / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"],
-               label_rows)
+    label_rows += [
+        [numbers[name], name, f"{category_of[name]}({frequency[name]})", frequency[name], f"{coverage[name]:.6f}", name]
+        for name in numbers
+    ]
+    _write_csv(out / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"], label_rows)
     for category, names in CATEGORY_CONCEPTS.items():
-        rows: list[list[object]] = [[code, numbers[name], name, frequency[name],
-                                     f"{coverage[name]:.6f}"]
-                                    for code, name in enumerate(names, start=1)]
-        _write_csv(out / f"c_{category}.csv", ["code", "number", "name", "frequency", "coverage"],
-                   rows)
+        rows: list[list[object]] = [
+            [code, numbers[name], name, frequency[name], f"{coverage[name]:.6f}"]
+            for code, name in enumerate(names, start=1)
+        ]
+        _write_csv(out / f"c_{category}.csv", ["code", "number", "name", "frequency", "coverage"], rows)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """Prefect tasks that build the synthetic world and train its models (cached: cheap when warm)."""
+
 from __future__ import annotations
 
 from prefect import task
@@ -40,5 +41,10 @@ def prepare_world(config: AuditConfig, stages: tuple[str, ...]) -> None:
         world_task(config)
     if uses_demo:
         demo_model_task(config)
-    if dissecting and "clip_dissect" in dissect.methods and dissect.clip.model == "xai-toy-clip" and dissect.clip.pretrained is None:
+    if (
+        dissecting
+        and "clip_dissect" in dissect.methods
+        and dissect.clip.model == "xai-toy-clip"
+        and dissect.clip.pretrained is None
+    ):
         toy_clip_task(config)

@@ -10,6 +10,7 @@ name random subsets of the attributes, shape most often, so each word is learned
 a contrastive loss that counts every caption true of an image as a positive (see
 ``_soft_targets``).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tasks.core.cache import cache_dir
-from tasks.world.synthetic import CATEGORY_CONCEPTS, WORLD_VERSION, atomic_directory, describe, ensure_world, read_attributes
 from tasks.core.config import WorldConfig
+from tasks.world.synthetic import (
+    CATEGORY_CONCEPTS,
+    WORLD_VERSION,
+    atomic_directory,
+    describe,
+    ensure_world,
+    read_attributes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +112,10 @@ def _contrastive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return (to_text + to_image) / 2
 
 
-def load_split(world_root: Path, split: str,
-               preprocess: Preprocess) -> tuple[torch.Tensor, list[dict[str, str]]]:
+def load_split(world_root: Path, split: str, preprocess: Preprocess) -> tuple[torch.Tensor, list[dict[str, str]]]:
     """One split's images through open_clip's own eval transform, and their attribute rows."""
     rows = read_attributes(world_root, split)
-    images = torch.stack([preprocess(Image.open(world_root / "images" / r["image"]).convert("RGB"))
-                          for r in rows])
+    images = torch.stack([preprocess(Image.open(world_root / "images" / r["image"]).convert("RGB")) for r in rows])
     return images, rows
 
 
@@ -124,8 +130,9 @@ def train_toy_clip(world_root: Path, spec: ClipTrainSpec) -> tuple[nn.Module, Pr
     codes = _attribute_codes(rows)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr
+    )
 
     def lr_at(step: int) -> float:
         if step < spec.warmup_steps:
@@ -165,30 +172,34 @@ def train_toy_clip(world_root: Path, spec: ClipTrainSpec) -> tuple[nn.Module, Pr
 
 
 @torch.no_grad()
-def zero_shot_scores(model: nn.Module, images: torch.Tensor, rows: list[dict[str, str]],
-                     templates: Mapping[str, str] = ZERO_SHOT_TEMPLATES) -> dict[str, float]:
+def zero_shot_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    rows: list[dict[str, str]],
+    templates: Mapping[str, str] = ZERO_SHOT_TEMPLATES,
+) -> dict[str, float]:
     """Per category: how often the best-matching concept word (in its template) is the true one."""
     model.eval()
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
-    image_features = torch.cat([model.encode_image(images[s:s + 256], normalize=True)
-                                for s in range(0, len(images), 256)])
+    image_features = torch.cat(
+        [model.encode_image(images[s : s + 256], normalize=True) for s in range(0, len(images), 256)]
+    )
     scores = {}
     for category, template in templates.items():
         words = CATEGORY_CONCEPTS[category]
-        text_features = model.encode_text(tokenizer([template.format(w) for w in words]),
-                                          normalize=True)
+        text_features = model.encode_text(tokenizer([template.format(w) for w in words]), normalize=True)
         predicted = (image_features @ text_features.T).argmax(1)
         truth = torch.tensor([words.index(r[category]) for r in rows])
         scores[category] = float((predicted == truth).float().mean())
     return scores
 
 
-def zero_shot_accuracy(checkpoint: Path, world_root: Path, split: str = "val",
-                       templates: Mapping[str, str] = ZERO_SHOT_TEMPLATES) -> dict[str, float]:
+def zero_shot_accuracy(
+    checkpoint: Path, world_root: Path, split: str = "val", templates: Mapping[str, str] = ZERO_SHOT_TEMPLATES
+) -> dict[str, float]:
     """Zero-shot accuracy per category (color, object, texture) of a saved toy CLIP on a split."""
     register_toy_clip()
-    model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME,
-                                                                 pretrained=str(checkpoint))
+    model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=str(checkpoint))
     images, rows = load_split(Path(world_root), split, preprocess)
     return zero_shot_scores(model, images, rows, templates)
 
@@ -196,8 +207,17 @@ def zero_shot_accuracy(checkpoint: Path, world_root: Path, split: str = "val",
 def ensure_toy_clip(world: WorldConfig = WorldConfig(), train: ClipTrainSpec = ClipTrainSpec()) -> Path:
     """The cached toy CLIP checkpoint (``.safetensors``; ``meta.json`` beside it), trained once."""
     model_cfg = json.loads(CONFIG_PATH.read_text())
-    final = cache_dir("toy_clip", version=WORLD_VERSION, recipe=TOY_CLIP_VERSION,
-                      world=world.model_dump(), train=asdict(train), model_cfg=model_cfg) / "clip"
+    final = (
+        cache_dir(
+            "toy_clip",
+            version=WORLD_VERSION,
+            recipe=TOY_CLIP_VERSION,
+            world=world.model_dump(),
+            train=asdict(train),
+            model_cfg=model_cfg,
+        )
+        / "clip"
+    )
     if (final / "meta.json").is_file():
         return final / CHECKPOINT_NAME
     world_root = ensure_world(world)
@@ -207,7 +227,8 @@ def ensure_toy_clip(world: WorldConfig = WorldConfig(), train: ClipTrainSpec = C
         "model_name": TOY_CLIP_NAME,
         "zero_shot_val": zero_shot_scores(model, val_images, val_rows),
         "zero_shot_val_bare_words": zero_shot_scores(
-            model, val_images, val_rows, dict.fromkeys(ZERO_SHOT_TEMPLATES, "{}")),
+            model, val_images, val_rows, dict.fromkeys(ZERO_SHOT_TEMPLATES, "{}")
+        ),
         "templates": ZERO_SHOT_TEMPLATES,
         "train_seconds": round(seconds, 1),
         "world_version": WORLD_VERSION,
@@ -224,11 +245,9 @@ def save_toy_clip(model: nn.Module, meta: dict, folder: Path) -> Path:
     The config file lets open_clip also load the folder as ``local-dir:<folder>``, without
     ``register_toy_clip``. Returns the checkpoint's final path.
     """
-    config = {"model_cfg": json.loads(CONFIG_PATH.read_text()),
-              "preprocess_cfg": model.visual.preprocess_cfg}
+    config = {"model_cfg": json.loads(CONFIG_PATH.read_text()), "preprocess_cfg": model.visual.preprocess_cfg}
     with atomic_directory(folder) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / CHECKPOINT_NAME))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / CHECKPOINT_NAME))
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder / CHECKPOINT_NAME

@@ -1,4 +1,5 @@
 """Helpers of the bad-input matrix: a small image folder and a tiny audit config file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,15 @@ def tiny_audit(images: str, **overrides) -> dict:
     """A config dict: the tiny ResNet explained with Grad-CAM over an image folder, no dissect."""
     data = {
         "name": "robust",
-        "models": [{"name": "tiny", "source": "python", "callable": "tests.fixtures.tiny_models:tiny_resnet",
-                    "num_classes": 3, "preprocess": {"resize": 32, "crop": 32}}],
+        "models": [
+            {
+                "name": "tiny",
+                "source": "python",
+                "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                "num_classes": 3,
+                "preprocess": {"resize": 32, "crop": 32},
+            }
+        ],
         "images": {"kind": "folder", "root": images},
         "dissect": {"enabled": False},
         "explain": {"methods": ["gradcam"], "chunk_size": 2, "batch_size": 2, "metrics": {"steps": 2}},

@@ -1,4 +1,5 @@
 """Fixtures of the bad-input matrix."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Planted models that emit NaN or Inf for inputs we choose, loaded through the `python` model source."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Hostile and broken weights files: refused with a clear error, never executed."""
+
 from __future__ import annotations
 
 import os
@@ -81,7 +82,9 @@ def test_payload_in_places365_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("XAI_AUDIT_CACHE", str(tmp_path / "cache"))
     marker = tmp_path / "pwned"
     path = tmp_path / "resnet18_places365.pth.tar"
-    torch.save({"epoch": 1, "state_dict": {"module.x": _SystemPayload(marker)}}, path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {"epoch": 1, "state_dict": {"module.x": _SystemPayload(marker)}}, path, _use_new_zipfile_serialization=False
+    )
     (tmp_path / "categories_places365.txt").write_text("/a/airfield 0\n")
     with pytest.raises(CheckpointError, match="refused"):
         load_model(ModelConfig(name="p", source="places365", arch="resnet18", weights=str(path)))
@@ -99,8 +102,9 @@ def test_wrong_architecture_names_unexpected_keys_with_counts(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pth")
     with pytest.raises(CheckpointError) as info:
-        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "r34.pth"),
-                               num_classes=10))
+        load_model(
+            ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "r34.pth"), num_classes=10)
+        )
     message = str(info.value)
     # resnet34 has 3/4/6/3 blocks per stage where resnet18 has 2/2/2/2
     assert "r34.pth: does not match ResNet" in message
@@ -114,8 +118,11 @@ def test_missing_keys_are_named(tmp_path):
     del state["layer2.0.bn1.running_var"], state["fc.bias"]
     torch.save(state, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match=r"2 missing keys: layer2\.0\.bn1\.running_var, fc\.bias"):
-        load_model(ModelConfig(name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "partial.pt"),
-                               num_classes=2))
+        load_model(
+            ModelConfig(
+                name="c", source="checkpoint", arch="resnet18", path=str(tmp_path / "partial.pt"), num_classes=2
+            )
+        )
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 10])

@@ -1,4 +1,5 @@
 """The config cases of the bad-input matrix: exit 2 before any work, naming the field and the valid names."""
+
 from __future__ import annotations
 
 import tempfile
@@ -26,25 +27,75 @@ CASES = [
     ("unknown top-level key", {"bogus": 1}, "bogus", None),
     ("wrong type", {"seed": "many"}, "seed", None),
     ("wrong type in a list", {"explain": {"methods": "gradcam"}}, "explain.methods", None),
-    ("missing file", {"images": {"kind": "list", "root": "images", "list_file": "nowhere.csv"}}, "images.list_file", None),
+    (
+        "missing file",
+        {"images": {"kind": "list", "root": "images", "list_file": "nowhere.csv"}},
+        "images.list_file",
+        None,
+    ),
     ("missing folder", {"images": {"kind": "folder", "root": "no-such-folder"}}, "images.root", None),
     ("unknown model source", _model(source="tensorflow-hub"), "models.0.source", "torchvision"),
-    ("unknown model architecture", _model(source="torchvision", arch="resnet81", weights="IMAGENET1K_V1"), "models.0.arch", "resnet18"),
-    ("unknown weights", _model(source="torchvision", arch="resnet18", weights="IMAGENET9K"), "models.0.weights", "IMAGENET1K_V1"),
+    (
+        "unknown model architecture",
+        _model(source="torchvision", arch="resnet81", weights="IMAGENET1K_V1"),
+        "models.0.arch",
+        "resnet18",
+    ),
+    (
+        "unknown weights",
+        _model(source="torchvision", arch="resnet18", weights="IMAGENET9K"),
+        "models.0.weights",
+        "IMAGENET1K_V1",
+    ),
     ("unknown CAM layer", _model(source="demo", cam_layer="layer5"), "models.0.cam_layer", "layer4"),
-    ("unknown dissect layer", _model(source="torchvision", arch="resnet18", weights="DEFAULT", layers=["layer4.7"]), "models.0.layers", "layer4.1"),
+    (
+        "unknown dissect layer",
+        _model(source="torchvision", arch="resnet18", weights="DEFAULT", layers=["layer4.7"]),
+        "models.0.layers",
+        "layer4.1",
+    ),
     ("unknown CAM method", {"explain": {"methods": ["gradcam", "telepathycam"]}}, "explain.methods", "scorecam"),
-    ("unknown similarity function", {"dissect": {**CLIP_DISSECT, "clip": {"similarity": "cosine"}}}, "dissect.clip.similarity", "soft_wpmi"),
-    ("unknown segmentation algorithm", {"explain": {"methods": ["lime"], "lime": {"segmentation": "watershed"}}}, "explain.lime.segmentation", "quickshift"),
-    ("unknown segmentation algorithm in the search grid",
-     {"explain": {"methods": ["lime"], "lime": {"search": {"enabled": True, "grid": [{"segmentation": "slic"}, {"segmentation": "watershed"}]}}}},
-     "explain.lime.search.grid.1.segmentation", "felzenszwalb"),
-    ("unknown segmentation parameter", {"explain": {"methods": ["lime"], "lime": {"segmentation": "slic", "segmentation_params": {"n_segmets": 9}}}},
-     "explain.lime.segmentation_params.n_segmets", "n_segments"),
+    (
+        "unknown similarity function",
+        {"dissect": {**CLIP_DISSECT, "clip": {"similarity": "cosine"}}},
+        "dissect.clip.similarity",
+        "soft_wpmi",
+    ),
+    (
+        "unknown segmentation algorithm",
+        {"explain": {"methods": ["lime"], "lime": {"segmentation": "watershed"}}},
+        "explain.lime.segmentation",
+        "quickshift",
+    ),
+    (
+        "unknown segmentation algorithm in the search grid",
+        {
+            "explain": {
+                "methods": ["lime"],
+                "lime": {
+                    "search": {"enabled": True, "grid": [{"segmentation": "slic"}, {"segmentation": "watershed"}]}
+                },
+            }
+        },
+        "explain.lime.search.grid.1.segmentation",
+        "felzenszwalb",
+    ),
+    (
+        "unknown segmentation parameter",
+        {"explain": {"methods": ["lime"], "lime": {"segmentation": "slic", "segmentation_params": {"n_segmets": 9}}}},
+        "explain.lime.segmentation_params.n_segmets",
+        "n_segments",
+    ),
     ("negative size", {"explain": {"batch_size": -1}}, "explain.batch_size", None),
     ("zero size", {"explain": {"chunk_size": 0}}, "explain.chunk_size", None),
-    ("zero crop", _model(source="python", callable="tests.fixtures.tiny_models:tiny_resnet", num_classes=3, preprocess={"crop": 0}),
-     "models.0.preprocess.crop", None),
+    (
+        "zero crop",
+        _model(
+            source="python", callable="tests.fixtures.tiny_models:tiny_resnet", num_classes=3, preprocess={"crop": 0}
+        ),
+        "models.0.preprocess.crop",
+        None,
+    ),
     ("zero image size", {"world": {"image_size": 0}}, "world.image_size", None),
     ("negative sample count", {"explain": {"lime": {"num_samples": -5}}}, "explain.lime.num_samples", None),
     ("quantile of one or more", {"dissect": {"netdissect": {"quantile": 1.5}}}, "dissect.netdissect.quantile", None),
@@ -52,7 +103,12 @@ CASES = [
     ("share outside (0, 1)", {"explain": {"metrics": {"agreement_q": 1.0}}}, "explain.metrics.agreement_q", None),
     ("empty image folder", {"images": {"kind": "folder", "root": "empty"}}, "images", None),
     ("empty image list", {"images": {"kind": "list", "root": "images", "list_file": "empty.txt"}}, "images", None),
-    ("empty concept set", {"dissect": {**CLIP_DISSECT, "concepts": {"source": "file", "path": "blank-concepts.txt"}}}, "dissect.concepts.path", None),
+    (
+        "empty concept set",
+        {"dissect": {**CLIP_DISSECT, "concepts": {"source": "file", "path": "blank-concepts.txt"}}},
+        "dissect.concepts.path",
+        None,
+    ),
 ]
 
 
@@ -74,7 +130,9 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 @pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize(("case", "overrides", "field", "valid_name"), CASES, ids=[case[0] for case in CASES])
-def test_bad_config_exits_2_before_any_work_naming_the_field(workspace, capsys, command, case, overrides, field, valid_name):
+def test_bad_config_exits_2_before_any_work_naming_the_field(
+    workspace, capsys, command, case, overrides, field, valid_name
+):
     config = write_config(workspace, _merge(tiny_audit("images"), overrides))
     results = workspace / "results"
     arguments = [command, str(config)] + (["--results", str(results)] if command == "run" else [])
@@ -102,12 +160,43 @@ def test_missing_or_unreadable_config_file_exits_2(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- fuzz
 
-_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12))
-_KEYS = st.sampled_from(["name", "seed", "models", "images", "explain", "dissect", "world", "runner", "device", "results",
-                         "kind", "root", "methods", "batch_size", "chunk_size", "source", "arch", "layers", "quantile", "lime",
-                         "search", "grid", "metrics", "0", "bogus"]) | st.text(max_size=8)
-_TREES = st.recursive(_SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(_KEYS, children, max_size=5),
-                      max_leaves=25)
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+_KEYS = st.sampled_from(
+    [
+        "name",
+        "seed",
+        "models",
+        "images",
+        "explain",
+        "dissect",
+        "world",
+        "runner",
+        "device",
+        "results",
+        "kind",
+        "root",
+        "methods",
+        "batch_size",
+        "chunk_size",
+        "source",
+        "arch",
+        "layers",
+        "quantile",
+        "lime",
+        "search",
+        "grid",
+        "metrics",
+        "0",
+        "bogus",
+    ]
+) | st.text(max_size=8)
+_TREES = st.recursive(
+    _SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_KEYS, children, max_size=5),
+    max_leaves=25,
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -122,8 +211,13 @@ def test_any_nested_data_parses_or_raises_config_errors(data):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda raw: raw.decode("latin-1")),
-                 _TREES.map(lambda tree: yaml.safe_dump(tree, allow_unicode=True))))
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.binary(max_size=300).map(lambda raw: raw.decode("latin-1")),
+        _TREES.map(lambda tree: yaml.safe_dump(tree, allow_unicode=True)),
+    )
+)
 def test_any_yaml_text_loads_or_raises_config_errors(text):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"

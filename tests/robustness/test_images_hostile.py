@@ -1,4 +1,5 @@
 """The image cases of the bad-input matrix: every file decodes to correct RGB or is one item error."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from tasks.data import images
 from tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
+from tasks.data import images
 from tasks.data.images import ImageRecord, iter_image_folder, iter_image_list, load_rgb
 
 
@@ -82,7 +83,9 @@ def _png_header_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_png_claiming_50000_squared_pixels_is_refused_without_allocating_it(tmp_path):
@@ -228,11 +231,17 @@ def test_list_entries_leaving_the_root_are_refused(outside_and_root):
     outside, root = outside_and_root
     (root / "link.png").symlink_to(outside / "secret.png")
     (root / "list.csv").write_text(
-        f"path,mask\n../outside/secret.png,\n{outside / 'secret.png'},\nlink.png,\nok.png,../outside/secret.png\nok2.png,\n"
+        f"path,mask\n../outside/secret.png,\n{outside / 'secret.png'},\n"
+        "link.png,\nok.png,../outside/secret.png\nok2.png,\n"
     )
     items = list(iter_image_list(root / "list.csv", root))
     assert [type(i) for i in items[:4]] == [PathEscapeError] * 4
-    assert [i.item_id for i in items[:4]] == ["../outside/secret.png", str(outside / "secret.png"), "link.png", "ok.png"]
+    assert [i.item_id for i in items[:4]] == [
+        "../outside/secret.png",
+        str(outside / "secret.png"),
+        "link.png",
+        "ok.png",
+    ]
     assert "outside the set root" in items[0].message and "absolute" in items[1].message
     assert isinstance(items[4], ImageRecord) and items[4].image_id == "ok2.png"
 
@@ -243,8 +252,11 @@ def test_folder_symlinks_pointing_outside_are_refused_and_the_rest_listed(outsid
     (root / "b_dirlink").symlink_to(outside)
     items = list(iter_image_folder(root))
     assert [(type(i).__name__, i.item_id if isinstance(i, ItemError) else i.image_id) for i in items] == [
-        ("PathEscapeError", "a_link.png"), ("PathEscapeError", "b_dirlink"), ("ImageRecord", "ok.png"),
-        ("ImageRecord", "ok2.png")]
+        ("PathEscapeError", "a_link.png"),
+        ("PathEscapeError", "b_dirlink"),
+        ("ImageRecord", "ok.png"),
+        ("ImageRecord", "ok2.png"),
+    ]
 
 
 def test_duplicate_ids_in_a_list_keep_the_first_and_flag_the_rest(tmp_path):
@@ -348,7 +360,9 @@ def _valid_image_bytes() -> list[bytes]:
 @given(
     base=st.sampled_from(_valid_image_bytes()),
     cut=st.integers(min_value=0, max_value=400),
-    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=400), st.integers(min_value=0, max_value=255)), max_size=6),
+    flips=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=400), st.integers(min_value=0, max_value=255)), max_size=6
+    ),
 )
 def test_any_corrupted_image_decodes_to_rgb_or_is_an_item_error(base, cut, flips):
     data = bytearray(base[: max(cut, 1)] if cut < len(base) else base)

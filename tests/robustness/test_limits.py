@@ -1,4 +1,5 @@
 """The limits of the bad-input matrix: a 100k-entry image set streams, a 20k-concept CLIP-Dissect fits 3 GB."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,14 @@ def test_a_100k_entry_list_is_listed_lazily_with_flat_memory(tmp_path):
         lines[position] = f"images/{name}"
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     data = {"images": {"kind": "list", "root": str(tmp_path), "list_file": str(tmp_path / "list.txt")}}
-    finished = subprocess.run([sys.executable, "-c", _LISTING_SCRIPT, json.dumps(data), str(N_ENTRIES)],
-                              cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", _LISTING_SCRIPT, json.dumps(data), str(N_ENTRIES)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     measured = json.loads(finished.stdout.splitlines()[-1])
     holding = measured["holding_10k"] * (N_ENTRIES // 10_000)  # records are alike: 10k of them, times 10
     # 90k more entries cost only the set of ids seen (duplicate detection needs it): ~120 bytes an
@@ -76,8 +83,12 @@ def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path
     from tasks.data.image_sets import list_image_set, read_image_chunk
 
     (tmp_path / "list.txt").write_text("".join(f"images/{index:06d}.jpg\n" for index in range(N_ENTRIES)))
-    config = parse_config({"images": {"kind": "list", "root": str(tmp_path), "list_file": str(tmp_path / "list.txt")},
-                           "explain": {"chunk_size": 5_000}})
+    config = parse_config(
+        {
+            "images": {"kind": "list", "root": str(tmp_path), "list_file": str(tmp_path / "list.txt")},
+            "explain": {"chunk_size": 5_000},
+        }
+    )
     store = ResultsStore(str(tmp_path / "results"))
     tracemalloc.start()
     n_chunks = list_image_set(config, store, "r1")
@@ -86,7 +97,9 @@ def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path
     assert n_chunks == N_ENTRIES // 5_000
     # holding the 100k records costs ~670 bytes each (67 MB); listing them costs one chunk plus the ids seen
     assert peak < 30 * 1024 * 1024
-    assert [row["image_id"] for row in read_image_chunk(store, "r1", n_chunks - 1)][-1] == f"images/{N_ENTRIES - 1:06d}.jpg"
+    assert [row["image_id"] for row in read_image_chunk(store, "r1", n_chunks - 1)][
+        -1
+    ] == f"images/{N_ENTRIES - 1:06d}.jpg"
 
 
 _CLIP_DISSECT_SCRIPT = r"""
@@ -119,8 +132,14 @@ def test_clip_dissect_of_20k_concepts_over_10k_probe_images_stays_within_3_gb(tm
     process, inputs included, peaks under 3 GiB (the image × concept matrix alone is 0.8 GB)."""
     concept_file = tmp_path / "concepts-20k.txt"
     concept_file.write_text("".join(f"concept number {index}\n" for index in range(20_000)))
-    finished = subprocess.run([sys.executable, "-c", _CLIP_DISSECT_SCRIPT, "10000", "512", "512", str(concept_file)],
-                              cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", _CLIP_DISSECT_SCRIPT, "10000", "512", "512", str(concept_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     result = json.loads(finished.stdout.splitlines()[-1])
     assert (result["units"], result["concepts"], result["finite"]) == (512, 20_000, True)
     assert result["peak_kib"] < 3 * 2**20, result

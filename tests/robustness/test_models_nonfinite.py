@@ -1,4 +1,5 @@
 """The model cases of the bad-input matrix: NaN/Inf outputs or activations are flagged, never averaged in."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,13 +12,12 @@ import torch
 from PIL import Image
 
 from flows.audit import run_audit
-from tasks.core.config import parse_config
 from storage.maps import decode_map
 from storage.parquet import ResultsStore
-from tasks.dissect.stage import finite_clip_dissect_rows, netdissect_rows
+from tasks.core.config import WorldConfig, parse_config
 from tasks.dissect.probe import Probe
+from tasks.dissect.stage import finite_clip_dissect_rows, netdissect_rows
 from tasks.world.synthetic import generate_world
-from tasks.core.config import WorldConfig
 from tests.robustness.audit_files import tiny_audit, write_images
 from tests.robustness.nan_models import NanUnitNet
 
@@ -38,14 +38,30 @@ def noise_and_white(tmp_path) -> Path:
 def audit(images: Path, callable_name: str, methods: list[str], results: Path):
     data = tiny_audit(str(images))
     data["models"][0]["callable"] = f"tests.robustness.nan_models:{callable_name}"
-    data["explain"].update({"methods": methods, "chunk_size": 5, "batch_size": 5,
-                            "lime": {"segmentation": "slic", "segmentation_params": {"n_segments": 8}, "num_samples": 24, "batch_size": 24}})
+    data["explain"].update(
+        {
+            "methods": methods,
+            "chunk_size": 5,
+            "batch_size": 5,
+            "lime": {
+                "segmentation": "slic",
+                "segmentation_params": {"n_segments": 8},
+                "num_samples": 24,
+                "batch_size": 24,
+            },
+        }
+    )
     outcome = run_audit(parse_config(data), str(results))
     store = ResultsStore(results)
-    return outcome, {table: store.read(table, outcome.run_id) for table in ("predictions", "saliency", "agreement", "faithfulness", "errors")}
+    return outcome, {
+        table: store.read(table, outcome.run_id)
+        for table in ("predictions", "saliency", "agreement", "faithfulness", "errors")
+    }
 
 
-def test_nan_outputs_flag_their_images_and_leave_every_metric_of_the_rest_finite(prefect_harness, noise_and_white, tmp_path):
+def test_nan_outputs_flag_their_images_and_leave_every_metric_of_the_rest_finite(
+    prefect_harness, noise_and_white, tmp_path
+):
     outcome, tables = audit(noise_and_white, "nan_on_bright", ["gradcam", "lime"], tmp_path / "results")
     errors = tables["errors"]
     assert sorted(errors["item_id"]) == WHITE
@@ -78,7 +94,9 @@ def test_inf_on_perturbed_inputs_flags_the_metric_instead_of_storing_nan(prefect
 
 
 def _probe(ids: list[str]) -> Probe:
-    return Probe(root="unused", split=None, identity="test", image_ids=ids, paths=[f"/nowhere/{i}" for i in ids], errors=[])
+    return Probe(
+        root="unused", split=None, identity="test", image_ids=ids, paths=[f"/nowhere/{i}" for i in ids], errors=[]
+    )
 
 
 def test_clip_dissect_leaves_out_nan_images_and_broken_units_and_names_them():
@@ -95,12 +113,15 @@ def test_clip_dissect_leaves_out_nan_images_and_broken_units_and_names_them():
     assert sorted(frame["unit"]) == [0, 1, 2]  # the layer's own unit numbers, unit 3 left unlabelled
     assert np.isfinite(frame["score"].astype(float)).all()
     assert all("p2.png" not in images for images in frame["top_images"])
-    assert {(row["item_id"], row["error_type"]) for row in errors} == {("m/layer1/unit 3", "NonFiniteActivationError"),
-                                                                       ("p2.png", "NonFiniteActivationError")}
+    assert {(row["item_id"], row["error_type"]) for row in errors} == {
+        ("m/layer1/unit 3", "NonFiniteActivationError"),
+        ("p2.png", "NonFiniteActivationError"),
+    }
     # the surviving units are labelled exactly as if the broken image and unit had never existed
     keep = [index for index in range(n_images) if index != 2]
-    clean, no_errors = finite_clip_dissect_rows(config, similarity[keep], activations[keep][:, :3], _probe([ids[i] for i in keep]),
-                                                concepts, {}, "m", "layer1")
+    clean, no_errors = finite_clip_dissect_rows(
+        config, similarity[keep], activations[keep][:, :3], _probe([ids[i] for i in keep]), concepts, {}, "m", "layer1"
+    )
     assert no_errors == []
     pd.testing.assert_frame_equal(frame.reset_index(drop=True), clean.reset_index(drop=True))
 
@@ -133,5 +154,9 @@ def test_netdissect_leaves_out_images_with_nan_activations_and_names_them(small_
 
 
 def _normalised(image: Image.Image) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
-    return (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.float32) / 255).permute(
+        2, 0, 1
+    )
+    return (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[
+        :, None, None
+    ]

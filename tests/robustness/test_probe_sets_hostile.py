@@ -1,4 +1,5 @@
 """Probe-set and concept-set cases of the bad-input matrix, through what the dissect stage runs."""
+
 from __future__ import annotations
 
 import csv
@@ -15,13 +16,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from flows.cli import main
-from tasks.core.config import parse_config
-from tasks.dissect.clip_dissect import load_concepts
+from tasks.core.config import WorldConfig, parse_config
 from tasks.core.errors import ConfigError, ItemError
 from tasks.data.images import BrodenItem, BrodenProbeSet, ImageRecord
+from tasks.dissect.clip_dissect import load_concepts
 from tasks.dissect.probe import dissect_batches, open_probe
 from tasks.world.synthetic import generate_world
-from tasks.core.config import WorldConfig
 from tests.robustness.audit_files import write_config
 
 N_VAL = 8
@@ -85,7 +85,11 @@ def test_masks_of_another_size_are_resampled_when_proportional_and_refused_other
     assert [(error["item_id"], error["error_type"]) for error in probe.errors] == [(ids[5], "MaskSizeError")]
     assert "64x32" in probe.errors[0]["message"]
     assert ids[2] in probe.image_ids and ids[5] not in probe.image_ids
-    item = next(item for item in BrodenProbeSet(world, split="val") if not isinstance(item, ItemError) and item.image_id == ids[2])
+    item = next(
+        item
+        for item in BrodenProbeSet(world, split="val")
+        if not isinstance(item, ItemError) and item.image_id == ids[2]
+    )
     labels = original[..., 0].astype(np.int32) + 256 * original[..., 1].astype(np.int32)
     np.testing.assert_array_equal(item.masks["object"][0], np.repeat(np.repeat(labels[::2, ::2], 2, axis=0), 2, axis=1))
     assert_batches_aligned(world, probe)
@@ -96,7 +100,9 @@ def test_masks_of_another_size_are_resampled_when_proportional_and_refused_other
 
 def concept_config(tmp_path: Path, content: bytes) -> Path:
     (tmp_path / "concepts.txt").write_bytes(content)
-    return write_config(tmp_path, {"dissect": {"methods": ["clip_dissect"], "concepts": {"source": "file", "path": "concepts.txt"}}})
+    return write_config(
+        tmp_path, {"dissect": {"methods": ["clip_dissect"], "concepts": {"source": "file", "path": "concepts.txt"}}}
+    )
 
 
 def test_concept_file_with_blank_lines_and_duplicates_is_valid_and_deduplicated(tmp_path, capsys):
@@ -105,12 +111,18 @@ def test_concept_file_with_blank_lines_and_duplicates_is_valid_and_deduplicated(
     assert load_concepts(tmp_path / "concepts.txt") == ["red", "striped", "circle"]
 
 
-@pytest.mark.parametrize(("content", "line", "problem"), [
-    (b"red\nblue\n" + b"x" * 5000 + b"\n", 3, "5000 characters"),
-    (b"red\ncaf\xe9\n", 2, "not valid UTF-8"),
-    (b"red\n\xff\xfe\x00b\x00\n", 2, "not valid UTF-8"),
-], ids=["very long line", "latin-1 byte", "utf-16 text"])
-def test_concept_file_with_a_long_or_undecodable_line_exits_2_naming_field_and_line(tmp_path, capsys, content, line, problem):
+@pytest.mark.parametrize(
+    ("content", "line", "problem"),
+    [
+        (b"red\nblue\n" + b"x" * 5000 + b"\n", 3, "5000 characters"),
+        (b"red\ncaf\xe9\n", 2, "not valid UTF-8"),
+        (b"red\n\xff\xfe\x00b\x00\n", 2, "not valid UTF-8"),
+    ],
+    ids=["very long line", "latin-1 byte", "utf-16 text"],
+)
+def test_concept_file_with_a_long_or_undecodable_line_exits_2_naming_field_and_line(
+    tmp_path, capsys, content, line, problem
+):
     assert main(["validate", str(concept_config(tmp_path, content))]) == 2
     err = capsys.readouterr().err
     assert "dissect.concepts.path:" in err and f"line {line}" in err and problem in err
@@ -122,13 +134,19 @@ INDEX_HEADER = ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "sc
 LABELS = "number,name,category\n0,-,-\n1,red,color(1)\n2,circle,object(1)\n3,beach,scene(1)\n"
 _CELLS = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["", "val", "32", "0", "-4", "16", "x.png", "a.png;b.png", "1;2", "../../etc/passwd", "/abs.png", "im.png"]),
+    st.sampled_from(
+        ["", "val", "32", "0", "-4", "16", "x.png", "a.png;b.png", "1;2", "../../etc/passwd", "/abs.png", "im.png"]
+    ),
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.lists(_CELLS, min_size=0, max_size=len(INDEX_HEADER) + 2), max_size=6),
-       header=st.sampled_from([INDEX_HEADER, INDEX_HEADER[:1] + INDEX_HEADER[6:], ["image", "image"], ["split"]]))
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(st.lists(_CELLS, min_size=0, max_size=len(INDEX_HEADER) + 2), max_size=6),
+    header=st.sampled_from([INDEX_HEADER, INDEX_HEADER[:1] + INDEX_HEADER[6:], ["image", "image"], ["split"]]),
+)
 def test_any_index_rows_load_or_raise_only_project_errors(pristine_world, rows, header):
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -145,4 +163,6 @@ def test_any_index_rows_load_or_raise_only_project_errors(pristine_world, rows, 
             return
         assert all(isinstance(item, (BrodenItem, ItemError)) for item in probe)
         for record in probe.image_records():
-            assert isinstance(record, ItemError) or (isinstance(record, ImageRecord) and record.path.is_relative_to(root.resolve() / "images"))
+            assert isinstance(record, ItemError) or (
+                isinstance(record, ImageRecord) and record.path.is_relative_to(root.resolve() / "images")
+            )

@@ -1,4 +1,5 @@
 """The storage cases of the bad-input matrix: unwritable root, disk full mid-write, corrupt files."""
+
 from __future__ import annotations
 
 import errno
@@ -24,7 +25,11 @@ def every_file(root: Path) -> list[Path]:
 
 
 def visible_parquet(root: Path) -> list[Path]:
-    return [path for path in every_file(root) if path.suffix == ".parquet" and not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)]
+    return [
+        path
+        for path in every_file(root)
+        if path.suffix == ".parquet" and not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+    ]
 
 
 def only_run(store: ResultsStore) -> str:
@@ -68,7 +73,9 @@ def test_unwritable_results_root_exits_2_before_any_work(tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------- disk full while writing
 
 
-def test_disk_full_mid_write_leaves_no_partial_file_and_a_resume_completes(prefect_harness, audit_files, monkeypatch, capsys):
+def test_disk_full_mid_write_leaves_no_partial_file_and_a_resume_completes(
+    prefect_harness, audit_files, monkeypatch, capsys
+):
     config, results = audit_files
     real_write = parquet.pq.write_table
 
@@ -100,7 +107,9 @@ def test_disk_full_mid_write_leaves_no_partial_file_and_a_resume_completes(prefe
 # --------------------------------------------------------------------------- corrupt files
 
 
-def test_corrupt_file_is_reported_by_runs_check_refused_by_reads_and_recomputed_on_resume(prefect_harness, audit_files, capsys):
+def test_corrupt_file_is_reported_by_runs_check_refused_by_reads_and_recomputed_on_resume(
+    prefect_harness, audit_files, capsys
+):
     config, results = audit_files
     assert main(["run", str(config), "--results", str(results)]) == 0
     store = ResultsStore(results)
@@ -112,7 +121,9 @@ def test_corrupt_file_is_reported_by_runs_check_refused_by_reads_and_recomputed_
     victim = Path(store.files("saliency", run_id)[1])
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a copy cut short
     wrong_types = Path(store._dir("predictions", run_id)) / "stray.parquet"
-    pq.write_table(pa.table({"image_id": [1, 2], "prob": ["high", "low"]}), wrong_types)  # reads, but not as predictions
+    pq.write_table(
+        pa.table({"image_id": [1, 2], "prob": ["high", "low"]}), wrong_types
+    )  # reads, but not as predictions
 
     assert main(["runs", "--check", "--results", str(results), "--format", "json"]) == 1
     captured = capsys.readouterr()

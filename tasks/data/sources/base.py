@@ -6,6 +6,7 @@ model's identity). Without loading any weights it also answers what preflight an
 the entry's problems, a weightless skeleton whose layer names preflight checks, and the resize and
 crop its preprocessing applies.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -51,6 +52,14 @@ class ModelSource(ABC):
 
     name: str = ""
     """The ``models[].source`` value this source answers."""
+    required: tuple[str, ...] = ()
+    """``models[]`` fields an entry of this source must set."""
+
+    def missing_fields(self, model: ModelConfig, field: str) -> Iterator[Problem]:
+        """The problem of an entry that leaves out a field this source needs."""
+        missing = [name for name in self.required if getattr(model, name) is None]
+        if missing:
+            yield field, f"source '{self.name}' needs {', '.join(missing)}"
 
     @abstractmethod
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
@@ -136,8 +145,9 @@ def configured_class_names(model: ModelConfig, field: str, required: bool) -> li
     if names is not None:
         names = [str(n) for n in names]
         if model.num_classes is not None and len(names) != model.num_classes:
-            raise ConfigError(f"{field}.class_names",
-                              f"{len(names)} class names but num_classes is {model.num_classes}")
+            raise ConfigError(
+                f"{field}.class_names", f"{len(names)} class names but num_classes is {model.num_classes}"
+            )
         if not names:
             raise ConfigError(f"{field}.class_names", "empty list of class names")
         return names

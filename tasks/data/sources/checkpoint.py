@@ -3,6 +3,7 @@
 
 Preprocessing and class names come from the entry (1000 ``class_i`` names when it gives neither).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ class CheckpointSource(ModelSource):
     """A torchvision architecture with weights from a local file."""
 
     name = "checkpoint"
+    required = ("arch", "path")
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         arch = check_arch(model.arch, field)

@@ -3,6 +3,7 @@
 The model directory in ``path`` when given, else the model of the run's world (trained on first
 use). Preprocessing is the world's: resize and crop to its image size, its mean and std.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ class DemoSource(ModelSource):
         size = int(meta["image_size"])
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
         origin = {"source": self.name, "arch": meta.get("arch", ARCH)}
-        return SourceModel(module, standard_preprocess(size, size, mean, std), list(meta["class_names"]), size,
-                           mean, std, origin)
+        return SourceModel(
+            module, standard_preprocess(size, size, mean, std), list(meta["class_names"]), size, mean, std, origin
+        )
 
     def skeleton(self, model: ModelConfig) -> nn.Module | None:
         return meta_skeleton(ARCH, len(SHAPES))

@@ -5,6 +5,7 @@ path or URL in ``weights``; class names from ``categories_places365.txt`` (``cat
 the checkpoint, or downloaded into the cache). Inputs: shorter side resized to 256, centre crop of
 224, ImageNet's normalisation.
 """
+
 from __future__ import annotations
 
 import re
@@ -69,12 +70,14 @@ class Places365Source(ModelSource):
     """CSAIL's Places365 ResNets: a torchvision architecture with 365 scene classes."""
 
     name = "places365"
+    required = ("arch",)
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         arch = check_arch(model.arch or "resnet18", field, allowed=ARCHS)
         cache = cache_root() / "places365"
-        checkpoint = _fetched_or_local(model.weights or URL.format(arch=arch), cache, f"{field}.weights",
-                                       "Places365 checkpoint")
+        checkpoint = _fetched_or_local(
+            model.weights or URL.format(arch=arch), cache, f"{field}.weights", "Places365 checkpoint"
+        )
         state = read_state_dict(checkpoint)
         if model.categories:
             categories = _fetched_or_local(model.categories, cache, f"{field}.categories", "categories file")

@@ -3,6 +3,7 @@
 The string is imported, never evaluated. Preprocessing and class names come from the entry; one
 zero image of the configured input size checks the module answers with one logit per class.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,6 +36,7 @@ class PythonSource(ModelSource):
     """Whatever module the user's factory returns; only running it tells its layers."""
 
     name = "python"
+    required = ("callable",)
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         target = model.callable or ""
@@ -44,8 +46,9 @@ class PythonSource(ModelSource):
         except Exception as exc:  # the user's factory failing is a problem with this model entry
             raise ConfigError(f"{field}.callable", f"calling {target!r} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
-            raise ConfigError(f"{field}.callable",
-                              f"{target!r} returned a {type(module).__name__}, not a torch.nn.Module")
+            raise ConfigError(
+                f"{field}.callable", f"{target!r} returned a {type(module).__name__}, not a torch.nn.Module"
+            )
         class_names = configured_class_names(model, field, required=True)
         preprocess, size, mean, std = configured_preprocess(model.preprocess, field)
         module.eval()

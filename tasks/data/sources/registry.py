@@ -3,6 +3,7 @@
 A new source is one module defining a :class:`~tasks.data.sources.base.ModelSource` plus one entry
 in :data:`BUILTIN` (and its name in ``ModelConfig.source``, which the config schema validates).
 """
+
 from __future__ import annotations
 
 from tasks.core.errors import ConfigError
@@ -13,8 +14,13 @@ from tasks.data.sources.places365 import Places365Source
 from tasks.data.sources.python import PythonSource
 from tasks.data.sources.torchvision import TorchvisionSource
 
-BUILTIN: tuple[ModelSource, ...] = (TorchvisionSource(), Places365Source(), CheckpointSource(), PythonSource(),
-                                    DemoSource())
+BUILTIN: tuple[ModelSource, ...] = (
+    TorchvisionSource(),
+    Places365Source(),
+    CheckpointSource(),
+    PythonSource(),
+    DemoSource(),
+)
 
 SOURCES: dict[str, ModelSource] = {source.name: source for source in BUILTIN}
 """Every source by its ``models[].source`` name."""

@@ -5,6 +5,7 @@ The file is downloaded into the torch hub cache (``$TORCH_HOME/hub/checkpoints``
 hash-checked, and works offline afterwards. Preprocessing and class names come from the weights'
 metadata.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -34,6 +35,7 @@ class TorchvisionSource(ModelSource):
     """A torchvision architecture with one of its published weights."""
 
     name = "torchvision"
+    required = ("arch", "weights")
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         arch = check_arch(model.arch, field)
@@ -51,12 +53,19 @@ class TorchvisionSource(ModelSource):
         torch_load_safely(cached, mmap=zipfile.is_zipfile(cached))  # legacy files cannot be mapped
         try:
             module = torchvision.models.get_model(arch, weights=weights)
-        except Exception as exc:  # a vetted file that still does not fit the architecture
+        except Exception as exc:  # noqa: BLE001 - a vetted file that still does not fit the architecture
             raise CheckpointError(f"{cached}: cannot load into {arch} ({type(exc).__name__}: {exc})") from None
         preprocess = weights.transforms()
         origin = {"source": self.name, "arch": arch, "weights": weights.name, "url": weights.url}
-        return SourceModel(module, preprocess, list(weights.meta["categories"]), int(preprocess.crop_size[0]),
-                           preprocess.mean, preprocess.std, origin)
+        return SourceModel(
+            module,
+            preprocess,
+            list(weights.meta["categories"]),
+            int(preprocess.crop_size[0]),
+            preprocess.mean,
+            preprocess.std,
+            origin,
+        )
 
     def problems(self, model: ModelConfig, field: str) -> Iterator[Problem]:
         arch_refused = list(arch_problems(model.arch, field))
