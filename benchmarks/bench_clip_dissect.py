@@ -5,9 +5,10 @@ The stock side below follows the structure of the reference implementation (Oika
 loop over units that gathers the unit's top rows, forms ``1 + p_r (p(c|x) - 1)`` and sums
 ``log(. + min_prob)`` over ranks; finally ``log p(c)`` by logsumexp over units. It is written
 here, independently of :mod:`tasks.dissect.clip_dissect`, as ground truth. Both sides get the same
-image-concept matrix ``P = 100 · I @ Tᵀ`` (random unit-norm features of CLIP's 512 dimensions)
-and the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / max(|stock|, 1)``
-(scores reach hundreds, where float32 spacing alone is ~3e-5).
+image-concept matrix of cosines ``P = I @ Tᵀ`` (random unit-norm features of CLIP's 512
+dimensions; the reference's ``utils.get_similarity_from_activations`` passes plain cosines) and
+the same activations. "Identical to 1e-4" is judged on ``|ours - stock| / max(|stock|, 1)``
+(scores of large concept sets reach tens, where float32 spacing alone is ~2e-6).
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def reference_soft_wpmi(
 
 
 def inputs(images: int, concepts: int, units: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``P = 100 · I @ Tᵀ`` from random unit-norm features, and non-negative unit activations."""
+    """Cosines ``P = I @ Tᵀ`` of random unit-norm features, and non-negative unit activations."""
     generator = torch.Generator().manual_seed(0)
     image_feats = torch.nn.functional.normalize(torch.randn(images, EMBEDDING, generator=generator), dim=1)
     text_feats = torch.nn.functional.normalize(torch.randn(concepts, EMBEDDING, generator=generator), dim=1)
     activations = torch.randn(images, units, generator=generator).relu_()
-    clip_feats = 100.0 * image_feats.to(device) @ text_feats.to(device).T
+    clip_feats = image_feats.to(device) @ text_feats.to(device).T
     return clip_feats, activations.to(device)
 
 

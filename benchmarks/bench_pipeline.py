@@ -127,9 +127,9 @@ def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
     with using_model(config, config.models[0]) as model:
         layers = model_layers(model, config.models[0].layers)
         for path in threshold_files(
-            model, probe, layers, config.dissect.netdissect.quantile, resolve_device(config.device)
+            model, probe, layers, config.dissect.netdissect, resolve_device(config.device)
         ).values():
-            path.unlink(missing_ok=True)  # measure both passes: thresholds, then IoUs
+            path.unlink(missing_ok=True)  # measure every pass: thresholds, then IoUs
         reset_peak_rss()
         base = rss_mib()
         started = time.perf_counter()

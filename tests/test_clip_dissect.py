@@ -111,7 +111,7 @@ REFERENCES = {
 
 
 def clip_like_inputs(n_images: int, n_concepts: int, n_units: int, seed: int, dim: int = 32):
-    """A CLIP-scaled image-concept matrix (each image shows one concept) and unit activations."""
+    """A CLIP-like image-concept matrix of cosines (each image shows one concept) and unit activations."""
     g = torch.Generator().manual_seed(seed)
     unit = torch.nn.functional.normalize
     # A direction shared by all embeddings keeps cosines positive (~0.2-0.9), as real CLIP's are.
@@ -254,8 +254,9 @@ def test_clip_features_are_unit_norm_and_batching_does_not_matter(tiny_clip):
     assert not torch.allclose(plain[0], text[0])  # the template is really applied
 
     matrix = cd.image_concept_matrix(feats, text)
-    torch.testing.assert_close(matrix, 100 * feats @ text.T)
-    assert matrix.abs().max() <= 100 + 1e-3
+    torch.testing.assert_close(matrix, feats @ text.T)  # cosines: both sides are unit vectors
+    assert matrix.abs().max() <= 1 + 1e-5
+    torch.testing.assert_close(cd.image_concept_matrix(3 * feats, 0.5 * text), matrix)  # norms do not matter
 
 
 @pytest.mark.parametrize("template", ["no placeholder", "{} and {}", "{0} {x}"])
@@ -314,8 +315,10 @@ def test_label_units_reports_best_concepts_and_most_activating_images():
         top_images=2,
         concept_category={"b": "color"},
     )
-    assert list(frame.columns) == ["unit", "concept", "category", "score", "top_concepts", "top_images"]
+    columns = ["unit", "concept", "category", "score", "top_concepts", "top_images", "tied_with"]
+    assert list(frame.columns) == columns
     assert frame.concept.tolist() == ["b", "d"]
+    assert frame.tied_with.tolist() == [[], []]  # 0.9 vs 0.5 and 0.8 vs 0.7: clear decisions
     assert frame.category[0] == "color" and pd.isna(frame.category[1])
     assert frame.score.tolist() == pytest.approx([0.9, 0.8])
     assert [t["concept"] for t in frame.top_concepts[0]] == ["b", "c", "d"]
@@ -324,6 +327,18 @@ def test_label_units_reports_best_concepts_and_most_activating_images():
     table = pa.Table.from_pandas(frame, preserve_index=False)
     assert table.column("top_concepts").type.value_type.names == ["concept", "score"]
     assert table.column("top_concepts").cast(top_type).type == top_type
+
+
+def test_label_units_lists_concepts_within_the_tie_tolerance():
+    """A unit whose best concepts differ by less than the tolerance is a tie, listed best first."""
+    similarity = torch.tensor([[0.5, 0.9, 0.8995, 0.9004, float("nan")], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    target = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    concepts = ["a", "b", "c", "d", "e"]
+    frame = cd.label_units(similarity, concepts, target, ["x.png", "y.png"], tie_tolerance=1e-3)
+    assert frame.concept.tolist() == ["d", "e"]
+    assert frame.tied_with.tolist() == [["b", "c"], []]  # 0.9 and 0.8995 are within 1e-3 of 0.9004
+    strict = cd.label_units(similarity, concepts, target, ["x.png", "y.png"], tie_tolerance=0)
+    assert strict.tied_with.tolist() == [[], []]
 
 
 # --------------------------------------------------------------------------------------------

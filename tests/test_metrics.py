@@ -21,7 +21,6 @@ from tasks.metrics.maps import (
     iou_gt,
     map_iou,
     pointing_hit,
-    saliency_peak,
     scaled_tolerance,
     spearman,
     trapezoid_auc,
@@ -133,12 +132,17 @@ def test_pointing_tolerance_is_inclusive_at_its_edge(square_mask):
     assert not pointing_hit(values, square_mask, tolerance_px=15.9)
 
 
-def test_pointing_uses_the_middle_of_a_plateau(square_mask):
+def test_pointing_counts_any_pixel_of_a_maximal_plateau(square_mask):
+    """Zhang et al. 2016 and Quantus' PointingGame: a hit when any maximal pixel is within tolerance."""
     values = np.zeros((64, 64))
-    values[0:41, 0:13] = 1.0  # a superpixel whose first pixel, (0, 0), lies 28 px from the mask
-    assert saliency_peak(values) == (20, 6)  # 14 px left of the mask
-    assert pointing_hit(values, square_mask, tolerance_px=14)
-    assert not pointing_hit(values, square_mask, tolerance_px=13.9)
+    values[0:41, 0:13] = 1.0  # a superpixel whose nearest pixel, (20..29, 12), lies 8 px left of the mask
+    assert pointing_hit(values, square_mask, tolerance_px=8)
+    assert not pointing_hit(values, square_mask, tolerance_px=7.9)
+    values[60, 60] = 1.0  # a second, far maximum does not undo the hit
+    assert pointing_hit(values, square_mask, tolerance_px=8)
+    values[0:41, 0:13] = 0.999  # below the maximum: only (60, 60) points now, 31 px away
+    assert not pointing_hit(values, square_mask, tolerance_px=30.9)
+    assert pointing_hit(values, square_mask, tolerance_px=43.9)  # (29, 29) is 31·√2 ≈ 43.8 px away
 
 
 def test_scaled_tolerance_is_15_px_at_224():

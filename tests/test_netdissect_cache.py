@@ -76,7 +76,8 @@ def test_another_quantile_computes_its_own_thresholds(quantile_passes):
     first = dissect(small_config(0.01))
     other = dissect(small_config(0.2))
     assert len(quantile_passes) == 12
-    assert (other["layer4"]["threshold"] < first["layer4"]["threshold"]).all()
+    lower, higher = other["layer4"]["threshold"], first["layer4"]["threshold"]
+    assert (lower <= higher).all() and (lower < higher).mean() > 0.9  # equal only where values tie (ReLU zeros)
 
 
 def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_path):

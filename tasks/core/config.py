@@ -233,6 +233,13 @@ class NetDissectConfig(_Section):
         0.005, gt=0, lt=1, description="Top share of each unit's activations that counts as active."
     )
     iou_threshold: float = Field(0.04, ge=0, le=1, description="Best IoU at which a unit counts as interpretable.")
+    threshold: Literal["exact", "histogram"] = Field(
+        "exact",
+        description=(
+            "exact: each unit's threshold is the exact top-quantile order statistic (one or two extra passes over "
+            "the probe set, cached); histogram: a one-pass estimate within one histogram bin of it."
+        ),
+    )
     categories: list[str] | None = Field(
         None, description="Concept categories to score (e.g. [object, part, scene]); default: all."
     )
@@ -251,6 +258,11 @@ class DissectConfig(_Section):
     )
     pooling: Literal["avg", "max"] = Field("avg", description="Spatial pooling of conv units for CLIP-Dissect.")
     top_concepts: PositiveInt = Field(5, description="Best concepts kept per unit.")
+    tie_tolerance: float = Field(
+        1e-3,
+        ge=0,
+        description="Concepts scoring within this of a unit's best are listed in tied_with: the label is a tie.",
+    )
     top_images: PositiveInt = Field(10, description="Most activating probe images kept per unit.")
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Probe images.")
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig, description="Concept set (CLIP-Dissect).")

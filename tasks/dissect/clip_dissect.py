@@ -2,8 +2,11 @@
 image-concept similarities over the probe set best match the unit's activations.
 
 Pipeline: CLIP image features of the probe set and text features of the concept set (both
-L2-normalised, cached) → the image-concept matrix ``P = 100 · I @ Tᵀ`` → one similarity function
-``fn(P, Q) -> [n_units, n_concepts]`` with ``Q`` the pooled unit activations → per-unit labels.
+L2-normalised, cached) → the image-concept matrix of cosines ``P = I @ Tᵀ`` → one similarity
+function ``fn(P, Q) -> [n_units, n_concepts]`` with ``Q`` the pooled unit activations → per-unit
+labels. This is the reference code's pipeline (Trustworthy-ML-Lab/CLIP-dissect,
+``utils.get_similarity_from_activations``): plain cosines, no logit scale; (soft-)WPMI apply their
+own softmax temperature ``a`` to them.
 
 **contract** — every similarity function takes ``clip_feats: Tensor[n_images, n_concepts]`` and
 ``target_feats: Tensor[n_images, n_units]`` and returns ``Tensor[n_units, n_concepts]`` (float32,
@@ -29,13 +32,10 @@ from torch import Tensor
 from tasks.core.cache import cache_dir
 from tasks.core.errors import ConfigError
 from tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
+from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 if TYPE_CHECKING:  # pandas only for label_units, so the similarity functions need torch alone
     import pandas as pd
-
-# CLIP's logit scale: the reference implementation multiplies cosine similarities by 100 before
-# any similarity function, and the paper's softmax temperatures (a=2, a=10) assume that scale.
-CLIP_LOGIT_SCALE = 100.0
 
 # Bytes the largest temporary of one unit chunk may take (the whole result comes on top).
 CHUNK_BUDGET_BYTES = 32 * 2**20
@@ -407,13 +407,17 @@ def clip_text_features(
     return torch.cat(feats)
 
 
-def image_concept_matrix(image_feats: Tensor, text_feats: Tensor, scale: float = CLIP_LOGIT_SCALE) -> Tensor:
-    """``P = scale · image_feats @ text_feats.T`` ``[n_images, n_concepts]`` — the input of every
-    similarity function. ``scale`` defaults to CLIP's logit scale (100), the scale the paper's
-    code feeds its similarity functions and for which the softmax temperatures of :func:`wpmi`
-    and :func:`soft_wpmi` are tuned; the cosine-based functions do not depend on it.
+def image_concept_matrix(image_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """``P = normalise(image_feats) @ normalise(text_feats).T`` ``[n_images, n_concepts]``: the
+    cosine of every probe image with every concept, the input of every similarity function.
+
+    No logit scale: the reference code (``utils.get_similarity_from_activations``) L2-normalises
+    both feature sets and passes their plain product, and :func:`wpmi` (``a=2``) and
+    :func:`soft_wpmi` (``a=10``) apply their softmax temperature to cosines. The cosine-based
+    functions do not depend on the scale; (soft-)WPMI do, strongly (a ×100 makes soft-WPMI's
+    softmax nearly one-hot).
     """
-    return scale * (image_feats.float() @ text_feats.float().T)
+    return F.normalize(image_feats.float(), dim=-1) @ F.normalize(text_feats.float(), dim=-1).T
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -493,13 +497,15 @@ def label_units(
     top_k: int = 5,
     top_images: int = 10,
     concept_category: Mapping[str, str] | None = None,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
 ) -> pd.DataFrame:
     """One row per unit: best concept and score, top concepts, most activating probe images.
 
     Columns: ``unit`` (int), ``concept``, ``category`` (from ``concept_category``, else None),
     ``score`` (float32), ``top_concepts`` (list of ``{"concept", "score"}``, best first — Parquet
     ``list<struct<concept: string, score: float>>``), ``top_images`` (image ids, most activating
-    first).
+    first), ``tied_with`` (other concepts within ``tie_tolerance`` of the best, see
+    :mod:`tasks.dissect.ties`).
     """
     import pandas as pd
 
@@ -513,6 +519,7 @@ def label_units(
     scores = similarity.float().nan_to_num(nan=float("-inf"))
     best_scores, best = torch.topk(scores, k=min(top_k, n_concepts), dim=1)
     image_rank = torch.topk(target_feats.float(), k=min(top_images, len(image_ids)), dim=0).indices.T
+    ties = tied_concepts(scores, concepts, best[:, 0], tie_tolerance)
     categories = concept_category or {}
     rows = []
     for unit in range(n_units):
@@ -526,9 +533,11 @@ def label_units(
                 "score": values[0],
                 "top_concepts": [{"concept": c, "score": s} for c, s in zip(names, values)],
                 "top_images": [image_ids[i] for i in image_rank[unit].tolist()],
+                "tied_with": ties[unit],
             }
         )
-    frame = pd.DataFrame(rows, columns=["unit", "concept", "category", "score", "top_concepts", "top_images"])
+    columns = ["unit", "concept", "category", "score", "top_concepts", "top_images", "tied_with"]
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"unit": "int32", "score": "float32"})
 
 

@@ -1,8 +1,13 @@
 """Network Dissection (Bau et al., CVPR 2017): score each unit against every segmentation label.
 
-For unit k, ``T_k`` is the activation exceeded by a fraction ``quantile`` (default 0.005) of its
-activations over all probe images and positions, at the layer's native resolution. Each
-activation map is upsampled bilinearly to the segmentation size, ``A_k = up > T_k``, and
+For unit k, ``T_k`` is the top-``quantile`` level (default 0.005) of its activations over all
+probe images and positions, at the layer's native resolution: the paper's ``P(a_k > T_k) = q``.
+By default it is the exact order statistic of ascending rank ``⌊(1 − q)(N − 1)⌋``
+(``torch.quantile(..., interpolation="lower")``), and a value counts as active only when it is
+strictly above it, so ties at the threshold stay inactive and at most ``⌈q(N − 1)⌉`` values are
+active. (The values strictly above it are exactly those strictly above the linearly interpolated
+``1 − q`` quantile, which NetDissect-Lite reads out of its quantile sketch.) Each activation map is
+upsampled bilinearly to the segmentation size, ``A_k = up > T_k``, and
 
     IoU(k, c) = Σ_images |A_k ∩ L_c| / Σ_images |A_k ∪ L_c|
 
@@ -11,13 +16,16 @@ where image-level labels (scene, texture in Broden) are masks covering the whole
 
 Everything streams: memory is set by the batch, the number of units and the number of labels,
 never by the number of probe images. Thresholds come from a per-unit histogram whose range
-shifts or doubles as values arrive, keeping counts exact (:class:`UnitQuantile`; error ≤ one bin,
-reported per unit), then intersections and unions are tallied batch by batch
-(:class:`IoUTally`). Two passes over the activations (three with a refined threshold).
+shifts or doubles as values arrive, keeping counts exact, then from passes that narrow a bracket
+around the order statistic until it is pinned down (:class:`UnitQuantile`; ``threshold:
+histogram`` stops after the first pass, within one bin); intersections and unions are then
+tallied batch by batch (:class:`IoUTally`). Exact thresholds take three passes over the
+activations in practice (one more, rarely), the histogram two.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -29,14 +37,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tasks.core.errors import ConfigError
+from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 DEFAULT_QUANTILE = 0.005
 DEFAULT_IOU_THRESHOLD = 0.04
 DEFAULT_BINS = 2048
 ALL_IMAGES = "*"  # the unit-area group of labels whose categories are unknown
+log = logging.getLogger(__name__)
 
 # Bytes one chunk of histogram input (float64 values + bin indices) or of upsampled maps may take.
 CHUNK_BUDGET_BYTES = 64 * 2**20
+# Passes after the histogram that exact thresholds may take (one or two in practice).
+MAX_REFINE_PASSES = 6
 
 
 class DissectBatch(NamedTuple):
@@ -82,8 +94,8 @@ class UnitQuantile:
         |estimate − exact| ≤ width ≤ 2·(max − min)/(bins − 1)   (per unit, reported by estimate())
 
     where "exact" is the order statistic ``torch.quantile(x, 1 − q, interpolation="lower")``.
-    :meth:`refine` spends one more pass over the same activations to histogram only the bracketing
-    bin, shrinking the bound by another factor ``bins``. Memory: ``units × bins`` int64 counts.
+    :meth:`refine` spends further passes over the same activations to find that order statistic
+    itself (:meth:`begin_pass`). Memory: ``units × bins`` int64 counts.
     """
 
     def __init__(self, quantile: float = DEFAULT_QUANTILE, bins: int = DEFAULT_BINS) -> None:
@@ -97,7 +109,9 @@ class UnitQuantile:
         self.low: Tensor | None = None  # [u] float64, left edge of bin 0
         self.width: Tensor | None = None  # [u] float64
         self.total = 0
-        self._bracket: Tensor | None = None  # second-pass counts, see begin_refine
+        self.passes = 0  # passes over the activations after the histogram's
+        self.drifted = 0  # units whose activations changed between passes (see end_pass)
+        self._exact: Tensor | None = None  # [u] float64, NaN until resolved (begin_pass)
 
     # ---- pass 1: adaptive histogram
 
@@ -190,56 +204,113 @@ class UnitQuantile:
         thresholds = self.low + (index.double() + fraction) * self.width
         return thresholds, self.width.clone()
 
-    # ---- optional pass 2: histogram of the bracketing bin only
+    # ---- further passes: exact selection inside a shrinking bracket
 
-    def begin_refine(self) -> None:
-        """Start a second pass over the same activations that histograms only the bin holding
-        the quantile (feed it with :meth:`refine_update`, then call :meth:`finish_refine`)."""
-        if self.counts is None:
-            raise ConfigError("probe", "refining needs a first pass (update) over the activations")
-        rank = torch.full((self.counts.shape[0],), self._rank(), dtype=torch.int64, device=self.counts.device)
-        index, _, _ = self._locate(self.counts, rank)
-        self._bracket_low = self.low + index.double() * self.width
-        self._bracket_width = self.width / self.bins
-        # Columns: values below the bracket, its bins, values above it.
-        self._bracket = torch.zeros(self.counts.shape[0], self.bins + 2, dtype=torch.int64, device=self.counts.device)
-        self._bracket_seen = 0
+    @property
+    def resolved(self) -> bool:
+        """Whether every unit's exact order statistic is known (see :meth:`begin_pass`)."""
+        return self._exact is not None and not bool(torch.isnan(self._exact).any())
+
+    def begin_pass(self) -> bool:
+        """Start one more pass over the same activations towards the exact order statistic.
+
+        Each unresolved unit keeps a closed value bracket ``[lo, hi]`` known to hold it: after the
+        histogram, three bins around the one holding its rank (so a value that round-off put in a
+        neighbouring bin is still inside); after a refining pass, the observed min and max of the
+        sub-bin holding it. A pass counts, exactly by comparison, the values below ``lo`` and
+        histograms those inside into ``bins`` sub-bins with each sub-bin's min and max. The rank
+        then falls in one sub-bin; it is resolved when that sub-bin holds one distinct value or the
+        rank is its first or last member. Returns False when no pass is needed (all resolved).
+        Memory: ``units × bins`` counts and two float64 extremes per sub-bin.
+        """
+        if self.total == 0:
+            raise ConfigError("probe", "no activations were seen; the probe set is empty")
+        if self._exact is None:
+            rank = torch.full((self.counts.shape[0],), self._rank(), dtype=torch.int64, device=self.counts.device)
+            index, _, _ = self._locate(self.counts, rank)
+            self._lo = self.low + (index.double() - 1) * self.width
+            self._hi = self.low + (index.double() + 2) * self.width
+            self._exact = torch.full_like(self._lo, math.nan)
+            self.counts = None  # the histogram is not needed again; free it for the pass's arrays
+        pending = torch.isnan(self._exact).nonzero().flatten()
+        if pending.numel() == 0:
+            return False
+        device, bins = self._exact.device, self.bins
+        self._pending = pending
+        self._below = torch.zeros(pending.numel(), dtype=torch.int64, device=device)
+        self._sub_counts = torch.zeros(pending.numel(), bins, dtype=torch.int64, device=device)
+        self._sub_min = torch.full((pending.numel(), bins), math.inf, dtype=torch.float64, device=device)
+        self._sub_max = torch.full((pending.numel(), bins), -math.inf, dtype=torch.float64, device=device)
+        self._pass_seen = 0
+        return True
 
     def refine_update(self, acts: Tensor) -> None:
-        """Add one batch of the second pass (the same activations, in any batching)."""
-        n_units, columns = acts.shape[1], self.bins + 2
+        """Add one batch of the current pass (the same activations as pass 1, in any batching)."""
+        pending, bins = self._pending, self.bins
+        acts = acts.detach()[:, pending.to(acts.device)]
+        n_units = acts.shape[1]
         step = _unit_step(n_units, acts.numel() // max(1, n_units))
         for start in range(0, n_units, step):
             rows = slice(start, start + step)
             values = _unit_values(acts[:, rows])
-            scaled = (values - self._bracket_low[rows, None]) / self._bracket_width[rows, None]
-            index = scaled.floor_().clamp_(-1, self.bins) + 1
-            offsets = torch.arange(values.shape[0], device=acts.device)[:, None] * columns
-            flat = (index.long() + offsets).reshape(-1)
-            self._bracket[rows] += torch.bincount(flat, minlength=values.shape[0] * columns).view(-1, columns)
-        self._bracket_seen += acts.numel() // max(1, n_units)
+            lo, hi = self._lo[pending[rows], None], self._hi[pending[rows], None]
+            self._below[rows] += (values < lo).sum(dim=1)
+            row, column = ((values >= lo) & (values <= hi)).nonzero(as_tuple=True)
+            inside = values[row, column]
+            span = (hi - lo)[row, 0]
+            scaled = torch.where(span > 0, (inside - lo[row, 0]) / span.clamp_min(1e-300) * bins, 0.0)
+            key = (row + start) * bins + scaled.floor_().clamp_(0, bins - 1).long()
+            self._sub_counts.view(-1).index_add_(0, key, torch.ones_like(key))
+            self._sub_min.view(-1).scatter_reduce_(0, key, inside, "amin")
+            self._sub_max.view(-1).scatter_reduce_(0, key, inside, "amax")
+        self._pass_seen += acts.numel() // max(1, n_units)
 
-    def finish_refine(self) -> tuple[Tensor, Tensor]:
-        """``(thresholds, error_bound)`` of the second pass: ``bins`` times tighter."""
-        if self._bracket is None:
-            raise ConfigError("probe", "finish_refine() needs begin_refine() and a second pass first")
-        if self._bracket_seen != self.total:
-            raise ValueError(f"refine pass saw {self._bracket_seen} activations per unit, the first pass {self.total}")
-        rank = torch.full((self.counts.shape[0],), self._rank(), dtype=torch.int64, device=self.counts.device)
-        index, below, inside = self._locate(self._bracket, rank)
-        fraction = (rank - below + 0.5).double() / inside.clamp_min(1).double()
-        refined = self._bracket_low + (index.double() - 1 + fraction) * self._bracket_width
-        # Round-off at the bracket's edges can put the rank just outside it: keep the pass-1 value.
-        coarse, coarse_bound = self.estimate()
-        outside = (index == 0) | (index == self.bins + 1)
-        return torch.where(outside, coarse, refined), torch.where(outside, coarse_bound, self._bracket_width)
+    def end_pass(self) -> None:
+        """Resolve the units whose order statistic this pass pinned down; narrow the others."""
+        if self._pass_seen != self.total:
+            raise ValueError(f"this pass saw {self._pass_seen} activations per unit, the first pass {self.total}")
+        pending = self._pending
+        position = self._rank() - self._below  # rank among the values inside the bracket
+        cumulative = self._sub_counts.cumsum(dim=1)
+        # Outside the bracket only if the activations changed between passes (a non-deterministic
+        # kernel): such a unit keeps the bracket's nearer edge, within one bracket of exact.
+        drifted = (position < 0) | (position >= cumulative[:, -1])
+        self.drifted += int(drifted.sum())
+        sub = torch.searchsorted(cumulative, position.clamp(min=0)[:, None], right=True).clamp_(max=self.bins - 1)
+        count = self._sub_counts.gather(1, sub)[:, 0]
+        within = position - (cumulative.gather(1, sub)[:, 0] - count)
+        low_value, high_value = self._sub_min.gather(1, sub)[:, 0], self._sub_max.gather(1, sub)[:, 0]
+        first, last = (within == 0) | (low_value == high_value), within == count - 1
+        resolved = torch.where(first, low_value, torch.where(last, high_value, math.nan))
+        edge = torch.where(position < 0, self._lo[pending], self._hi[pending])
+        self._exact[pending] = torch.where(drifted, edge, resolved)
+        narrowed = ~drifted
+        self._lo[pending[narrowed]], self._hi[pending[narrowed]] = low_value[narrowed], high_value[narrowed]
+        self.passes += 1
+        self._sub_counts = self._sub_min = self._sub_max = None
 
-    def refine(self, activation_batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-        """The whole second pass: ``(thresholds, error_bound)`` ``bins`` times tighter."""
-        self.begin_refine()
-        for acts in activation_batches:
-            self.refine_update(acts)
-        return self.finish_refine()
+    def exact(self) -> Tensor:
+        """The exact order statistic per unit ``[u]`` (float64), once :attr:`resolved`.
+
+        Float32 values are at most ~2²⁴ apart in a bracket, and each pass divides a bracket's
+        range by ``bins``, so a few passes always suffice; should :data:`MAX_REFINE_PASSES` not,
+        the unresolved units take their bracket's top value (fewer than ``quantile`` of the
+        values lie above it), which is never below the order statistic.
+        """
+        if self._exact is None:
+            raise ConfigError("probe", "exact() needs begin_pass() and at least one pass first")
+        return torch.where(torch.isnan(self._exact), self._hi, self._exact)
+
+    def refine(self, activation_batches: Callable[[], Iterable[Tensor]]) -> Tensor:
+        """Every further pass, each over ``activation_batches()``: the exact thresholds ``[u]``."""
+        while self.passes < MAX_REFINE_PASSES and self.begin_pass():
+            for acts in activation_batches():
+                self.refine_update(acts)
+            self.end_pass()
+        return self.exact()
+
+
+THRESHOLD_METHODS = ("exact", "histogram")
 
 
 def unit_thresholds(
@@ -247,22 +318,23 @@ def unit_thresholds(
     quantile: float = DEFAULT_QUANTILE,
     *,
     bins: int = DEFAULT_BINS,
-    passes: int = 1,
+    method: str = "exact",
 ) -> Tensor:
     """Per-unit thresholds ``T_k`` ``[units]`` (float32): the top-``quantile`` activation value.
 
-    ``passes=1`` reads the batches once (error ≤ one bin, see :class:`UnitQuantile`); ``passes=2``
-    needs a factory (called once per pass) and tightens the error by a factor ``bins``.
+    ``exact`` (a factory, called once per pass) gives the order statistic itself, so exactly the
+    activations strictly above it count as active; ``histogram`` reads the batches once and is
+    within one bin of it (see :class:`UnitQuantile`).
     """
-    if passes not in (1, 2):
-        raise ConfigError("threshold_passes", f"must be 1 or 2, got {passes}")
-    if passes == 2 and not callable(activation_batches):
-        raise ConfigError("threshold_passes", "two passes need a batches factory (a callable), not an iterable")
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError("threshold", f"must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
+    if method == "exact" and not callable(activation_batches):
+        raise ConfigError("threshold", "exact thresholds need a batches factory (a callable), not an iterable")
     factory = activation_batches if callable(activation_batches) else (lambda: activation_batches)
     estimator = UnitQuantile(quantile, bins)
     for acts in factory():
         estimator.update(acts)
-    thresholds, _ = estimator.refine(factory()) if passes == 2 else estimator.estimate()
+    thresholds = estimator.refine(factory) if method == "exact" else estimator.estimate()[0]
     return thresholds.float()
 
 
@@ -454,9 +526,12 @@ class IoUTally:
         step = max(1, CHUNK_BUDGET_BYTES // (pixels * 9))  # float32 map + bool mask + slack
         for start in range(0, image.numel(), step):
             pair_image, pair_unit = image[start : start + step], unit[start : start + step]
-            maps = group_acts[pair_image, pair_unit][:, None]  # [pairs, 1, h, w]
+            # up(a) > T is computed as up(a − T) > 0: equal in exact arithmetic, but a float32
+            # blend of values all equal to T can round above T, while a blend of zeros is zero
+            # (and a − T is zero exactly when a == T), so a plateau at the threshold stays inactive.
+            maps = group_acts[pair_image, pair_unit][:, None] - self.thresholds[pair_unit, None, None, None]
             upsampled = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
-            active = upsampled.view(-1, pixels) > self.thresholds[pair_unit, None]
+            active = upsampled.view(-1, pixels) > 0
             del upsampled
             pair, pixel = active.nonzero(as_tuple=True)
             del active
@@ -523,11 +598,14 @@ def unit_labels(
     *,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     top_k: int = 5,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
 ) -> pd.DataFrame:
     """Per unit of ``iou`` ``[units, len(labels)]``: best label overall (``concept``,
     ``category``, ``score`` = IoU), ``top_concepts`` (best ``top_k`` as ``{"concept", "score"}``,
-    best first), ``best_per_category`` (``{"category", "concept", "score"}``) and
-    ``interpretable`` (best IoU ≥ ``iou_threshold``). Ties go to the lower label number."""
+    best first), ``best_per_category`` (``{"category", "concept", "score"}``),
+    ``interpretable`` (best IoU ≥ ``iou_threshold``) and ``tied_with`` (the other labels within
+    ``tie_tolerance`` of the best, see :mod:`tasks.dissect.ties`). Equal IoUs go to the lower label
+    number."""
     n_units = iou.shape[0]
     names = [label_names.get(label, str(label)) for label in labels]
     iou = iou.double().cpu()
@@ -539,6 +617,7 @@ def unit_labels(
             "top_concepts": [],
             "best_per_category": [],
             "interpretable": False,
+            "tied_with": [],
         }
         frame = pd.DataFrame([{"unit": u, **empty} for u in range(n_units)])
         return frame.astype({"unit": "int32", "score": "float32"})
@@ -552,6 +631,7 @@ def unit_labels(
         columns = torch.tensor([j for j in order.tolist() if categories[j] == category])
         best = iou[:, columns].max(dim=1)  # first maximum = lowest label among ties
         per_category[category] = torch.stack([columns[best.indices].double(), best.values], dim=1)
+    ties = tied_concepts(iou, names, ranked_index[:, 0], tie_tolerance)
     rows = []
     for unit in range(n_units):
         top = ranked_index[unit, :top_k].tolist()
@@ -568,6 +648,7 @@ def unit_labels(
                     for c, best in per_category.items()
                 ],
                 "interpretable": scores[0] >= iou_threshold,
+                "tied_with": ties[unit],
             }
         )
     return pd.DataFrame(rows).astype({"unit": "int32", "score": "float32"})
@@ -588,39 +669,51 @@ def dissect_layers(
     quantile: float = DEFAULT_QUANTILE,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     bins: int = DEFAULT_BINS,
-    threshold_passes: int = 1,
+    threshold: str = "exact",
     categories: Collection[str] | None = None,
     seg_size: tuple[int, int] | None = None,
     top_k: int = 5,
     top_images: int = 10,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
     device: str | torch.device = "cpu",
 ) -> dict[str, pd.DataFrame]:
     """Network Dissection of several layers sharing each pass over the probe set.
 
     Each batch's ``acts`` is ``{layer: Tensor[b, units, h, w]}`` (what
     :func:`tasks.dissect.activations.iter_spatial_activations` yields for one forward). ``batches_factory``
-    is called once per pass: ``threshold_passes`` passes for the thresholds (none when
-    ``thresholds`` holds every layer), then one for the tallies. Returns, per layer, one row per
-    unit (see :func:`unit_labels`) plus ``threshold`` and ``top_images`` (the images with the
-    highest peak activation, when batches carry ids).
+    is called once per pass: the threshold passes (none when ``thresholds`` holds every layer; one
+    for ``threshold="histogram"``, usually two for ``"exact"``), then one for the tallies. Returns,
+    per layer, one row per unit (see :func:`unit_labels`) plus ``threshold`` and ``top_images``
+    (the images with the highest peak activation, when batches carry ids).
     """
     if not 0 <= iou_threshold <= 1:
         raise ConfigError("iou_threshold", f"must be in [0, 1], got {iou_threshold}")
-    if threshold_passes not in (1, 2):
-        raise ConfigError("threshold_passes", f"must be 1 or 2, got {threshold_passes}")
+    if threshold not in THRESHOLD_METHODS:
+        raise ConfigError("threshold", f"must be one of {', '.join(THRESHOLD_METHODS)}, got {threshold!r}")
     found = dict(thresholds or {})
     estimators: dict[str, UnitQuantile] = {}
     for item in batches_factory() if not found else ():
         for layer, acts in _as_batch(item).acts.items():
             estimators.setdefault(layer, UnitQuantile(quantile, bins)).update(acts)
-    if threshold_passes == 2 and estimators:
-        for estimator in estimators.values():
-            estimator.begin_refine()
+    while threshold == "exact" and estimators:
+        pending = {layer: e for layer, e in estimators.items() if e.passes < MAX_REFINE_PASSES and e.begin_pass()}
+        if not pending:
+            break
         for item in batches_factory():
             for layer, acts in _as_batch(item).acts.items():
-                estimators[layer].refine_update(acts)
+                if layer in pending:
+                    pending[layer].refine_update(acts)
+        for estimator in pending.values():
+            estimator.end_pass()
     for layer, estimator in estimators.items():
-        found[layer] = (estimator.finish_refine() if threshold_passes == 2 else estimator.estimate())[0].float()
+        found[layer] = (estimator.exact() if threshold == "exact" else estimator.estimate()[0]).float()
+        if estimator.drifted:
+            log.warning(
+                "%s: the activations of %d unit(s) changed between passes over the probe set (a non-deterministic "
+                "kernel?); their thresholds are approximate (within the last bracket), not exact",
+                layer,
+                estimator.drifted,
+            )
 
     tallies = {
         layer: IoUTally(
@@ -640,7 +733,15 @@ def dissect_layers(
     results = {}
     for layer, tally in tallies.items():
         label_numbers, label_cats, iou, _, _ = tally.scores()
-        frame = unit_labels(iou, label_numbers, label_cats, label_names, iou_threshold=iou_threshold, top_k=top_k)
+        frame = unit_labels(
+            iou,
+            label_numbers,
+            label_cats,
+            label_names,
+            iou_threshold=iou_threshold,
+            top_k=top_k,
+            tie_tolerance=tie_tolerance,
+        )
         frame["threshold"] = found[layer].float().cpu().numpy()
         frame["top_images"] = tally.top_images()
         results[layer] = frame

@@ -21,7 +21,7 @@ from storage.parquet import ResultsStore, safe_name
 from storage.schemas import TABLES
 from tasks.compute.device import resolve_device
 from tasks.core.cache import cache_dir, content_key
-from tasks.core.config import AuditConfig
+from tasks.core.config import AuditConfig, NetDissectConfig
 from tasks.core.errors import ItemError
 from tasks.core.rows import error_row
 from tasks.data.models import default_cam_layer, resolve_layer
@@ -170,6 +170,7 @@ def clip_dissect_rows(
         top_k=config.dissect.top_concepts,
         top_images=config.dissect.top_images,
         concept_category=categories,
+        tie_tolerance=config.dissect.tie_tolerance,
     )
 
 
@@ -183,7 +184,7 @@ def netdissect_rows(
     broden = probe.broden()
     device = resolve_device(config.device)
     # a model without a content identity (a test double) cannot key a cache: its thresholds are computed
-    files = threshold_files(model, probe, layers, settings.quantile, device) if getattr(model, "identity", None) else {}
+    files = threshold_files(model, probe, layers, settings, device) if getattr(model, "identity", None) else {}
     cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
     thresholds = cached if files and all(value is not None for value in cached.values()) else None
     frames = dissect_layers(
@@ -202,9 +203,11 @@ def netdissect_rows(
         thresholds=thresholds,
         quantile=settings.quantile,
         iou_threshold=settings.iou_threshold,
+        threshold=settings.threshold,
         categories=settings.categories,
         top_k=config.dissect.top_concepts,
         top_images=config.dissect.top_images,
+        tie_tolerance=config.dissect.tie_tolerance,
         device=device,
     )
     if files and thresholds is None:
@@ -213,15 +216,18 @@ def netdissect_rows(
     return frames
 
 
-THRESHOLDS_VERSION = 1  # bump when the threshold estimate changes: it keys the cache
+THRESHOLDS_VERSION = 2  # bump when the threshold estimate changes: it keys the cache
 
 
-def threshold_files(model, probe: Probe, layers: list[str], quantile: float, device: torch.device) -> dict[str, Path]:
+def threshold_files(
+    model, probe: Probe, layers: list[str], settings: NetDissectConfig, device: torch.device
+) -> dict[str, Path]:
     """Where each layer's Network Dissection thresholds are cached.
 
-    The thresholds (the first pass over the probe set) depend only on the weights, the
-    preprocessing, the probe images, the quantile and the device's arithmetic; caching them lets
-    a warm run skip that pass (the IoU pass reproduces the same rows from the same float32 values).
+    The thresholds (the first passes over the probe set) depend only on the weights, the
+    preprocessing, the probe images, the quantile, the threshold method and the device's
+    arithmetic; caching them lets a warm run skip those passes (the IoU pass reproduces the same
+    rows from the same float32 values).
     """
 
     folder = cache_dir(
@@ -229,7 +235,8 @@ def threshold_files(model, probe: Probe, layers: list[str], quantile: float, dev
         model=model.identity,
         preprocess=repr(model.preprocess),
         probe=probe.identity,
-        quantile=quantile,
+        quantile=settings.quantile,
+        threshold=settings.threshold,
         bins=DEFAULT_BINS,
         device=device.type,
         version=THRESHOLDS_VERSION,

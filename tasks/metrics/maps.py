@@ -146,21 +146,14 @@ def scaled_tolerance(image_size: int) -> float:
     return POINTING_TOLERANCE_PX * image_size / 224
 
 
-def saliency_peak(saliency_map: np.ndarray) -> tuple[int, int]:
-    """The map's maximum as (row, col); on a plateau (a LIME superpixel) the maximal pixel
-    nearest the plateau's mean position, so the point does not sit on its first corner."""
-    values = require_finite(saliency_map)
-    rows, cols = np.nonzero(values == values.max())
-    nearest = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
-    return int(rows[nearest]), int(cols[nearest])
-
-
 def pointing_hit(saliency_map: np.ndarray, gt_mask: np.ndarray, tolerance_px: float) -> bool:
-    """The pointing game: whether the map's peak lies within ``tolerance_px`` of the mask."""
+    """The pointing game (Zhang et al. 2016): a hit when a maximal pixel of the map lies within
+    ``tolerance_px`` of the mask. On a plateau of maximal pixels (a LIME superpixel) any of them
+    counts, as in Quantus' ``PointingGame``: the map does not say which one it points at."""
     mask = _gt(saliency_map, gt_mask)
-    row, col = saliency_peak(saliency_map)
+    values = require_finite(saliency_map)
     distance_to_mask = ndimage.distance_transform_edt(~mask)
-    return bool(distance_to_mask[row, col] <= tolerance_px)
+    return bool(distance_to_mask[values == values.max()].min() <= tolerance_px)
 
 
 def iou_gt(saliency_map: np.ndarray, gt_mask: np.ndarray, rule: str = "top_q", q: float = 0.2) -> float:

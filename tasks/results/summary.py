@@ -33,7 +33,7 @@ LAYER_KEY = ["model", "layer", "method"]
 
 # What the summary reads of each raw table: never the maps themselves.
 INPUT_COLUMNS = {
-    "neurons": ["model", "layer", "unit", "method", "concept", "category", "score", "interpretable"],
+    "neurons": ["model", "layer", "unit", "method", "concept", "category", "score", "interpretable", "tied_with"],
     "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
     "saliency": ["model", "image_id", "method", "target"],
     "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
@@ -160,6 +160,8 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
     frame = neurons.groupby(LAYER_KEY).agg(units=("unit", "size"), score_mean=("score", "mean"), score_median=("score", "median"))
     frame["counted"] = counted.groupby(LAYER_KEY).size().reindex(frame.index).fillna(0).astype(int)
     frame["distinct_concepts"] = counted.groupby(LAYER_KEY)["concept"].nunique().reindex(frame.index).fillna(0).astype(int)
+    tied = _with_ties(neurons)["tied_with"].map(_has_ties).groupby([neurons[k] for k in LAYER_KEY]).sum()
+    frame["tied"] = tied.reindex(frame.index).fillna(0).astype(int)
     interpretable = neurons.assign(hit=neurons["interpretable"].eq(True)).groupby(LAYER_KEY)["hit"].sum()
     netdissect = frame.index.get_level_values("method") == "netdissect"
     frame["interpretable"] = pd.Series(interpretable.reindex(frame.index).to_numpy(), index=frame.index).where(netdissect)
@@ -167,15 +169,37 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
     return _columns("summary_layers", frame.reset_index().sort_values(LAYER_KEY))
 
 
+def _with_ties(neurons: pd.DataFrame) -> pd.DataFrame:
+    """``neurons`` with a ``tied_with`` column (null where the rows predate it)."""
+    return neurons if "tied_with" in neurons else neurons.assign(tied_with=None)
+
+
+def _has_ties(tied_with: object) -> bool:
+    return tied_with is not None and not (isinstance(tied_with, float) and math.isnan(tied_with)) and len(tied_with) > 0
+
+
+def _label_set(concept: object, tied_with: object) -> set[str]:
+    """A unit's label as a set: its concept and the concepts tied with it (lower-cased)."""
+    names = [concept] + (list(tied_with) if _has_ties(tied_with) else [])
+    return {str(name).strip().lower() for name in names if isinstance(name, str)}
+
+
 def label_agreement(neurons: pd.DataFrame) -> pd.DataFrame:
-    """``summary_label_agreement``: CLIP-Dissect vs Network Dissection top-1 labels per layer."""
+    """``summary_label_agreement``: CLIP-Dissect vs Network Dissection top-1 labels per layer; a
+    tie counts as every concept it ties, so agreement never rests on rounding."""
     key = ["model", "layer", "unit"]
-    clip = neurons.loc[neurons["method"] == "clip_dissect", key + ["concept"]]
-    net = neurons.loc[neurons["method"] == "netdissect", key + ["concept", "interpretable"]]
+    neurons = _with_ties(neurons)
+    clip = neurons.loc[neurons["method"] == "clip_dissect", key + ["concept", "tied_with"]]
+    net = neurons.loc[neurons["method"] == "netdissect", key + ["concept", "tied_with", "interpretable"]]
     both = clip.merge(net, on=key, suffixes=("_clip", "_net"))
     if both.empty:
         return empty_frame("summary_label_agreement")
-    both["agree"] = both["concept_clip"].str.strip().str.lower().eq(both["concept_net"].str.strip().str.lower())
+    both["agree"] = [
+        bool(_label_set(*clip_label) & _label_set(*net_label))
+        for clip_label, net_label in zip(
+            zip(both["concept_clip"], both["tied_with_clip"]), zip(both["concept_net"], both["tied_with_net"])
+        )
+    ]
     both["hit"] = both["interpretable"].eq(True)
     both["hit_agree"] = both["hit"] & both["agree"]
     frame = both.groupby(["model", "layer"]).agg(units=("unit", "size"), agreeing=("agree", "sum"),
