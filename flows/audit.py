@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -66,6 +67,15 @@ def interrupted_run(store: ResultsStore, config: AuditConfig) -> str | None:
     return None
 
 
+def failure_message(error: BaseException) -> str:
+    """What ``runs.message`` says about the exception that ended a run; a signal by its name
+    (Prefect turns a SIGTERM inside a flow into ``TerminationSignal``, which has no message)."""
+    signum = getattr(error, "signal", None) or getattr(error, "signum", None)
+    if isinstance(signum, int):
+        return f"stopped by {signal.Signals(signum).name}"
+    return f"{type(error).__name__}: {error}"
+
+
 def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: bool = False) -> RunRecord:
     """A new run, or the run ``resume`` (same config required) set back to running.
 
@@ -110,7 +120,6 @@ def audit(
     results: str,
     stages: tuple[str, ...] = STAGES,
     resume: str | None = None,
-    show_progress: bool = False,
     new: bool = False,
 ) -> RunOutcome:
     """Audit every configured model and record the run in the ``runs`` table."""
@@ -133,14 +142,14 @@ def audit(
             n_chunks = list_image_set(config, store, run.run_id)
             for model in config.models:
                 explain_model.with_options(task_runner=subflow_task_runner(config))(
-                    config, model.name, n_chunks, results, run.run_id, show_progress
+                    config, model.name, n_chunks, results, run.run_id
                 )
             run.timings["explain"] = round(time.perf_counter() - started, 3)
         summary = summarize_task(results, run.run_id)
         run.n_errors = summary.n_errors
         run.status = "partial" if run.n_errors else "completed"
     except BaseException as error:
-        run.status, run.message = "failed", f"{type(error).__name__}: {error}"
+        run.status, run.message = "failed", failure_message(error)
         raise
     finally:
         run.finished_at = datetime.now(timezone.utc)
@@ -153,14 +162,11 @@ def run_audit(
     results: str,
     stages: tuple[str, ...] = STAGES,
     resume: str | None = None,
-    show_progress: bool = False,
     new: bool = False,
 ) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
     with local_run_settings():
-        return audit.with_options(task_runner=flow_task_runner(config))(
-            config, results, tuple(stages), resume, show_progress, new
-        )
+        return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

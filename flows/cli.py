@@ -1,14 +1,21 @@
 """The ``xai-audit`` command line.
 
-Exit codes: 0 success; 2 bad usage or config (the message names the field path); 3 the run
-finished but some items failed (see the ``errors`` table); 1 anything unexpected.
+Exit codes: 0 success; 2 bad usage or config (the message names the field path), or a configured
+Prefect API that cannot be reached; 3 the run finished but some items failed (see the ``errors``
+table); 1 anything unexpected; 128 + N when stopped by signal N (SIGTERM: 143), the run marked
+failed so the next run of its config resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
@@ -55,6 +62,87 @@ class _UsageError(Exception):
     """Bad command-line usage (exit 2)."""
 
 
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM, SIGHUP): unwinds the run like Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+HEARTBEAT_S = 20.0  # a line at least this often while a run works, even inside one long step
+HEARTBEAT = "still working (%.0f s since: %s)"
+
+
+@contextlib.contextmanager
+def _progress_to_stderr() -> Iterator[None]:
+    """Show the ``tasks``/``flows`` loggers' INFO lines on stderr while a run works: each stage
+    announcing itself and its size, progress of long loops (bars on a terminal), and, when a
+    step runs long without a line, a heartbeat naming it."""
+    import logging
+
+    from tasks.core import progress
+
+    last = {"time": time.monotonic(), "message": "starting"}
+
+    class Stamp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            last["time"] = time.monotonic()
+            if record.msg is not HEARTBEAT:
+                last["message"] = record.getMessage()
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(Stamp())
+    loggers = [logging.getLogger(name) for name in ("tasks", "flows")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    progress.use_bars(sys.stderr.isatty())
+    stopped = threading.Event()
+
+    def beat() -> None:
+        while not stopped.wait(1.0):
+            quiet = time.monotonic() - last["time"]
+            if quiet >= HEARTBEAT_S:
+                progress.step(HEARTBEAT, quiet, last["message"].split(" (")[0])
+
+    thread = threading.Thread(target=beat, name="xai-audit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
+        progress.use_bars(False)
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """While a run works, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread, so the
+    run records why it stopped (``runs.status`` failed, ``runs.message``) before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame) -> None:
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from flows.preflight import check
     from tasks.core.config import load_config
@@ -74,9 +162,14 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     check(config)
     results = _results_root(args, config.results)
     _writable_results(results)
-    outcome = run_audit(
-        config, results, stages=stages, resume=args.resume, show_progress=sys.stderr.isatty(), new=args.new
-    )
+    from flows.prefect_api import api_for_run
+
+    with _progress_to_stderr(), _stop_on_signals(), api_for_run():
+        outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
+    from storage.parquet import ResultsStore
+    from tasks.results.findings import run_findings
+
+    print("\n".join(run_findings(ResultsStore(results), outcome.run_id)))
     print(f"run {outcome.run_id}: {outcome.status}")
     print(f'tables: {results} (e.g. xai-audit query --results {results} "select count(*) from saliency")')
     if outcome.n_errors:
@@ -174,6 +267,16 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     width = max(map(len, counts))
     for table, rows in counts.items():
         print(f"{table:{width}s} {rows}")
+    return EXIT_OK
+
+
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from storage.parquet import ResultsStore
+    from tasks.results.findings import run_findings
+
+    store = ResultsStore(_results_root(args))
+    _known_run(store, args.run_id)
+    print("\n".join(run_findings(store, args.run_id)))
     return EXIT_OK
 
 
@@ -317,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
     add("report", "Write the HTML report of RUN_ID (RESULTS/reports/RUN_ID/index.html).").add_argument("run_id")
+    add("findings", "Print the findings digest of RUN_ID (what `xai-audit run` prints at its end).").add_argument(
+        "run_id"
+    )
     diff = sub.add_parser(
         "diff",
         help="Compare RUN_B with the earlier RUN_A: changed unit concepts, histogram and metric deltas.",
@@ -394,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["report"].set_defaults(handler=_cmd_report)
     diff.set_defaults(handler=_cmd_diff)
     sub.choices["summarize"].set_defaults(handler=_cmd_summarize)
+    sub.choices["findings"].set_defaults(handler=_cmd_findings)
     sub.choices["config-reference"].set_defaults(handler=_cmd_config_reference)
     runs.set_defaults(handler=_cmd_runs)
     query.set_defaults(handler=_cmd_query)
@@ -401,13 +508,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.prefect_api import ApiUnavailable, configure_environment
+
     _quiet_offline_prefect()
+    configure_environment()  # before Prefect is imported: its home and API come from here
     args = build_parser().parse_args(argv)
     from tasks.core.config import ConfigErrors
     from tasks.core.errors import XaiAuditError
 
     try:
         return args.handler(args)
+    except ApiUnavailable as error:
+        print(f"xai-audit: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Terminated as error:
+        print(f"xai-audit: {error}; the run is marked failed, the next run of this config resumes it", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: task threads still running would otherwise be joined at interpreter exit
+        # (minutes); what they write is atomic, so nothing partial becomes visible.
+        os._exit(128 + error.signum)
     except ConfigErrors as error:
         print(f"invalid config {getattr(args, 'config', '')}:", file=sys.stderr)
         for field, message in error.problems:

@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 
 from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
+from tasks.core.progress import step
 from tasks.dissect.labellers import labeller
 from tasks.dissect.stage import neurons_unit
 from tasks.dissect.tasks import label_task, layers_task
@@ -27,6 +28,8 @@ def dissect_model(config: AuditConfig, model_name: str, results: str, run_id: st
         for method in config.dissect.methods
     }
     get_run_logger().info("%s: layers %s, missing units %s", model_name, layers, missing)
+    for method, todo in missing.items():
+        step("dissect %s with %s: %d of %d layer(s) to label", model_name, method, len(todo), len(layers))
     futures = []
     for method, todo in missing.items():
         units = [[layer] for layer in todo] if labeller(method).fan_out == "layer" else [todo] if todo else []

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
-from tqdm import tqdm
 
 from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
+from tasks.core.progress import step, track
 from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
 from tasks.explain.tasks import explain_chunk
 
@@ -19,16 +19,20 @@ def chunk_done(store: ResultsStore, run_id: str, model: str, index: int) -> bool
 
 
 @flow(name="explain-model", flow_run_name="explain {model_name}")
-def explain_model(
-    config: AuditConfig, model_name: str, n_chunks: int, results: str, run_id: str, show_progress: bool = False
-) -> int:
+def explain_model(config: AuditConfig, model_name: str, n_chunks: int, results: str, run_id: str) -> int:
     """Explain the run's ``images`` chunks ``0 .. n_chunks-1`` with one model; returns how many chunks ran now."""
     store = ResultsStore(results)
     todo = [index for index in range(n_chunks) if not chunk_done(store, run_id, model_name, index)]
     get_run_logger().info("%s: %d chunk(s), %d already done", model_name, n_chunks, n_chunks - len(todo))
+    step(
+        "explain %s: %d chunk(s) of %d image(s) with %s; %d already done",
+        model_name,
+        n_chunks,
+        config.explain.chunk_size,
+        ", ".join(config.explain.methods),
+        n_chunks - len(todo),
+    )
     futures = [explain_chunk.submit(config, model_name, index, results, run_id) for index in todo]
-    with tqdm(total=len(futures), desc=f"explain {model_name}", unit="chunk", disable=not show_progress) as bar:
-        for future in as_completed(futures):
-            future.result()
-            bar.update()
+    for future in track(as_completed(futures), f"explain {model_name}", total=len(futures), unit="chunks"):
+        future.result()
     return len(futures)

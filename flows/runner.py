@@ -15,6 +15,7 @@ Both runners hand Prefect the ``gpu`` tag only while the API enforces a concurre
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -142,9 +143,10 @@ def local_run_settings() -> Iterator[None]:
     Heartbeats let a long-lived server mark a run whose process died as crashed; an ephemeral
     API stops with this process, so nobody reads them. Their thread sleeps in 1 s steps and is
     joined when each flow run ends, which costs up to 1 s per flow run (Prefect 3.9,
-    ``flow_engine._send_heartbeats``). Against a configured ``PREFECT_API_URL`` nothing changes.
+    ``flow_engine._send_heartbeats``). Against a configured ``PREFECT_API_URL`` nothing changes;
+    the private server a CLI run owns (``flows.prefect_api``) counts as ephemeral.
     """
-    if PREFECT_API_URL.value():
+    if PREFECT_API_URL.value() and not os.environ.get("XAI_AUDIT_PRIVATE_API"):
         yield
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

@@ -219,3 +219,23 @@ def test_preflight_rejects_a_probe_limit_below_the_similarity_functions_top_k(si
         assert str(limit) in dict(caught.value.problems)["dissect.probe.limit"]
     else:
         check(config)
+
+
+def test_a_list_image_set_takes_its_root_from_the_list_files_folder(tmp_path):
+    """The docs say images.root defaults to the list file's folder for the list kind."""
+    listing = tmp_path / "sets" / "images.csv"
+    listing.parent.mkdir()
+    listing.write_text("a.png\n")
+    config = parse_config(
+        {"models": [{"name": "m", "source": "demo"}], "images": {"kind": "list", "list_file": str(listing)}}
+    )
+    assert config.images.root == str(listing.parent)
+    explicit = parse_config(
+        {
+            "models": [{"name": "m", "source": "demo"}],
+            "images": {"kind": "list", "list_file": str(listing), "root": str(tmp_path)},
+        }
+    )
+    assert explicit.images.root == str(tmp_path)
+    with pytest.raises(ConfigErrors, match="needs root"):
+        parse_config({"models": [{"name": "m", "source": "demo"}], "images": {"kind": "folder"}})

@@ -54,6 +54,38 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def server_environment(tmp_path: Path, api_url: str, database_url: str) -> dict[str, str]:
+    """This environment without the developer's Prefect settings, for a server on ``database_url``
+    at ``api_url`` and its clients, with a Prefect home under ``tmp_path``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url,
+    )
+    return env
+
+
+def run_deployed_audit(cli, config: Path, results: Path) -> None:
+    """``prefect deployment run`` of the ad-hoc deployment, watched until it ends; it must complete."""
+    run = cli(
+        str(BIN / "prefect"),
+        "deployment",
+        "run",
+        "xai-audit-deployment/audit",
+        "--param",
+        f"config_path={config}",
+        "--param",
+        f"results={results}",
+        "--watch",
+        "--watch-timeout",
+        "400",
+        timeout=450,
+    )
+    assert "Completed" in run.stdout, run.stdout
+
+
 @pytest.mark.slow
 def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(tmp_path):
     images = tmp_path / "images"
@@ -83,13 +115,7 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
     )
     results = tmp_path / "results"
     api_url = f"http://127.0.0.1:{free_port()}/api"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-    )
+    env = server_environment(tmp_path, api_url, f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}")
     port = api_url.split(":")[2].split("/")[0]
 
     def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -120,21 +146,7 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
         )
         background.append(worker)
         cli(sys.executable, "-m", "flows.cli", "deploy")
-        run = cli(
-            str(BIN / "prefect"),
-            "deployment",
-            "run",
-            "xai-audit-deployment/audit",
-            "--param",
-            f"config_path={config}",
-            "--param",
-            f"results={results}",
-            "--watch",
-            "--watch-timeout",
-            "400",
-            timeout=450,
-        )
-        assert "Completed" in run.stdout, run.stdout
+        run_deployed_audit(cli, config, results)
         store = ResultsStore(results)
         (run_id,) = store.run_ids()
         assert RunRecord.load(store, run_id).status == "completed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
@@ -68,3 +70,28 @@ def test_heartbeats_are_off_only_without_a_configured_api(api_url, heartbeats_of
         with local_run_settings():
             assert get_current_settings().flows.heartbeat_frequency == (None if heartbeats_off else default)
         assert get_current_settings().flows.heartbeat_frequency == default
+
+
+def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch):
+    """A user whose Prefect profile points at a server keeps it: only without any configured API
+    does a run take xai-audit's own Prefect home (flows.prefect_api)."""
+    from flows import prefect_api
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n[profiles.local]\n'
+    )
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    assert prefect_api.profile_api_url() == "http://prefect.internal:4200/api"
+    assert prefect_api.configure_environment() == "http://prefect.internal:4200/api"
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.setenv("XAI_AUDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prefect_api.Path, "home", lambda: home.parent)  # no profiles.toml under ~/.prefect
+    assert prefect_api.configure_environment() is None
+    assert os.environ["PREFECT_HOME"] == str(prefect_api.own_prefect_home())
+    assert prefect_api.own_prefect_home().is_dir()

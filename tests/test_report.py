@@ -4,7 +4,6 @@ bounded, and clean in a real browser (headless Debian chromium: no broken image,
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from tasks.results import tasks as results_tasks
 from tasks.results.report import write_report
 from tasks.results.summary import empty_frame
 from tests.fixtures.audit_runs import METHODS, N_IMAGES, two_audited_runs
+from tests.fixtures.debian import debian_tool
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -67,7 +67,12 @@ CHECKER = """<script>
       problems: problems,
       tableBorders: Array.prototype.slice
         .call(document.querySelectorAll("table.t"))
-        .map(function (t) { return getComputedStyle(t).borderCollapse; })
+        .map(function (t) { return getComputedStyle(t).borderCollapse; }),
+      noAlt: images
+        .filter(function (image) { return !image.getAttribute("alt"); })
+        .map(function (image) { return image.getAttribute("src"); }),
+      scrollWidth: document.documentElement.scrollWidth,
+      viewportWidth: document.documentElement.clientWidth
     });
     document.body.appendChild(out);
   });
@@ -82,25 +87,7 @@ def runs(prefect_harness, tmp_path_factory):
 
 def chromium_binary() -> str:
     """Debian's chromium, installed with apt-get when absent (as root); skipped only outside CI."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        command = ["apt-get", "install", "-y", "-q", "chromium"]
-        installed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
-        if installed.returncode != 0:  # a fresh image may have no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-            installed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
-        found = shutil.which("chromium")
-        if found:
-            return found
-        reason = f"`apt-get install chromium` failed: {installed.stderr[-400:]}"
-    else:
-        reason = "chromium is absent and cannot be installed here (needs apt-get as root)"
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return debian_tool("chromium", lambda: shutil.which("chromium"))
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +104,16 @@ def browse(chromium: str, page: Path, profile: Path, *flags: str) -> subprocess.
     )
 
 
-def check_in_browser(chromium: str, page: Path, profile: Path, extra_body: str = "") -> dict:
-    """Load a copy of ``page`` (same folder, so relative links hold) with the checker injected."""
+def check_in_browser(chromium: str, page: Path, profile: Path, extra_body: str = "", width: int = 1280) -> dict:
+    """Load a copy of ``page`` (same folder, so relative links hold) with the checker injected,
+    in a window ``width`` px wide."""
     copy = page.with_name(f"_check-{page.name}")
     text = page.read_text()
     copy.write_text(text.replace("<head>", "<head>" + CHECKER, 1).replace("</body>", extra_body + "</body>", 1))
     try:
-        loaded = browse(chromium, copy, profile, "--virtual-time-budget=10000", "--dump-dom")
+        loaded = browse(
+            chromium, copy, profile, "--virtual-time-budget=10000", f"--window-size={width},2000", "--dump-dom"
+        )
     finally:
         copy.unlink()
     found = re.search(r'<pre id="xai-audit-check">(.*?)</pre>', loaded.stdout, re.S)
@@ -188,6 +178,32 @@ def test_the_report_loads_in_chromium_without_broken_images_or_errors(runs, chro
     with Image.open(screenshot) as image:
         assert image.size == (1280, 2000)
         assert np.asarray(image.convert("L")).std() > 10, "the screenshot is blank"
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_the_report_fits_a_desktop_and_a_phone_without_horizontal_scrolling(runs, chromium, tmp_path, width):
+    """At 1280 px and at 390 px (a phone) the overview and an image page never scroll sideways
+    (wide tables scroll inside their own box), every figure has alt text, and a screenshot at
+    that width is not blank."""
+    index = Path(runs.second.report_path)
+    image_page = sorted((index.parent / "images").glob("*.html"))[0]
+    for page in (index, image_page):
+        checked = check_in_browser(chromium, page, tmp_path / "profile", width=width)
+        assert checked["noAlt"] == [], page
+        assert checked["scrollWidth"] <= checked["viewportWidth"], (page.name, checked)
+    screenshot = tmp_path / f"report-{width}.png"
+    browse(chromium, index, tmp_path / "profile", f"--screenshot={screenshot}", f"--window-size={width},1600")
+    with Image.open(screenshot) as image:
+        assert image.size == (width, 1600)
+        assert np.asarray(image.convert("L")).std() > 10, "the screenshot is blank"
+
+
+def test_the_width_check_sees_a_page_that_scrolls_sideways(runs, chromium, tmp_path):
+    """The negative control of the check above: an element wider than a phone makes it fire."""
+    checked = check_in_browser(
+        chromium, Path(runs.first.report_path), tmp_path / "profile", '<div style="width:900px">wide</div>', width=390
+    )
+    assert checked["scrollWidth"] > checked["viewportWidth"]
 
 
 def test_the_browser_check_catches_broken_images_and_errors(runs, chromium, tmp_path):

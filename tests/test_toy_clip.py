@@ -112,3 +112,23 @@ def test_toy_clip_meets_the_zero_shot_floors() -> None:
     assert scores["color"] >= 0.90
     assert scores["texture"] >= 0.90
     assert scores["object"] >= 0.70
+
+
+def test_the_toy_clip_is_created_without_the_false_random_weights_warning(caplog):
+    """open_clip warns "initialized randomly" for a model without pretrained weights; while the toy
+    CLIP that is about to be trained is created, that warning is dropped (it would alarm users)."""
+    import logging
+
+    import open_clip
+
+    from tasks.world.toy_clip import TOY_CLIP_NAME, _quiet_random_init, register_toy_clip
+
+    register_toy_clip()
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model_and_transforms(TOY_CLIP_NAME)
+    assert any("initialized randomly" in record.getMessage() for record in caplog.records)  # the warning is real
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), _quiet_random_init():
+        open_clip.create_model_and_transforms(TOY_CLIP_NAME)
+    assert not any("initialized randomly" in record.getMessage() for record in caplog.records)
+    assert not [f for f in logging.getLogger().filters if type(f).__name__ == "_NotRandomInit"]  # removed again

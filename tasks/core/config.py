@@ -140,7 +140,10 @@ class ImageSetConfig(_Section):
         "world",
         description="A synthetic-world split, a folder (recursive), a CSV/text list, or a Broden-format folder.",
     )
-    root: str | None = Field(None, description="Root folder of the images (folder, list, broden kinds).")
+    root: str | None = Field(
+        None,
+        description="Root folder of the images (folder, list, broden kinds; list: default the list file's folder).",
+    )
     list_file: str | None = Field(
         None, description="CSV (path[,label][,mask][,x0,y0,x1,y1]) or text list, for the list kind."
     )
@@ -149,10 +152,12 @@ class ImageSetConfig(_Section):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ImageSetConfig:
-        if self.kind in ("folder", "broden", "list") and self.root is None:
-            raise ValueError(f"kind '{self.kind}' needs root")
         if self.kind == "list" and self.list_file is None:
             raise ValueError("kind 'list' needs list_file")
+        if self.kind == "list" and self.root is None:
+            self.root = str(Path(self.list_file).parent)
+        if self.kind in ("folder", "broden") and self.root is None:
+            raise ValueError(f"kind '{self.kind}' needs root")
         return self
 
 

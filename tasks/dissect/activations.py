@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tasks.core.cache import cache_dir
 from tasks.core.errors import ConfigError
+from tasks.core.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,7 @@ def _batch_tensor(batch: object) -> Tensor:
 
 
 def _progress(batches: Iterable, progress: bool, desc: str) -> Iterable:
-    if not progress:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, unit="batch")
+    return track(batches, desc) if progress else batches
 
 
 def pooled_activations(

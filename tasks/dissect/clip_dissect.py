@@ -31,6 +31,7 @@ from torch import Tensor
 
 from tasks.core.cache import cache_dir
 from tasks.core.errors import ConfigError
+from tasks.core.progress import track
 from tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
 from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
@@ -362,9 +363,7 @@ def clip_image_features(
     device = torch.device(device)
     batches: Iterable[Tensor] = _to_pixel_batches(images, preprocess, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="clip images", unit="batch")
+        batches = track(batches, "CLIP image features")
     feats: list[Tensor] = []
     with torch.inference_mode():
         for batch in batches:

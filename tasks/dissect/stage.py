@@ -9,6 +9,7 @@ one ``neurons`` file per (model, layer, method) work unit; the labellers of
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from dataclasses import replace
 from functools import lru_cache
@@ -23,6 +24,7 @@ from tasks.compute.device import resolve_device
 from tasks.core.cache import cache_dir, content_key
 from tasks.core.config import AuditConfig, NetDissectConfig
 from tasks.core.errors import ItemError
+from tasks.core.progress import track
 from tasks.core.rows import error_row
 from tasks.data.models import default_cam_layer, resolve_layer
 from tasks.dissect.activations import (
@@ -129,6 +131,7 @@ def clip_similarity(config: AuditConfig, probe: Probe, concepts: list[str]) -> t
         probe_identity=probe.identity,
         device=device,
         batch_size=settings.batch_size,
+        progress=True,
     )
     text_feats = cached_clip_text_features(
         model, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device
@@ -147,6 +150,7 @@ def pooled_layer_activations(config: AuditConfig, model, layers: list[str], prob
         probe_identity=probe.identity,
         pooling=config.dissect.pooling,
         device=resolve_device(config.device),
+        progress=True,
     )
 
 
@@ -187,16 +191,21 @@ def netdissect_rows(
     files = threshold_files(model, probe, layers, settings, device) if getattr(model, "identity", None) else {}
     cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
     thresholds = cached if files and all(value is not None for value in cached.values()) else None
+    passes = iter(range(1, 100))
     frames = dissect_layers(
-        lambda: dissect_batches(
-            probe,
-            model.preprocess,
-            model.module,
-            layers,
-            probe_settings.batch_size,
-            device,
-            workers=probe_settings.workers,
-            nonfinite=nonfinite,
+        lambda: track(
+            dissect_batches(
+                probe,
+                model.preprocess,
+                model.module,
+                layers,
+                probe_settings.batch_size,
+                device,
+                workers=probe_settings.workers,
+                nonfinite=nonfinite,
+            ),
+            f"Network Dissection of {getattr(model, 'name', 'the model')}, pass {next(passes)} over the probe set",
+            total=math.ceil(len(probe.image_ids) / probe_settings.batch_size),
         ),
         broden.label_names,
         broden.label_category,

@@ -13,6 +13,7 @@ import pandas as pd
 
 from storage.parquet import ResultsStore
 from tasks.results.drift import read_drift
+from tasks.results.findings import findings
 from tasks.results.summary import declared_score, load_summary, raw_counts, score_map
 
 TOP_IN_MARKDOWN = 3
@@ -52,8 +53,10 @@ def _number(value: float | None, digits: int = 3) -> str:
 def summary_markdown(run_id: str, counts: dict[str, int], summary: dict[str, pd.DataFrame], drift: dict[str, dict[str, pd.DataFrame]],
                      report_path: str | None) -> str:
     """The run's markdown artifact: where the report is, top concepts, IoU statistics, leaderboard, drift."""
+    digest = findings(run_id, summary, drift, counts.get("errors", 0))
     lines = [f"# xai-audit run `{run_id}`", "",
              f"Report: `{report_path}`" if report_path else "Report: not written (see the errors table).", "",
+             "## Findings", "", "```", *digest[1:], "```", "",
              "| table | rows |", "|---|---:|", *[f"| {table} | {rows} |" for table, rows in counts.items()], ""]
     concepts = summary["summary_concepts"]
     if not concepts.empty:

@@ -35,6 +35,7 @@ from tasks.data.image_sets import iter_image_set
 from tasks.data.images import load_rgb
 from tasks.results import figures
 from tasks.results.drift import read_drift
+from tasks.results.findings import findings
 from tasks.results.summary import load_summary, raw_counts, require_run, wide_methods
 
 REPORTS = "reports"
@@ -53,6 +54,8 @@ img.fig { max-width: 100%; border: 1px solid #eee; margin: .3rem 0; display: blo
 .muted { color: #777; } .scroll { overflow-x: auto; } .grid a { display: block; margin-bottom: .8rem; }
 dl.meta { display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
+h1 code, dd, pre.findings { overflow-wrap: anywhere; }
+pre.findings { white-space: pre-wrap; background: #f6f6f6; padding: .6rem .8rem; border-radius: 4px; font-size: .9rem; }
 """
 
 
@@ -100,7 +103,7 @@ def _img(path: Path | None, base: Path, alt: str) -> str:
 
 
 def _page(title: str, body: str, css_href: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
             f'<link rel="stylesheet" href="{css_href}"></head>\n<body>\n{body}\n</body></html>\n')
 
 
@@ -211,7 +214,9 @@ class _Report:
                 "failed items": counts.get("errors", 0)}
         rows = "".join(f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in meta.items())
         table = pd.DataFrame({"table": list(counts), "rows": list(counts.values())})
-        return f"<h1>xai-audit run <code>{_esc(self.run_id)}</code></h1><dl class=\"meta\">{rows}</dl>" + _table(table)
+        digest = findings(self.run_id, self.summary, read_drift(self.store, self.run_id), counts.get("errors", 0))
+        return (f"<h1>xai-audit run <code>{_esc(self.run_id)}</code></h1><dl class=\"meta\">{rows}</dl>"
+                f'<h2 id="findings">Findings</h2><pre class="findings">{_esc(chr(10).join(digest[1:]))}</pre>' + _table(table))
 
     def drift(self) -> str:
         parts = ['<h2 id="drift">Drift</h2>']

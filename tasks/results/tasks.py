@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.parquet import ResultsStore
+from tasks.core.progress import step
 from tasks.results.artifacts import run_artifacts
 from tasks.results.drift import previous_run, write_drift
 from tasks.results.report import write_report
@@ -48,6 +49,7 @@ def summarize_task(results: str, run_id: str) -> RunSummary:
     """
     logger = get_run_logger()
     store = ResultsStore(results)
+    step("summary of run %s: tables, drift, report", run_id)
     counts = summarize_run(store, run_id)
     logger.info("run %s summary rows: %s", run_id, counts)
     baseline = previous_run(store, run_id)

@@ -33,6 +33,7 @@ from PIL import Image
 
 from tasks.core.cache import cache_dir
 from tasks.core.config import WorldConfig
+from tasks.core.progress import track
 
 WORLD_VERSION = "1"
 
@@ -300,7 +301,8 @@ def _write_world(out: Path, spec: WorldConfig) -> None:
     attribute_rows: list[list[object]] = []
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True)
-    for split, i, scene, rng in _iter_scenes(spec):
+    scenes = track(_iter_scenes(spec), f"synthetic world ({spec.image_size} px)", spec.n_train + spec.n_val, "images")
+    for split, i, scene, rng in scenes:
         stem = f"{split}/{i:05d}"
         image, mask = render(scene, rng, size)
         _save_png(image, out / "images" / f"{stem}.png")

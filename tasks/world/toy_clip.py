@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,12 +120,30 @@ def load_split(world_root: Path, split: str, preprocess: Preprocess) -> tuple[to
     return images, rows
 
 
+class _NotRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (it logs
+    through the root logger) while a model that is about to be trained is created."""
+    quiet = _NotRandomInit()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 def train_toy_clip(world_root: Path, spec: ClipTrainSpec) -> tuple[nn.Module, Preprocess, float]:
     """Train the toy CLIP; returns the model (eval mode), its eval transform and training seconds."""
     register_toy_clip()
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME)
+    with _quiet_random_init():  # open_clip warns that the weights are random: they are about to be trained
+        model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     images, rows = load_split(world_root, "train", preprocess)
     codes = _attribute_codes(rows)

@@ -1,0 +1,119 @@
+"""The findings digest: what a run found, in a few dozen lines, from its summary tables alone.
+
+Printed at the end of ``xai-audit run`` and by ``xai-audit findings RUN_ID``, shown on the
+report's first screen and in the run's Prefect artifact; all four read the same tables
+(:func:`tasks.results.summary.load_summary`, :func:`tasks.results.drift.read_drift`), so they
+cannot disagree. Per model: the top concepts of each labelled layer and method with their unit
+counts, Network Dissection's interpretable share, CLIP-Dissect vs Network Dissection agreement,
+the explanation methods' leaderboard, the most and least agreed-on image and class; then drift
+against the previous run and failed items.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from storage.parquet import ResultsStore
+from tasks.results.drift import read_drift
+from tasks.results.summary import declared_score, load_summary
+
+TOP_CONCEPTS = 3
+DRIFT_METRICS_SHOWN = 3
+# The leaderboard's columns, best method first by the first one that has values.
+LEADERBOARD = ("pointing_accuracy", "deletion_auc_mean", "insertion_auc_mean", "agreement_iou_mean")
+
+
+def number(value: object) -> str:
+    """A score as the digest prints it (3 significant decimals; "-" when missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value):.3f}"
+
+
+def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
+    lines = [f"{model}:"]
+    layers = summary["summary_layers"]
+    layers = layers[layers["model"] == model]
+    concepts = summary["summary_concepts"]
+    for row in layers.itertuples():
+        mine = concepts[
+            (concepts["model"] == model) & (concepts["layer"] == row.layer) & (concepts["method"] == row.method)
+        ]
+        top = ", ".join(f"{r.concept} {r.units}" for r in mine.sort_values("rank").head(TOP_CONCEPTS).itertuples())
+        counted = (
+            f"{int(row.interpretable)}/{row.units} interpretable"
+            if row.method == "netdissect" and not pd.isna(row.interpretable)
+            else f"{row.units} units"
+        )
+        ties = getattr(row, "tied", 0)
+        tied = f", {int(ties)} tied" if ties and not pd.isna(ties) else ""
+        lines.append(f"  {row.layer} {row.method}: {top or '(no counted units)'} ({counted}{tied})")
+    agreement = summary["summary_label_agreement"]
+    agreement = agreement[agreement["model"] == model]
+    if not agreement.empty:
+        rates = ", ".join(f"{r.layer} {number(r.interpretable_rate)}" for r in agreement.itertuples())
+        lines.append(f"  labels agree (CLIP-Dissect = Network Dissection, interpretable units): {rates}")
+    methods = summary["summary_methods"]
+    methods = methods[methods["model"] == model]
+    if not methods.empty:
+        columns = [c for c in LEADERBOARD if c in methods and methods[c].notna().any()]
+        scores = [declared_score(column) for column in columns]
+        first = scores[0] if scores else None
+        if first is not None:
+            methods = methods.sort_values(columns[0], ascending=first.direction == "lower", na_position="last")
+        header = ", ".join(f"{score.label} {score.arrow}" for score in scores)
+        lines.append(f"  methods ({header}):")
+        for row in methods.to_dict("records"):
+            lines.append(f"    {row['method']}: " + " / ".join(number(row[column]) for column in columns))
+    for table, what in (("summary_images", "image"), ("summary_classes", "class")):
+        ranked = summary[table]
+        ranked = ranked[ranked["model"] == model].sort_values("rank")
+        if len(ranked) >= 2:
+            best, worst = ranked.iloc[0], ranked.iloc[-1]
+            name = "image_id" if what == "image" else "class_name"
+            lines.append(
+                f"  {what} the methods agree on most: {best[name]} (IoU {number(best['iou_mean'])}), "
+                f"least: {worst[name]} (IoU {number(worst['iou_mean'])})"
+            )
+    return lines
+
+
+def _drift_lines(drift: dict[str, dict[str, pd.DataFrame]]) -> list[str]:
+    lines = []
+    for baseline, tables in drift.items():
+        layers = tables["summary_drift_layers"]
+        changed = int(layers["changed"].sum()) if not layers.empty else 0
+        units = int(layers["units"].sum()) if not layers.empty else 0
+        lines.append(f"drift against {baseline}: {changed} of {units} units changed their top concept")
+        metrics = tables["summary_drift_metrics"]
+        if not metrics.empty:
+            moved = metrics.reindex(metrics["delta"].abs().sort_values(ascending=False).index).head(DRIFT_METRICS_SHOWN)
+            lines += [
+                f"  {r.model} {r.subject} {r.metric}: {number(r.before)} -> {number(r.after)}"
+                for r in moved.itertuples()
+            ]
+    return lines
+
+
+def findings(
+    run_id: str, summary: dict[str, pd.DataFrame], drift: dict[str, dict[str, pd.DataFrame]], n_errors: int
+) -> list[str]:
+    """The digest's lines (no trailing newlines)."""
+    models = sorted(
+        set().union(*(set(summary[t]["model"]) for t in ("summary_layers", "summary_methods") if not summary[t].empty))
+    )
+    lines = [f"findings of run {run_id}"]
+    for model in models:
+        lines += _model_lines(model, summary)
+    lines += _drift_lines(drift)
+    if n_errors:
+        lines.append(f"{n_errors} item(s) failed: xai-audit query \"select * from errors where run_id = '{run_id}'\"")
+    return lines
+
+
+def run_findings(store: ResultsStore, run_id: str) -> list[str]:
+    """:func:`findings` of a stored run."""
+    errors = store.read("errors", run_id)
+    return findings(run_id, load_summary(store, run_id), read_drift(store, run_id), len(errors))
