@@ -92,6 +92,17 @@ def check_api(url: str, timeout_s: float = 10.0) -> None:
             f"the Prefect API at {url} (PREFECT_API_URL) answered {response.status_code} to /health; "
             "check that server, or unset PREFECT_API_URL to run on a private API"
         )
+    try:
+        server_version = str(httpx.get(f"{url.rstrip('/')}/admin/version", timeout=timeout_s).json())
+    except (httpx.HTTPError, ValueError):
+        return  # a server that does not say its version is given the benefit of the doubt
+    client_version = metadata.version("prefect")
+    if server_version.split(".")[0] != client_version.split(".")[0]:
+        raise ApiUnavailable(
+            f"the Prefect API at {url} (PREFECT_API_URL) runs Prefect {server_version}, this installation "
+            f"{client_version}: use a Prefect {client_version.split('.')[0]}.x server, or unset PREFECT_API_URL "
+            "to run on a private API"
+        )
 
 
 def _free_port() -> int:

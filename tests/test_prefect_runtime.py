@@ -95,3 +95,37 @@ def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch
     assert prefect_api.configure_environment() is None
     assert os.environ["PREFECT_HOME"] == str(prefect_api.own_prefect_home())
     assert prefect_api.own_prefect_home().is_dir()
+
+
+@pytest.mark.parametrize(("version", "accepted"), [("2.19.3", False), ("3.1.0", True)])
+def test_a_prefect_server_of_another_major_version_is_refused_in_one_line(version, accepted):
+    """A configured API that answers /health but runs another major Prefect version is named, with
+    both versions, before any work (exit 2 in the CLI); the same major version is used."""
+    import http.server
+    import json
+    import threading
+
+    from flows.prefect_api import ApiUnavailable, check_api
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's hook name
+            body = json.dumps(version if self.path.endswith("/admin/version") else True).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/api"
+    try:
+        if accepted:
+            check_api(url)
+        else:
+            with pytest.raises(ApiUnavailable, match=f"runs Prefect {version}, this installation 3"):
+                check_api(url)
+    finally:
+        httpd.shutdown()
