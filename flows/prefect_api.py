@@ -171,7 +171,8 @@ def owned_api() -> Iterator[str]:
                 raise ApiUnavailable(
                     f"the private Prefect API server exited with code {process.returncode}"
                     + (f": {tail[0]}" if tail else "")
-                    + f" (log: {log_path})"
+                    + f" (log: {log_path}); if another Prefect version migrated the database of PREFECT_HOME "
+                    + f"({os.environ.get('PREFECT_HOME')}), unset PREFECT_HOME to use xai-audit's own"
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:

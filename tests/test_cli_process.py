@@ -88,13 +88,14 @@ def test_a_default_prefect_home_migrated_by_another_version_does_not_stop_a_run(
     assert alembic_revision(broken_home / "prefect.db") == "27d8f4e1a6c9"  # untouched
     assert ResultsStore(str(results)).read("runs")["status"].tolist() == ["completed"]
 
-    # The construction is real: pointed at that home on purpose, the run stops with one line.
+    # The construction is real: pointed at that home on purpose, the run stops with one error line.
     chosen = subprocess.run(
         command, cwd=REPO, env=env | {"PREFECT_HOME": str(broken_home)}, capture_output=True, text=True, timeout=300
     )
     assert chosen.returncode == 2, chosen.stderr
-    lines = [line for line in chosen.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "private Prefect API server exited" in lines[0], chosen.stderr
+    errors = [line for line in chosen.stderr.splitlines() if line.startswith("xai-audit:")]
+    assert len(errors) == 1 and "private Prefect API server exited" in errors[0], chosen.stderr
+    assert "PREFECT_HOME" in errors[0] and "Traceback" not in chosen.stderr
 
 
 def test_an_unreachable_prefect_api_url_exits_2_with_one_line(tmp_path):
