@@ -169,14 +169,9 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from storage.parquet import ResultsStore
     from tasks.results.findings import run_findings
 
-    print("\n".join(run_findings(ResultsStore(results), outcome.run_id)))
-    print(f"run {outcome.run_id}: {outcome.status}")
+    print(f"run {outcome.run_id}: {outcome.status}")  # first: scripts read the run id from it
     print(f'tables: {results} (e.g. xai-audit query --results {results} "select count(*) from saliency")')
-    if outcome.n_errors:
-        print(
-            f"{outcome.n_errors} item(s) failed: "
-            f"xai-audit query \"select * from errors where run_id = '{outcome.run_id}'\""
-        )
+    print("\n".join(run_findings(ResultsStore(results), outcome.run_id)))  # it names failed items too
     if outcome.report_path:  # last, so scripts and `make demo` end on where to look
         print(f"report: {outcome.report_path}")
     return (

@@ -72,6 +72,9 @@ def test_heartbeats_are_off_only_without_a_configured_api(api_url, heartbeats_of
         assert get_current_settings().flows.heartbeat_frequency == default
 
 
+PREFECT_CHOICES = ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH", "PREFECT_HOME")
+
+
 def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch):
     """A user whose Prefect profile points at a server keeps it: only without any configured API
     does a run take xai-audit's own Prefect home (flows.prefect_api)."""
@@ -82,8 +85,9 @@ def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch
     (home / "profiles.toml").write_text(
         'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n[profiles.local]\n'
     )
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
-        monkeypatch.delenv(name, raising=False)
+    # configure_environment writes os.environ itself: give it a copy, so nothing leaks into later tests
+    environ = {key: value for key, value in os.environ.items() if key not in PREFECT_CHOICES}
+    monkeypatch.setattr(os, "environ", environ)
     monkeypatch.setenv("PREFECT_HOME", str(home))
     assert prefect_api.profile_api_url() == "http://prefect.internal:4200/api"
     assert prefect_api.configure_environment() == "http://prefect.internal:4200/api"
@@ -95,6 +99,7 @@ def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch
     assert prefect_api.configure_environment() is None
     assert os.environ["PREFECT_HOME"] == str(prefect_api.own_prefect_home())
     assert prefect_api.own_prefect_home().is_dir()
+    assert os.environ is environ  # still the copy: the real environment was never written
 
 
 @pytest.mark.parametrize(("version", "accepted"), [("2.19.3", False), ("3.1.0", True)])
