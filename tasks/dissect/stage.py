@@ -9,6 +9,7 @@ one ``neurons`` file per (model, layer, method) work unit; the labellers of
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 from dataclasses import replace
@@ -191,7 +192,7 @@ def netdissect_rows(
     files = threshold_files(model, probe, layers, settings, device) if getattr(model, "identity", None) else {}
     cached = {layer: read_cached_tensor(path) for layer, path in files.items()}
     thresholds = cached if files and all(value is not None for value in cached.values()) else None
-    passes = iter(range(1, 100))
+    passes = itertools.count(1)  # numbers the passes over the probe set in the progress lines
     frames = dissect_layers(
         lambda: track(
             dissect_batches(
