@@ -127,11 +127,28 @@ def registry_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
         )
 
 
+def concept_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """Concept-attribution layers that no model dissects (they would silently get no rows); only
+    decidable when every model lists its layers (the defaults depend on the architecture)."""
+    concepts = config.explain.concepts
+    if not concepts.enabled or concepts.layers is None or any(model.layers is None for model in config.models):
+        return
+    dissected = {layer for model in config.models for layer in model.layers or []}
+    missing = [layer for layer in concepts.layers if layer not in dissected]
+    if missing:
+        yield (
+            "explain.concepts.layers",
+            f"{missing} are not in any model's models.layers, so no unit there is labelled; dissected: "
+            f"{sorted(dissected) or 'none'}",
+        )
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
     problems = list(registry_problems(config))
     problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
     problems += list(lime_problems(config))
+    problems += list(concept_problems(config))
     if not any(field == "dissect.clip.similarity" for field, _ in problems):  # it looks the similarity up
         problems += list(probe_problems(config))
     try:

@@ -1,4 +1,5 @@
-"""How saliency maps are stored in the ``saliency`` table: row-major float16 bytes plus the shape."""
+"""How maps are stored: saliency maps as row-major float16 bytes plus the shape, concept heatmaps
+(signed, summed to a contribution) as float32."""
 
 from __future__ import annotations
 
@@ -20,3 +21,18 @@ def decode_map(row: Mapping[str, Any]) -> np.ndarray:
     """The float32 map of a ``saliency`` row (inverse of :func:`encode_map` up to float16 rounding)."""
     values = np.frombuffer(row["map"], dtype="<f2").astype(np.float32)
     return values.reshape(int(row["height"]), int(row["width"]))
+
+
+def encode_heatmap(heatmap: np.ndarray) -> dict[str, object]:
+    """The ``heatmap``, ``heatmap_height`` and ``heatmap_width`` columns (row-major float32, signed)."""
+    return {
+        "heatmap": heatmap.astype("<f4").tobytes(),
+        "heatmap_height": heatmap.shape[0],
+        "heatmap_width": heatmap.shape[1],
+    }
+
+
+def decode_heatmap(row: Mapping[str, object]) -> np.ndarray:
+    """The float32 heatmap of a ``concept_attribution`` row."""
+    values = np.frombuffer(row["heatmap"], dtype="<f4")
+    return values.reshape(int(row["heatmap_height"]), int(row["heatmap_width"])).copy()

@@ -221,6 +221,21 @@ def test_preflight_rejects_a_probe_limit_below_the_similarity_functions_top_k(si
         check(config)
 
 
+@pytest.mark.parametrize(("layers", "rejected"), [(["layer3"], False), (["layer3", "fc"], True), (None, False)])
+def test_preflight_rejects_concept_layers_no_model_dissects(layers, rejected):
+    """A concept-attribution layer outside every model's models.layers would get no rows: exit 2 first."""
+    from flows.preflight import check
+
+    demo = {"name": "demo-resnet18", "source": "demo", "layers": ["layer3", "layer4"]}
+    config = parse_config({"models": [demo], "explain": {"concepts": {"layers": layers}}})
+    if rejected:
+        with pytest.raises(ConfigErrors) as caught:
+            check(config)
+        assert "'fc'" in dict(caught.value.problems)["explain.concepts.layers"]
+    else:
+        check(config)
+
+
 def test_a_list_image_set_takes_its_root_from_the_list_files_folder(tmp_path):
     """The docs say images.root defaults to the list file's folder for the list kind."""
     listing = tmp_path / "sets" / "images.csv"

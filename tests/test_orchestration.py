@@ -116,11 +116,11 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(
 ):
     real, sizes = tasks.explain.stage.explain_batch, []
 
-    def explain_batch(config, model, layer, inputs):
+    def explain_batch(config, model, layer, inputs, *concept_layers):
         sizes.append(len(inputs))
         if len(inputs) > 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(config, model, layer, inputs)
+        return real(config, model, layer, inputs, *concept_layers)
 
     monkeypatch.setattr(tasks.explain.stage, "explain_batch", explain_batch)
     results = str(tmp_path / "results")

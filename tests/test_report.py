@@ -163,7 +163,8 @@ def test_the_report_loads_in_chromium_without_broken_images_or_errors(runs, chro
     assert set(checked["tableBorders"]) == {"collapse"}, "style.css did not apply"
     image_page = sorted((index.parent / "images").glob("*.html"))[0]
     checked = check_in_browser(chromium, image_page, tmp_path / "profile")
-    assert checked["images"] == 1 and checked["broken"] == [] and checked["problems"] == []
+    # the maps and the concept attributions
+    assert checked["images"] == 2 and checked["broken"] == [] and checked["problems"] == []
     screenshot = tmp_path / "report.png"
     shot = browse(
         chromium,

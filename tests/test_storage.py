@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from storage.maps import decode_map, encode_map
+from storage.maps import decode_map, encode_heatmap, encode_map
 from storage.parquet import ResultsStore, StorageError, file_schema_version
 from storage.query import run_query
 from storage.runs import RunRecord, list_runs, new_run_id
@@ -144,6 +144,27 @@ def test_query_reads_rows_of_every_table(tmp_path):
         "faithfulness": {**base, "deletion_auc": 0.1, "insertion_auc": 0.8},
         "lime_trials": {"model": "m", "image_id": "a.png", "params_json": "{}", "objective": 0.3, "seconds": 1.0},
         "scores": {**base, "metric": "toy", "value": 0.25},
+        "unit_contributions": {
+            "model": "m",
+            "image_id": "a.png",
+            "target": 1,
+            "layer": "layer4",
+            "contributions": [0.5, -0.1],
+            "logit": 0.4,
+        },
+        "concept_attribution": {
+            "model": "m",
+            "image_id": "a.png",
+            "target": 1,
+            "method": "netdissect",
+            "layer": "layer4",
+            "concept": "red",
+            "rank": 1,
+            "units": 1,
+            "contribution": 0.5,
+            "share": 1.0,
+            **encode_heatmap(np.ones((2, 2))),
+        },
         "errors": ERROR_ROW,
     }
     assert set(samples) | {"runs"} == set(TABLES)

@@ -353,6 +353,30 @@ class MetricsConfig(_Section):
     )
 
 
+class ConceptAttributionConfig(_Section):
+    """Concept attributions: the target class of each image split over the concepts of labelled units."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Attribute each image's target to the concepts of labelled units (needs the dissect stage: the layers of "
+            "models.layers)."
+        ),
+    )
+    layers: list[str] | None = Field(
+        None,
+        description="Layers to attribute at; null: every layer of models.layers that the dissect stage labelled.",
+    )
+    top_k: PositiveInt = Field(5, description="Concepts kept per image, labelling method, layer and target.")
+    ablation: bool = Field(
+        True,
+        description=(
+            "Check each image's top concept by zeroing its units, and as many random labelled units (one extra forward "
+            "of two copies of the batch per layer and labelling method)."
+        ),
+    )
+
+
 class ExplainConfig(_Section):
     """Per-image explanations."""
 
@@ -382,6 +406,9 @@ class ExplainConfig(_Section):
     )
     lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+    concepts: ConceptAttributionConfig = Field(
+        default_factory=ConceptAttributionConfig, description="Concept attributions."
+    )
 
     @field_validator("methods")
     @classmethod

@@ -12,6 +12,13 @@ from tasks.core.config import AuditConfig
 from tasks.dissect.probe import Probe
 
 
+def counts_for_concept(neurons: pd.DataFrame) -> pd.Series:
+    """Which ``neurons`` rows count for their top-1 concept: every CLIP-Dissect label, and a Network
+    Dissection label unless the unit is not interpretable (best IoU below iou_threshold: no
+    concept in Bau et al.'s sense)."""
+    return neurons["concept"].notna() & ((neurons["method"] != "netdissect") | ~neurons["interpretable"].eq(False))
+
+
 @dataclass
 class Labels:
     """One labelling pass: ``neurons`` rows per layer, and ``errors`` rows of what it left out."""

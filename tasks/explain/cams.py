@@ -228,7 +228,7 @@ def forward_with_cams(
     device = next(model.parameters()).device
     images = images.to(device)
     need_grads = any(cam.uses_gradients for cam in cams.values())
-    logits, activations, gradients = _capture(
+    logits, activations, gradients = capture_layer(
         model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype
     )
     if targets is None:
@@ -302,7 +302,15 @@ class _Captured:
         self.activations, self.gradients = [], []
 
 
-def _capture(model, target_layer, images, targets, need_grads, reshape_transform, amp_dtype):
+def capture_layer(
+    model: nn.Module,
+    target_layer: nn.Module,
+    images: Tensor,
+    targets: Sequence[int] | None,
+    need_grads: bool,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Logits, target-layer activations and (optionally) d(target logit)/d(activations), on CPU.
 
     The layers before the target layer run without autograd; the hook switches it on for the

@@ -10,6 +10,7 @@ recomputing them from the ``saliency`` table gives the stored values.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from tasks.core.rows import error_row
 from tasks.data.images import load_rgb
 from tasks.data.models import default_cam_layer, resolve_layer
 from tasks.explain.base import ExplainContext
+from tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
 from tasks.explain.registry import families
 from tasks.metrics.base import ScoredBatch
 from tasks.metrics.maps import require_finite
@@ -41,6 +43,8 @@ EXPLAIN_TABLES = (
     "faithfulness",
     "lime_trials",
     "scores",
+    "unit_contributions",
+    "concept_attribution",
     "errors",
 )
 
@@ -125,8 +129,19 @@ def predict(module: torch.nn.Module, batch: torch.Tensor, amp_dtype: torch.dtype
         return module(batch).float()
 
 
-def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: list[_Input]) -> ChunkRows:
-    """Every configured explanation and metric of one batch of decoded images."""
+ConceptLayers = Mapping[str, tuple[torch.nn.Module, LayerLabels]]
+"""Layer name -> (module, the labels the dissect stage gave its units): where targets are attributed to concepts."""
+
+
+def explain_batch(
+    config: AuditConfig,
+    model,
+    layer: torch.nn.Module,
+    inputs: list[_Input],
+    concept_layers: ConceptLayers | None = None,
+) -> ChunkRows:
+    """Every configured explanation and metric of one batch of decoded images, and the concept
+    attributions of its targets at ``concept_layers``."""
     explain = config.explain
     amp_dtype = PRECISIONS[explain.precision]
     device = next(model.module.parameters()).device
@@ -206,23 +221,56 @@ def explain_batch(config: AuditConfig, model, layer: torch.nn.Module, inputs: li
         if metric.enabled(explain.metrics):
             for table, table_rows in metric.rows(scored).items():
                 rows.add(table, table_rows)
+    if explain.concepts.enabled and concept_layers and usable.any():
+        target_probabilities = probabilities[torch.arange(len(targets)), torch.as_tensor(targets)].cpu().numpy()
+        batch_keys = AttributionBatch(model.name, image_ids, targets, target_probabilities, usable)
+        try:
+            attributed = attribution_rows(
+                model.module,
+                concept_layers,
+                batch,
+                batch_keys,
+                explain.concepts.top_k,
+                explain.concepts.ablation,
+                config.seed,
+                amp_dtype,
+            )
+        except ValueError as error:
+            logging.getLogger(__name__).warning("no concept attributions for %s: %s", model.name, error)
+        else:
+            for table, table_rows in attributed.items():
+                rows.add(table, table_rows)
     return rows
 
 
+def cam_layer_name(model_config: ModelConfig, model) -> str:
+    """The configured CAM layer, or the default one of the model's architecture."""
+    return model_config.cam_layer or default_cam_layer(model.module, model.input_size)
+
+
 def explain_records(
-    config: AuditConfig, model_config: ModelConfig, model, records: list[dict], logger: logging.Logger | None = None
+    config: AuditConfig,
+    model_config: ModelConfig,
+    model,
+    records: list[dict],
+    logger: logging.Logger | None = None,
+    labels: Mapping[str, LayerLabels] | None = None,
 ) -> ChunkRows:
-    """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`)."""
-    layer = resolve_layer(
-        model.module,
-        model_config.cam_layer or default_cam_layer(model.module, model.input_size),
-        field="models.cam_layer",
-    )
+    """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`);
+    ``labels``: the unit labels of the model's dissected layers (layer -> labels), for concept
+    attributions at those of them that ``explain.concepts.layers`` names (all by default)."""
+    layer = resolve_layer(model.module, cam_layer_name(model_config, model), field="models.cam_layer")
+    wanted = config.explain.concepts.layers
+    concept_layers = {
+        name: (resolve_layer(model.module, name, field="explain.concepts.layers"), layer_labels)
+        for name, layer_labels in (labels or {}).items()
+        if layer_labels and (wanted is None or name in wanted)
+    }
     inputs, errors = load_inputs(model, records, config.explain.target, config.explain.metrics.localization)
     rows = ChunkRows()
     rows.add("errors", errors)
     batches = run_with_backoff(
-        lambda batch: explain_batch(config, model, layer, batch),
+        lambda batch: explain_batch(config, model, layer, batch, concept_layers),
         inputs,
         config.explain.batch_size,
         logger or logging.getLogger(__name__),

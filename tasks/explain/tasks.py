@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pyarrow.dataset as ds
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
@@ -12,6 +13,7 @@ from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
 from tasks.data.image_sets import read_image_chunk
 from tasks.data.loaded_models import using_model
+from tasks.explain.concepts import UNIT_LABEL_COLUMNS, LayerLabels, layer_labels
 from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit, explain_records
 
 
@@ -21,6 +23,13 @@ def _logger() -> logging.Logger:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
+
+
+def unit_labels(store: ResultsStore, run_id: str, model_name: str) -> dict[str, LayerLabels]:
+    """The run's counted unit labels of the model, per dissected layer (empty when none was dissected)."""
+    where = ds.field("model") == model_name
+    neurons = store.dataset("neurons", run_id).to_table(columns=UNIT_LABEL_COLUMNS, filter=where).to_pandas()
+    return {layer: layer_labels(neurons, layer) for layer in sorted(set(neurons["layer"]))}
 
 
 @task(
@@ -36,7 +45,8 @@ def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, result
     records = read_image_chunk(store, run_id, chunk_index)
     model_config = next(model for model in config.models if model.name == model_name)
     with using_model(config, model_config) as model:
-        rows = explain_records(config, model_config, model, records, _logger())
+        labels = unit_labels(store, run_id, model_name) if config.explain.concepts.enabled else {}
+        rows = explain_records(config, model_config, model, records, _logger(), labels)
     unit = chunk_unit(model_name, chunk_index)
     for table in EXPLAIN_TABLES:
         store.write(table, run_id, unit, rows.tables[table])

@@ -3,6 +3,7 @@
 Each function draws one PNG from summary or raw table rows and returns its path; inputs with
 nothing to draw return None, so callers never special-case empty runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,12 +16,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from skimage.transform import resize
 
 from tasks.results.summary import wide_methods
 
 DPI = 80
-CATEGORY_COLORS = {"color": "#d62728", "object": "#1f77b4", "texture": "#2ca02c", "scene": "#9467bd", "part": "#ff7f0e",
-                   "material": "#8c564b", "uncategorized": "#7f7f7f"}
+CATEGORY_COLORS = {
+    "color": "#d62728",
+    "object": "#1f77b4",
+    "texture": "#2ca02c",
+    "scene": "#9467bd",
+    "part": "#ff7f0e",
+    "material": "#8c564b",
+    "uncategorized": "#7f7f7f",
+}
 
 
 def _category_color(category: str, others: list[str]) -> str:
@@ -85,11 +94,17 @@ def category_shares(categories: pd.DataFrame, models: Sequence[str], method: str
     figure = Figure(figsize=(4.0 * len(models), 3.4), layout="constrained")
     axes = figure.subplots(1, len(models), squeeze=False, sharey=True)[0]
     for ax, model in zip(axes, models):
-        table = rows[rows["model"] == model].pivot_table(index="layer", columns="category", values="share", aggfunc="sum", sort=False).fillna(0)
+        table = (
+            rows[rows["model"] == model]
+            .pivot_table(index="layer", columns="category", values="share", aggfunc="sum", sort=False)
+            .fillna(0)
+        )
         bottom = np.zeros(len(table))
         for category in names:
             values = table[category].to_numpy() if category in table else np.zeros(len(table))
-            ax.bar(table.index.astype(str), values, bottom=bottom, color=_category_color(category, names), label=category)
+            ax.bar(
+                table.index.astype(str), values, bottom=bottom, color=_category_color(category, names), label=category
+            )
             bottom += values
         ax.set_title(model, fontsize=10)
         ax.set_ylabel("share of units")
@@ -104,7 +119,10 @@ def iou_distributions(agreement: pd.DataFrame, path: Path) -> Path | None:
     if agreement.empty:
         return None
     models = sorted(set(agreement["model"]))
-    figure = Figure(figsize=(max(4.0, 1.1 * agreement.groupby(["method_a", "method_b"]).ngroups + 1.5), 3.0 * len(models)), layout="constrained")
+    figure = Figure(
+        figsize=(max(4.0, 1.1 * agreement.groupby(["method_a", "method_b"]).ngroups + 1.5), 3.0 * len(models)),
+        layout="constrained",
+    )
     axes = figure.subplots(len(models), 1, squeeze=False)[:, 0]
     for ax, model in zip(axes, models):
         rows = agreement[agreement["model"] == model]
@@ -125,8 +143,11 @@ def leaderboard(methods: pd.DataFrame, path: Path) -> Path | None:
     the ``scores`` map (no arrow for a key no registered metric declares).
     """
     wide, columns = wide_methods(methods)
-    metrics = [(column, f"{score.label} {score.arrow}" if score else column)
-               for column, score in columns if wide[column].notna().any()]
+    metrics = [
+        (column, f"{score.label} {score.arrow}" if score else column)
+        for column, score in columns
+        if wide[column].notna().any()
+    ]
     if not metrics:
         return None
     models = sorted(set(wide["model"]))
@@ -148,8 +169,13 @@ def overlay(image: np.ndarray, saliency_map: np.ndarray, alpha: float = 0.5) -> 
     return (1 - alpha) * (image.astype(np.float32) / 255) + alpha * heat
 
 
-def comparison_grid(image: np.ndarray | None, maps: Mapping[str, np.ndarray], title: str, path: Path,
-                    subtitles: Mapping[str, str] | None = None) -> Path:
+def comparison_grid(
+    image: np.ndarray | None,
+    maps: Mapping[str, np.ndarray],
+    title: str,
+    path: Path,
+    subtitles: Mapping[str, str] | None = None,
+) -> Path:
     """The image and each method's map over it (or alone when the image is unavailable)."""
     subtitles = subtitles or {}
     panels = (["image"] if image is not None else []) + list(maps)
@@ -185,7 +211,7 @@ def drift_summary(layers: pd.DataFrame, metrics: pd.DataFrame, title: str, path:
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels):
         if panel == "layers":
-            labels = [f"{m}·{l}·{k}" for m, l, k in zip(layers["model"], layers["layer"], layers["method"])]
+            labels = [f"{m}·{name}·{k}" for m, name, k in zip(layers["model"], layers["layer"], layers["method"])]
             ax.barh(labels, layers["changed_share"].astype(float), color="#c44e52")
             ax.set_xlim(0, 1)
             ax.set_xlabel("share of units whose top concept changed")
@@ -198,4 +224,72 @@ def drift_summary(layers: pd.DataFrame, metrics: pd.DataFrame, title: str, path:
             ax.set_xlabel("after - before")
             ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def class_concept_matrix(matrix: pd.DataFrame, title: str, path: Path, top_n: int = 12) -> Path | None:
+    """The class x concept heat map of one (model, labelling method, layer): mean share of each
+    class's target logit carried by each concept's units (the ``top_n`` concepts by largest share)."""
+    if matrix.empty:
+        return None
+    strongest = matrix.groupby("concept")["share_mean"].max().sort_values(ascending=False)
+    concepts = sorted(strongest.index[:top_n])
+    table = matrix.pivot_table(index="class_name", columns="concept", values="share_mean", aggfunc="first")
+    table = table.reindex(columns=concepts).fillna(0.0).sort_index()
+    figure = Figure(
+        figsize=(max(4.0, 0.5 * len(concepts) + 2.5), max(2.5, 0.32 * len(table) + 1.6)), layout="constrained"
+    )
+    ax = figure.subplots()
+    limit = max(float(np.abs(table.to_numpy()).max()), 1e-6)
+    image = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(concepts)), concepts, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    ax.set_xlabel("concept")
+    ax.set_ylabel("class")
+    figure.colorbar(image, ax=ax, label="mean share of the class logit")
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path)
+
+
+def upsampled(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A layer-grid heatmap bilinearly resized to ``size`` (height, width), its positive part scaled to [0, 1]."""
+    resized = resize(heatmap.astype(np.float64), size, order=1, mode="edge", anti_aliasing=False)
+    positive = np.clip(resized, 0, None)
+    return positive / positive.max() if positive.max() > 0 else positive
+
+
+def concept_panel(
+    image: np.ndarray | None,
+    attributions: pd.DataFrame,
+    heatmaps: Mapping[tuple[str, str], np.ndarray],
+    title: str,
+    path: Path,
+    shown: int = 3,
+) -> Path | None:
+    """Per labelling method: a bar chart of the image's top concepts' shares, then the heatmaps of
+    the first ``shown`` concepts over the image (``heatmaps``: (method, concept) -> map in [0, 1])."""
+    if attributions.empty:
+        return None
+    methods = sorted(set(attributions["method"]))
+    figure = Figure(figsize=(2.3 * (shown + 1.6), 2.5 * len(methods)))
+    figure.subplots_adjust(left=0.1, right=0.99, bottom=0.08, top=0.86, wspace=0.25, hspace=0.5)
+    grid = figure.add_gridspec(len(methods), shown + 2)
+    for row, method in enumerate(methods):
+        rows = attributions[attributions["method"] == method].sort_values("rank")
+        bars = figure.add_subplot(grid[row, :2])
+        categories = sorted(set(rows["category"].fillna("uncategorized")))
+        bars.barh(
+            rows["concept"][::-1],
+            rows["share"][::-1],
+            color=[_category_color(c, categories) for c in rows["category"].fillna("uncategorized")[::-1]],
+        )
+        bars.set_title(f"{method}: share of the target logit", fontsize=8)
+        bars.tick_params(labelsize=7)
+        for column, concept in enumerate(rows["concept"].head(shown), start=2):
+            ax = figure.add_subplot(grid[row, column])
+            heat = heatmaps[(method, concept)]
+            ax.imshow(overlay(image, heat) if image is not None else heat, cmap=None if image is not None else "jet")
+            ax.set_title(concept, fontsize=8)
+            ax.set_axis_off()
+    figure.suptitle(title, fontsize=8)
     return _save(figure, path)

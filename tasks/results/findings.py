@@ -6,7 +6,8 @@ report's first screen and in the run's Prefect artifact; all four read the same 
 cannot disagree. Per model: the top concepts of each labelled layer and method with their unit
 counts, Network Dissection's interpretable share, CLIP-Dissect vs Network Dissection agreement,
 the explanation methods' leaderboard, the most and least agreed-on image and class; then drift
-against the previous run and failed items.
+against the previous run and failed items. Concept attributions add each class's top concepts
+and the ablation check of each image's top concept.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tasks.results.drift import read_drift
 from tasks.results.summary import declared_score, load_summary
 
 TOP_CONCEPTS = 3
+CLASS_CONCEPTS = 2
+CLASSES_SHOWN = 10
 DRIFT_METRICS_SHOWN = 3
 # The leaderboard's columns, best method first by the first one that has values.
 LEADERBOARD = ("pointing_accuracy", "deletion_auc_mean", "insertion_auc_mean", "agreement_iou_mean")
@@ -67,6 +70,7 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         lines.append(f"  methods ({header}):")
         for row in methods.to_dict("records"):
             lines.append(f"    {row['method']}: " + " / ".join(number(row[column]) for column in columns))
+    lines += _concept_lines(model, summary)
     for table, what in (("summary_images", "image"), ("summary_classes", "class")):
         ranked = summary[table]
         ranked = ranked[ranked["model"] == model].sort_values("rank")
@@ -80,6 +84,31 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
     return lines
 
 
+def _concept_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
+    """Per labelling method: the top concepts of each class (the classes with most images first) and
+    the ablation check of each image's top concept."""
+    lines = []
+    matrix = summary["summary_class_concepts"]
+    ablation = summary["summary_concept_ablation"]
+    matrix, ablation = matrix[matrix["model"] == model], ablation[ablation["model"] == model]
+    for (method, layer), rows in matrix.groupby(["method", "layer"], sort=True):
+        classes = rows.drop_duplicates("class_name").sort_values(["images", "class_name"], ascending=[False, True])
+        shown = classes["class_name"].head(CLASSES_SHOWN).tolist()
+        parts = []
+        for name in shown:
+            top = rows[rows["class_name"] == name].sort_values("rank").head(CLASS_CONCEPTS)
+            parts.append(f"{name} <- " + ", ".join(f"{r.concept} {number(r.share_mean)}" for r in top.itertuples()))
+        more = f" (+{len(classes) - len(shown)} classes)" if len(classes) > len(shown) else ""
+        lines.append(f"  concepts behind each class ({method} labels, {layer}, mean share): {'; '.join(parts)}{more}")
+    for row in ablation.itertuples():
+        lines.append(
+            f"  zeroing each image's top concept ({row.method}, {row.layer}) drops the target probability by "
+            f"{number(row.top_drop_mean)}, as many random labelled units by {number(row.random_drop_mean)} "
+            f"(top beats random in {number(row.top_beats_random)} of {row.images} images)"
+        )
+    return lines
+
+
 def _drift_lines(drift: dict[str, dict[str, pd.DataFrame]]) -> list[str]:
     lines = []
     for baseline, tables in drift.items():
@@ -87,6 +116,14 @@ def _drift_lines(drift: dict[str, dict[str, pd.DataFrame]]) -> list[str]:
         changed = int(layers["changed"].sum()) if not layers.empty else 0
         units = int(layers["units"].sum()) if not layers.empty else 0
         lines.append(f"drift against {baseline}: {changed} of {units} units changed their top concept")
+        classes = tables.get("summary_drift_class_concepts")
+        if classes is not None and not classes.empty:
+            moved = classes.reindex(classes["delta"].abs().sort_values(ascending=False).index).head(DRIFT_METRICS_SHOWN)
+            lines += [
+                f"  {r.model} class {r.class_name} concept {r.concept} ({r.method}): share {number(r.share_before)} -> "
+                f"{number(r.share_after)}"
+                for r in moved.itertuples()
+            ]
         metrics = tables["summary_drift_metrics"]
         if not metrics.empty:
             moved = metrics.reindex(metrics["delta"].abs().sort_values(ascending=False).index).head(DRIFT_METRICS_SHOWN)

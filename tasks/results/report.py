@@ -7,6 +7,7 @@ that figures need (unit scores, IoU values, the maps of the images shown). Per-i
 bounded (the first images plus the best and worst by agreement of each model), so a run of any
 size gives a report of the same size.
 """
+
 from __future__ import annotations
 
 import html
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torchvision.transforms.functional as TF
 
-from storage.maps import decode_map
+from storage.maps import decode_heatmap, decode_map
 from storage.parquet import ResultsStore, safe_name
 from storage.runs import RunRecord
 from storage.schemas import SUMMARY_TABLES
@@ -42,6 +43,23 @@ REPORTS = "reports"
 FIRST_IMAGES = 8  # per-image pages: the first images of each model ...
 EXTREME_IMAGES = 3  # ... and its best and worst images by mean IoU between methods
 TABLE_ROWS = 40
+ATTRIBUTION_COLUMNS = [
+    "model",
+    "image_id",
+    "method",
+    "layer",
+    "concept",
+    "category",
+    "rank",
+    "units",
+    "contribution",
+    "share",
+    "heatmap",
+    "heatmap_height",
+    "heatmap_width",
+    "ablation_drop",
+    "random_drop",
+]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
@@ -90,9 +108,12 @@ def _table(frame: pd.DataFrame, limit: int = TABLE_ROWS) -> str:
         values = shown[name]
         if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
             shown[name] = values.map(lambda value: "–" if pd.isna(value) else str(int(value)))
-    body = shown.to_html(index=False, classes="t", border=0, na_rep="–", escape=True,
-                         float_format=lambda value: f"{value:.3f}")
-    more = f'<p class="muted">{len(frame) - limit} more row(s): see the Parquet table.</p>' if len(frame) > limit else ""
+    body = shown.to_html(
+        index=False, classes="t", border=0, na_rep="–", escape=True, float_format=lambda value: f"{value:.3f}"
+    )
+    more = (
+        f'<p class="muted">{len(frame) - limit} more row(s): see the Parquet table.</p>' if len(frame) > limit else ""
+    )
     return f'<div class="scroll">{body}</div>{more}'
 
 
@@ -103,8 +124,11 @@ def _img(path: Path | None, base: Path, alt: str) -> str:
 
 
 def _page(title: str, body: str, css_href: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
-            f'<link rel="stylesheet" href="{css_href}"></head>\n<body>\n{body}\n</body></html>\n')
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
+        f'<link rel="stylesheet" href="{css_href}"></head>\n<body>\n{body}\n</body></html>\n'
+    )
 
 
 def view_geometry(model_config: ModelConfig, map_side: int) -> tuple[int, int]:
@@ -179,6 +203,8 @@ class _ImagePage:
     href: str
     figure: Path | None = None
     tags: list[str] = field(default_factory=list)
+    concept_figure: Path | None = None
+    concepts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 class _Report:
@@ -197,9 +223,18 @@ class _Report:
     def build(self) -> Path:
         (self.out / "style.css").write_text(STYLE)
         pages = self.image_pages()
-        sections = [self.header(), self.drift(), self.neurons(), self.explanations(pages), self.image_index(pages)]
-        nav = ('<nav><a href="#drift">drift</a><a href="#neurons">neurons</a><a href="#explanations">explanations</a>'
-               '<a href="#images">images</a></nav>')
+        sections = [
+            self.header(),
+            self.drift(),
+            self.neurons(),
+            self.explanations(pages),
+            self.concepts(),
+            self.image_index(pages),
+        ]
+        nav = (
+            '<nav><a href="#drift">drift</a><a href="#neurons">neurons</a><a href="#explanations">explanations</a>'
+            '<a href="#concepts">concepts</a><a href="#images">images</a></nav>'
+        )
         index = self.out / "index.html"
         index.write_text(_page(f"xai-audit run {self.run_id}", nav + "\n".join(sections), "style.css"))
         return index
@@ -209,33 +244,60 @@ class _Report:
         record, counts = self.record, raw_counts(self.store, self.run_id)
         status, finished = final_status(record, counts.get("errors", 0))
         models = ", ".join(model.name for model in self.config.models) if self.config else "?"
-        meta = {"run": record.run_id, "config": record.config_name, "status": status, "started": record.started_at,
-                "finished": finished or "–", "device": record.device, "models": models,
-                "failed items": counts.get("errors", 0)}
+        meta = {
+            "run": record.run_id,
+            "config": record.config_name,
+            "status": status,
+            "started": record.started_at,
+            "finished": finished or "–",
+            "device": record.device,
+            "models": models,
+            "failed items": counts.get("errors", 0),
+        }
         rows = "".join(f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in meta.items())
         table = pd.DataFrame({"table": list(counts), "rows": list(counts.values())})
         digest = findings(self.run_id, self.summary, read_drift(self.store, self.run_id), counts.get("errors", 0))
-        return (f"<h1>xai-audit run <code>{_esc(self.run_id)}</code></h1><dl class=\"meta\">{rows}</dl>"
-                f'<h2 id="findings">Findings</h2><pre class="findings">{_esc(chr(10).join(digest[1:]))}</pre>' + _table(table))
+        return (
+            f'<h1>xai-audit run <code>{_esc(self.run_id)}</code></h1><dl class="meta">{rows}</dl>'
+            f'<h2 id="findings">Findings</h2><pre class="findings">{_esc(chr(10).join(digest[1:]))}</pre>'
+            + _table(table)
+        )
 
     def drift(self) -> str:
         parts = ['<h2 id="drift">Drift</h2>']
         baselines = read_drift(self.store, self.run_id)
         if not baselines:
-            parts.append('<p class="muted">No earlier completed run of this config to compare with '
-                         '(<code>xai-audit diff RUN_A RUN_B</code> compares any two runs).</p>')
+            parts.append(
+                '<p class="muted">No earlier completed run of this config to compare with '
+                "(<code>xai-audit diff RUN_A RUN_B</code> compares any two runs).</p>"
+            )
         for baseline, tables in baselines.items():
-            figure = figures.drift_summary(tables["summary_drift_layers"], tables["summary_drift_metrics"], f"{self.run_id} vs {baseline}",
-                                           self.figures / f"drift-{safe_name(baseline)}.png")
-            parts += [f"<h3>Against <code>{_esc(baseline)}</code></h3>", _img(figure, self.out, f"drift against {baseline}"),
-                      "<p>Units whose top concept changed, per layer and method:</p>",
-                      _table(tables["summary_drift_layers"].drop(columns="baseline_run_id")),
-                      "<p>Explanation metrics before and after:</p>",
-                      _table(tables["summary_drift_metrics"].drop(columns="baseline_run_id").dropna(subset=["delta"])
-                             .reindex(columns=["model", "subject", "metric", "before", "after", "delta"])),
-                      "<p>Largest concept-histogram changes:</p>",
-                      _table(tables["summary_drift_concepts"].drop(columns="baseline_run_id")
-                             .sort_values("delta", key=abs, ascending=False), limit=20)]
+            figure = figures.drift_summary(
+                tables["summary_drift_layers"],
+                tables["summary_drift_metrics"],
+                f"{self.run_id} vs {baseline}",
+                self.figures / f"drift-{safe_name(baseline)}.png",
+            )
+            parts += [
+                f"<h3>Against <code>{_esc(baseline)}</code></h3>",
+                _img(figure, self.out, f"drift against {baseline}"),
+                "<p>Units whose top concept changed, per layer and method:</p>",
+                _table(tables["summary_drift_layers"].drop(columns="baseline_run_id")),
+                "<p>Explanation metrics before and after:</p>",
+                _table(
+                    tables["summary_drift_metrics"]
+                    .drop(columns="baseline_run_id")
+                    .dropna(subset=["delta"])
+                    .reindex(columns=["model", "subject", "metric", "before", "after", "delta"])
+                ),
+                "<p>Largest concept-histogram changes:</p>",
+                _table(
+                    tables["summary_drift_concepts"]
+                    .drop(columns="baseline_run_id")
+                    .sort_values("delta", key=abs, ascending=False),
+                    limit=20,
+                ),
+            ]
         return "\n".join(parts)
 
     def neurons(self) -> str:
@@ -247,20 +309,33 @@ class _Report:
         parts += ["<h3>Units per layer</h3>", _table(layers)]
         concepts = summary["summary_concepts"]
         for (model, method), rows in concepts.groupby(["model", "method"], sort=True):
-            figure = figures.layer_concepts(rows, f"{model}: top concepts per layer ({method})",
-                                            self.figures / f"concepts-{safe_name(model)}-{method}.png")
-            parts += [f"<h3>{_esc(model)}: concepts per layer ({_esc(method)})</h3>", _img(figure, self.out, f"{model} {method} layer concepts")]
+            figure = figures.layer_concepts(
+                rows,
+                f"{model}: top concepts per layer ({method})",
+                self.figures / f"concepts-{safe_name(model)}-{method}.png",
+            )
+            parts += [
+                f"<h3>{_esc(model)}: concepts per layer ({_esc(method)})</h3>",
+                _img(figure, self.out, f"{model} {method} layer concepts"),
+            ]
         scores = self.raw("neurons", ["model", "layer", "method", "score"])
-        parts += ["<h3>Score distributions</h3>", _img(figures.score_distributions(scores, self.figures / "scores.png"), self.out, "unit scores")]
+        parts += [
+            "<h3>Score distributions</h3>",
+            _img(figures.score_distributions(scores, self.figures / "scores.png"), self.out, "unit scores"),
+        ]
         categories = summary["summary_categories"]
         models = sorted(set(categories["model"]))
         for method in sorted(set(categories["method"])):
             figure = figures.category_shares(categories, models, method, self.figures / f"categories-{method}.png")
-            parts += [f"<h3>Concept categories per layer ({_esc(method)}: {' vs '.join(map(_esc, models))})</h3>",
-                      _img(figure, self.out, f"category shares {method}")]
+            parts += [
+                f"<h3>Concept categories per layer ({_esc(method)}: {' vs '.join(map(_esc, models))})</h3>",
+                _img(figure, self.out, f"category shares {method}"),
+            ]
         agreement = summary["summary_label_agreement"]
-        parts += ["<h3>CLIP-Dissect vs Network Dissection</h3>",
-                  _table(agreement) if not agreement.empty else '<p class="muted">Needs both labelling methods.</p>']
+        parts += [
+            "<h3>CLIP-Dissect vs Network Dissection</h3>",
+            _table(agreement) if not agreement.empty else '<p class="muted">Needs both labelling methods.</p>',
+        ]
         shared = summary["summary_concept_models"]
         parts.append("<h3>Concepts unique to a model and shared</h3>")
         parts.append(_table(shared.sort_values(["scope", "units"], ascending=[False, False]), limit=30))
@@ -273,32 +348,89 @@ class _Report:
         if methods.empty:
             return parts[0] + '<p class="muted">This run explained no images (explain disabled or failed).</p>'
         agreement = self.raw("agreement", ["model", "method_a", "method_b", "iou"])
-        parts += ["<h3>Agreement between methods</h3>", _table(pairs),
-                  _img(figures.iou_distributions(agreement, self.figures / "iou.png"), self.out, "IoU per method pair"),
-                  "<h3>Leaderboards: localization and faithfulness</h3>", _table(leaderboard_table(methods)),
-                  _img(figures.leaderboard(methods, self.figures / "leaderboard.png"), self.out, "method leaderboard")]
+        parts += [
+            "<h3>Agreement between methods</h3>",
+            _table(pairs),
+            _img(figures.iou_distributions(agreement, self.figures / "iou.png"), self.out, "IoU per method pair"),
+            "<h3>Leaderboards: localization and faithfulness</h3>",
+            _table(leaderboard_table(methods)),
+            _img(figures.leaderboard(methods, self.figures / "leaderboard.png"), self.out, "method leaderboard"),
+        ]
         images = summary["summary_images"]
         for model, rows in images.groupby("model", sort=True):
-            for label, chosen in (("best", rows.nsmallest(EXTREME_IMAGES, "rank")), ("worst", rows.nlargest(EXTREME_IMAGES, "rank"))):
-                links = [f'<a href="{_esc(pages[(model, image_id)].href)}">{_img(pages[(model, image_id)].figure, self.out, image_id)}</a>'
-                         for image_id in chosen["image_id"] if (model, image_id) in pages]
-                parts += [f"<h3>{_esc(model)}: {label} images by agreement</h3>", f'<div class="grid">{"".join(links)}</div>']
+            for label, chosen in (
+                ("best", rows.nsmallest(EXTREME_IMAGES, "rank")),
+                ("worst", rows.nlargest(EXTREME_IMAGES, "rank")),
+            ):
+                links = [
+                    f'<a href="{_esc(pages[(model, image_id)].href)}">'
+                    f"{_img(pages[(model, image_id)].figure, self.out, image_id)}</a>"
+                    for image_id in chosen["image_id"]
+                    if (model, image_id) in pages
+                ]
+                parts += [
+                    f"<h3>{_esc(model)}: {label} images by agreement</h3>",
+                    f'<div class="grid">{"".join(links)}</div>',
+                ]
         classes = summary["summary_classes"]
         if not classes.empty:
             parts += ["<h3>Classes by agreement (best first)</h3>", _table(classes)]
         lime = summary["summary_lime_params"]
         if not lime.empty:
-            parts += ["<h3>LIME parameter search</h3>", "<p>Parameter sets over all images (rank 1 is best overall):</p>", _table(lime),
-                      "<p>Best parameters per image:</p>", _table(summary["summary_lime_best"])]
+            parts += [
+                "<h3>LIME parameter search</h3>",
+                "<p>Parameter sets over all images (rank 1 is best overall):</p>",
+                _table(lime),
+                "<p>Best parameters per image:</p>",
+                _table(summary["summary_lime_best"]),
+            ]
+        return "\n".join(parts)
+
+    def concepts(self) -> str:
+        """The class x concept matrices and the ablation check of the concept attributions."""
+        parts = ['<h2 id="concepts">Concepts behind the decisions</h2>']
+        matrix, ablation = self.summary["summary_class_concepts"], self.summary["summary_concept_ablation"]
+        if matrix.empty:
+            return parts[0] + (
+                '<p class="muted">No concept attributions: the CAM layer was not labelled in this run '
+                "(list it in <code>models.layers</code>) or <code>explain.concepts.enabled</code> is off.</p>"
+            )
+        parts.append(
+            "<p>Each image's target logit split over the CAM layer's units by gradient × activation, the units "
+            "grouped by their label; a cell is the mean share of the class's logit carried by the concept's units "
+            "(negative: the units argue against the class).</p>"
+        )
+        for (model, method, layer), rows in matrix.groupby(["model", "method", "layer"], sort=True):
+            figure = figures.class_concept_matrix(
+                rows,
+                f"{model} · {layer} · {method} labels",
+                self.figures / f"class-concepts-{safe_name(model)}-{method}-{safe_name(layer)}.png",
+            )
+            parts += [
+                f"<h3>{_esc(model)}: concepts per class ({_esc(method)} labels, {_esc(layer)})</h3>",
+                _img(figure, self.out, f"{model} {method} class x concept matrix"),
+            ]
+        if not ablation.empty:
+            parts += [
+                "<h3>Do the attributed concepts matter? (ablation)</h3>",
+                "<p>Zeroing each image's top concept's units against zeroing as many random labelled units: the "
+                "mean drop of the target probability.</p>",
+                _table(ablation),
+            ]
         return "\n".join(parts)
 
     def image_index(self, pages: dict[tuple[str, str], _ImagePage]) -> str:
         if not pages:
             return '<h2 id="images">Images</h2><p class="muted">No explained images.</p>'
-        items = "".join(f'<li><a href="{_esc(page.href)}">{_esc(page.model)} · {_esc(page.image_id)}</a>'
-                        f'{" <span class=muted>(" + ", ".join(page.tags) + ")</span>" if page.tags else ""}</li>'
-                        for page in pages.values())
-        return f'<h2 id="images">Images</h2><p class="muted">The first {FIRST_IMAGES} images of each model and its {EXTREME_IMAGES} best and worst.</p><ul>{items}</ul>'
+        items = "".join(
+            f'<li><a href="{_esc(page.href)}">{_esc(page.model)} · {_esc(page.image_id)}</a>'
+            f"{' <span class=muted>(' + ', '.join(page.tags) + ')</span>' if page.tags else ''}</li>"
+            for page in pages.values()
+        )
+        return (
+            f'<h2 id="images">Images</h2><p class="muted">The first {FIRST_IMAGES} images of each model and its '
+            f"{EXTREME_IMAGES} best and worst.</p><ul>{items}</ul>"
+        )
 
     # ----------------------------------------------------------------------------- image pages
     def chosen_images(self) -> dict[tuple[str, str], list[str]]:
@@ -310,7 +442,10 @@ class _Report:
                 chosen.setdefault((model, image_id), [])
         images = self.summary["summary_images"]
         for model, rows in images.groupby("model", sort=True):
-            for tag, picked in (("best", rows.nsmallest(EXTREME_IMAGES, "rank")), ("worst", rows.nlargest(EXTREME_IMAGES, "rank"))):
+            for tag, picked in (
+                ("best", rows.nsmallest(EXTREME_IMAGES, "rank")),
+                ("worst", rows.nlargest(EXTREME_IMAGES, "rank")),
+            ):
                 for image_id, rank in zip(picked["image_id"], picked["rank"]):
                     chosen.setdefault((model, image_id), []).append(f"{tag}: rank {rank} of {len(rows)}")
         return chosen
@@ -323,9 +458,14 @@ class _Report:
         where = ds.field("image_id").isin(ids)
         saliency = self.raw("saliency", ["model", "image_id", "method", "target", "height", "width", "map"], where)
         predictions = self.raw("predictions", ["model", "image_id", "label_name", "prob", "topk", "true_label"], where)
-        agreement = self.raw("agreement", ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"], where)
-        localization = self.raw("localization", ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"], where)
+        agreement = self.raw(
+            "agreement", ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"], where
+        )
+        localization = self.raw(
+            "localization", ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"], where
+        )
         faithfulness = self.raw("faithfulness", ["model", "image_id", "method", "deletion_auc", "insertion_auc"], where)
+        attribution = self.raw("concept_attribution", ATTRIBUTION_COLUMNS, where)
         paths = image_paths(self.config, set(ids))
         model_configs = {model.name: model for model in self.config.models} if self.config else {}
         summary_images = self.summary["summary_images"].set_index(["model", "image_id"])
@@ -342,31 +482,87 @@ class _Report:
                         picture = model_view(paths[image_id], *view_geometry(model_configs[model], side))
                     except Exception:  # noqa: BLE001 - an unreadable image still gets its maps drawn
                         picture = None
-                with_others = {method: pairs.loc[(pairs["method_a"] == method) | (pairs["method_b"] == method), "iou"].mean() for method in maps}
-                subtitles = {method: f"IoU w/ others {value:.2f}" for method, value in with_others.items() if pd.notna(value)}
+                with_others = {
+                    method: pairs.loc[(pairs["method_a"] == method) | (pairs["method_b"] == method), "iou"].mean()
+                    for method in maps
+                }
+                subtitles = {
+                    method: f"IoU w/ others {value:.2f}" for method, value in with_others.items() if pd.notna(value)
+                }
                 known = summary_images.loc[(model, image_id)] if (model, image_id) in summary_images.index else None
                 title = f"{model} · {image_id}"
                 if known is not None:
                     title += f" · class {known['class_name']} · mean IoU {known['iou_mean']:.2f} · rank {known['rank']}"
-                page.figure = figures.comparison_grid(picture, maps, title, self.figures / "images" / f"{safe_name(model)}-{number:04d}.png", subtitles)
-            self.write_image_page(page, _of_image(predictions, model, image_id), pairs,
-                                  _of_image(localization, model, image_id), _of_image(faithfulness, model, image_id))
+                page.figure = figures.comparison_grid(
+                    picture, maps, title, self.figures / "images" / f"{safe_name(model)}-{number:04d}.png", subtitles
+                )
+                page.concepts = _of_image(attribution, model, image_id)
+                heatmaps = {
+                    (row["method"], row["concept"]): figures.upsampled(decode_heatmap(row), (side, side))
+                    for row in page.concepts.to_dict("records")
+                }
+                page.concept_figure = figures.concept_panel(
+                    picture,
+                    page.concepts,
+                    heatmaps,
+                    f"{model} · {image_id}: concepts behind the target class",
+                    self.figures / "images" / f"{safe_name(model)}-{number:04d}-concepts.png",
+                )
+            self.write_image_page(
+                page,
+                _of_image(predictions, model, image_id),
+                pairs,
+                _of_image(localization, model, image_id),
+                _of_image(faithfulness, model, image_id),
+            )
             pages[(model, image_id)] = page
         return pages
 
-    def write_image_page(self, page: _ImagePage, predictions: pd.DataFrame, agreement: pd.DataFrame,
-                         localization: pd.DataFrame, faithfulness: pd.DataFrame) -> None:
+    def write_image_page(
+        self,
+        page: _ImagePage,
+        predictions: pd.DataFrame,
+        agreement: pd.DataFrame,
+        localization: pd.DataFrame,
+        faithfulness: pd.DataFrame,
+    ) -> None:
         path = self.out / page.href
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure = f'<img class="fig" src="../{_esc(page.figure.relative_to(self.out).as_posix())}" alt="maps of {_esc(page.image_id)}">' if page.figure else ""
-        topk = pd.DataFrame(predictions["topk"].iloc[0]) if not predictions.empty and predictions["topk"].iloc[0] is not None else pd.DataFrame()
-        body = [f'<p><a href="../index.html">← run {_esc(self.run_id)}</a></p>',
-                f"<h1>{_esc(page.model)} · <code>{_esc(page.image_id)}</code></h1>",
-                f'<p class="muted">{_esc(", ".join(page.tags))}</p>' if page.tags else "", figure,
-                "<h2>Prediction</h2>", _table(topk),
-                "<h2>Agreement</h2>", _table(agreement.drop(columns=["model", "image_id"])),
-                "<h2>Localization</h2>", _table(localization.drop(columns=["model", "image_id"])),
-                "<h2>Faithfulness</h2>", _table(faithfulness.drop(columns=["model", "image_id"]))]
+        figure = (
+            f'<img class="fig" src="../{_esc(page.figure.relative_to(self.out).as_posix())}" '
+            f'alt="maps of {_esc(page.image_id)}">'
+            if page.figure
+            else ""
+        )
+        topk = (
+            pd.DataFrame(predictions["topk"].iloc[0])
+            if not predictions.empty and predictions["topk"].iloc[0] is not None
+            else pd.DataFrame()
+        )
+        body = [
+            f'<p><a href="../index.html">← run {_esc(self.run_id)}</a></p>',
+            f"<h1>{_esc(page.model)} · <code>{_esc(page.image_id)}</code></h1>",
+            f'<p class="muted">{_esc(", ".join(page.tags))}</p>' if page.tags else "",
+            figure,
+            "<h2>Prediction</h2>",
+            _table(topk),
+            "<h2>Agreement</h2>",
+            _table(agreement.drop(columns=["model", "image_id"])),
+            "<h2>Localization</h2>",
+            _table(localization.drop(columns=["model", "image_id"])),
+            "<h2>Faithfulness</h2>",
+            _table(faithfulness.drop(columns=["model", "image_id"])),
+        ]
+        if page.concept_figure is not None:
+            concept_rows = page.concepts.drop(
+                columns=["model", "image_id", "heatmap", "heatmap_height", "heatmap_width"]
+            )
+            body += [
+                "<h2>Concepts behind the target class</h2>",
+                f'<img class="fig" src="../{_esc(page.concept_figure.relative_to(self.out).as_posix())}" '
+                f'alt="concepts of {_esc(page.image_id)}">',
+                _table(concept_rows),
+            ]
         path.write_text(_page(f"{page.model} {page.image_id}", "\n".join(body), "../style.css"))
 
 

@@ -3,6 +3,7 @@
 The only module of :mod:`tasks.results` that imports Prefect; everything it calls is plain code
 that tests and ``xai-audit summarize/report/diff`` use directly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
