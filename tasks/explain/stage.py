@@ -10,7 +10,7 @@ recomputing them from the ``saliency`` table gives the stored values.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,14 +19,14 @@ from PIL import Image, ImageDraw
 
 from storage.maps import decode_map, encode_map
 from storage.parquet import safe_name
-from tasks.compute.oom import run_with_backoff
+from tasks.compute.oom import is_out_of_memory, run_with_backoff
 from tasks.compute.precision import PRECISIONS, autocast_context
 from tasks.core.config import AuditConfig, ModelConfig
 from tasks.core.errors import ItemError
 from tasks.core.rows import error_row
 from tasks.data.images import load_rgb
 from tasks.data.models import default_cam_layer, resolve_layer
-from tasks.explain.base import ExplainContext
+from tasks.explain.base import ExplainContext, Explainer, Explanations
 from tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
 from tasks.explain.registry import families
 from tasks.metrics.base import ScoredBatch
@@ -129,6 +129,38 @@ def predict(module: torch.nn.Module, batch: torch.Tensor, amp_dtype: torch.dtype
         return module(batch).float()
 
 
+def explain_family(
+    family: Explainer, context: ExplainContext, batch: torch.Tensor, targets: list[int], methods: list[str]
+) -> Iterator[tuple[Explanations, dict[str, Exception]]]:
+    """The family's explanations of the batch, and the methods that raised with their errors.
+
+    One method's failure (a shape error, an unsupported layer) is not its siblings' nor the run's:
+    when the family's shared call raises, each method runs alone and only the ones that raise
+    again are left out. Running out of memory is not a method's failure: it propagates to the
+    batch-size back-off.
+    """
+    try:
+        explained = family.explain(context, batch, targets, methods)
+    except Exception as error:  # noqa: BLE001 - any method's exception becomes its errors row
+        if is_out_of_memory(error):
+            raise
+        if len(methods) == 1:
+            yield Explanations({}), {methods[0]: error}
+            return
+    else:
+        yield explained, {}
+        return
+    for method in methods:
+        yield from explain_family(family, context, batch, targets, [method])
+
+
+def method_error_row(model: str, method: str, image_ids: list[str], error: Exception) -> dict:
+    """The ``errors`` row of a method that raised on a batch (item: the method's name)."""
+    first = f"{image_ids[0]} and {len(image_ids) - 1} more" if len(image_ids) > 1 else image_ids[0]
+    described = ItemError(method, f"{method} failed on {first}: {type(error).__name__}: {error}", type(error).__name__)
+    return error_row("explain", model, described)
+
+
 ConceptLayers = Mapping[str, tuple[torch.nn.Module, LayerLabels]]
 """Layer name -> (module, the labels the dissect stage gave its units): where targets are attributed to concepts."""
 
@@ -157,14 +189,20 @@ def explain_batch(
     failed: dict[int, ItemError] = {}
     road_methods: set[str] = set()
     for family, methods in families(explain.methods):
-        explained = family.explain(context, batch, targets, methods)
-        maps.update({method: explained.maps[method] for method in methods})
-        failed.update(explained.failed)
-        road_methods.update(methods if family.road else ())
-        for table, table_rows in explained.rows.items():
-            rows.add(table, table_rows)
+        for explained, method_errors in explain_family(family, context, batch, targets, methods):
+            maps.update(explained.maps)
+            failed.update(explained.failed)
+            road_methods.update(explained.maps if family.road else ())
+            for table, table_rows in explained.rows.items():
+                rows.add(table, table_rows)
+            for method, error in method_errors.items():
+                rows.add("errors", [method_error_row(model.name, method, image_ids, error)])
     top_prob, top_label = probabilities.topk(min(explain.topk, probabilities.shape[1]), dim=-1)
-    stored = {method: np.stack([decode_map(encode_map(m)) for m in maps[method]]) for method in explain.methods}
+    stored = {
+        method: np.stack([decode_map(encode_map(m)) for m in maps[method]])
+        for method in explain.methods
+        if method in maps
+    }
     usable = np.ones(len(inputs), dtype=bool)
     for index, item in enumerate(inputs):
         base = {"model": model.name, "image_id": image_ids[index]}

@@ -64,9 +64,10 @@ def summary_markdown(
     summary: dict[str, pd.DataFrame],
     drift: dict[str, dict[str, pd.DataFrame]],
     report_path: str | None,
+    errors: pd.DataFrame | None = None,
 ) -> str:
     """The run's markdown artifact: where the report is, top concepts, IoU statistics, leaderboard, drift."""
-    digest = findings(run_id, summary, drift, counts.get("errors", 0))
+    digest = findings(run_id, summary, drift, counts.get("errors", 0), errors)
     lines = [
         f"# xai-audit run `{run_id}`",
         "",
@@ -132,7 +133,9 @@ def run_artifacts(store: ResultsStore, run_id: str, report_path: str | None) -> 
         Artifact(
             KEYS["summary"],
             f"Summary of xai-audit run {run_id}",
-            markdown=summary_markdown(run_id, raw_counts(store, run_id), summary, drift, report_path),
+            markdown=summary_markdown(
+                run_id, raw_counts(store, run_id), summary, drift, report_path, store.read("errors", run_id)
+            ),
         )
     ]
     methods = summary["summary_methods"]

@@ -23,6 +23,8 @@ from tasks.results.summary import declared_score, load_summary
 TOP_CONCEPTS = 3
 CLASS_CONCEPTS = 2
 CLASSES_SHOWN = 10
+FAILURE_REASONS = 3
+MESSAGE_CHARS = 160
 DRIFT_METRICS_SHOWN = 3
 # The leaderboard's columns, best method first by the first one that has values.
 LEADERBOARD = ("pointing_accuracy", "deletion_auc_mean", "insertion_auc_mean", "agreement_iou_mean")
@@ -100,11 +102,14 @@ def _concept_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
             parts.append(f"{name} <- " + ", ".join(f"{r.concept} {number(r.share_mean)}" for r in top.itertuples()))
         more = f" (+{len(classes) - len(shown)} classes)" if len(classes) > len(shown) else ""
         lines.append(f"  concepts behind each class ({method} labels, {layer}, mean share): {'; '.join(parts)}{more}")
-    for row in ablation.itertuples():
+    for method, rows in ablation.groupby("method", sort=True):
+        drops = ", ".join(
+            f"{r.layer} {number(r.top_drop_mean)} vs {number(r.random_drop_mean)} ({number(r.top_beats_random)})"
+            for r in rows.itertuples()
+        )
         lines.append(
-            f"  zeroing each image's top concept ({row.method}, {row.layer}) drops the target probability by "
-            f"{number(row.top_drop_mean)}, as many random labelled units by {number(row.random_drop_mean)} "
-            f"(top beats random in {number(row.top_beats_random)} of {row.images} images)"
+            f"  zeroing each image's top concept ({method} labels) drops the target probability, vs as many random "
+            f"labelled units (share of images where it drops more): {drops}"
         )
     return lines
 
@@ -134,8 +139,27 @@ def _drift_lines(drift: dict[str, dict[str, pd.DataFrame]]) -> list[str]:
     return lines
 
 
+def _failure_lines(errors: pd.DataFrame | None) -> list[str]:
+    """The most frequent reasons among the failed items: (model, stage, error type), one example message each."""
+    if errors is None or errors.empty:
+        return []
+    frame = errors.assign(model=errors["model"].fillna("-"))
+    groups = frame.groupby(["model", "stage", "error_type"], sort=False)
+    counted = groups.size().sort_values(ascending=False, kind="stable").head(FAILURE_REASONS)
+    lines = []
+    for (model, stage, error_type), count in counted.items():
+        message = str(groups.get_group((model, stage, error_type))["message"].iloc[0])
+        message = message if len(message) <= MESSAGE_CHARS else message[: MESSAGE_CHARS - 1] + "…"
+        lines.append(f"  {count} x {stage} {error_type} ({model}): {message}")
+    return lines
+
+
 def findings(
-    run_id: str, summary: dict[str, pd.DataFrame], drift: dict[str, dict[str, pd.DataFrame]], n_errors: int
+    run_id: str,
+    summary: dict[str, pd.DataFrame],
+    drift: dict[str, dict[str, pd.DataFrame]],
+    n_errors: int,
+    errors: pd.DataFrame | None = None,
 ) -> list[str]:
     """The digest's lines (no trailing newlines)."""
     models = sorted(
@@ -147,10 +171,11 @@ def findings(
     lines += _drift_lines(drift)
     if n_errors:
         lines.append(f"{n_errors} item(s) failed: xai-audit query \"select * from errors where run_id = '{run_id}'\"")
+        lines += _failure_lines(errors)
     return lines
 
 
 def run_findings(store: ResultsStore, run_id: str) -> list[str]:
     """:func:`findings` of a stored run."""
     errors = store.read("errors", run_id)
-    return findings(run_id, load_summary(store, run_id), read_drift(store, run_id), len(errors))
+    return findings(run_id, load_summary(store, run_id), read_drift(store, run_id), len(errors), errors)

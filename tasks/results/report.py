@@ -256,7 +256,13 @@ class _Report:
         }
         rows = "".join(f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in meta.items())
         table = pd.DataFrame({"table": list(counts), "rows": list(counts.values())})
-        digest = findings(self.run_id, self.summary, read_drift(self.store, self.run_id), counts.get("errors", 0))
+        digest = findings(
+            self.run_id,
+            self.summary,
+            read_drift(self.store, self.run_id),
+            counts.get("errors", 0),
+            self.store.read("errors", self.run_id),
+        )
         return (
             f'<h1>xai-audit run <code>{_esc(self.run_id)}</code></h1><dl class="meta">{rows}</dl>'
             f'<h2 id="findings">Findings</h2><pre class="findings">{_esc(chr(10).join(digest[1:]))}</pre>'

@@ -1,0 +1,82 @@
+"""One method's failure is not the run's: a method that raises becomes an ``errors`` row for its
+model and method, and every other method's rows are written.
+
+The failing method is real, not mocked: grad-cam's AblationCAM, through our batching shortcut,
+on a model whose forward flattens with the input's batch size (``tests/fixtures/tiny_models.py``)
+raises a shape error, as it did on EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.core.config import parse_config
+from tasks.data.models import load_model
+from tasks.explain.base import ExplainContext, Explainer, Explanations
+from tasks.explain.stage import explain_family, explain_records
+
+METHODS = ["gradcam", "gradcam++", "ablationcam"]
+
+
+def _config(folder):
+    return parse_config(
+        {
+            "device": "cpu",
+            "models": [
+                {
+                    "name": "bound",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:batch_bound_cnn",
+                    "num_classes": 3,
+                    "cam_layer": "features.2",
+                    "preprocess": {"resize": 64, "crop": 64},
+                }
+            ],
+            "images": {"kind": "folder", "root": str(folder)},
+            "dissect": {"enabled": False},
+            "explain": {"methods": METHODS, "batch_size": 4, "metrics": {"localization": False}},
+        }
+    )
+
+
+def _records(folder, count=5):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    records = []
+    for index in range(count):
+        path = folder / f"{index}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        records.append({"image_id": path.name, "path": str(path)})
+    return records
+
+
+def test_a_method_that_raises_leaves_its_siblings_maps_and_one_error_row_per_batch(tmp_path):
+    records = _records(tmp_path / "images")
+    config = _config(tmp_path / "images")
+    model = load_model(config.models[0])
+    rows = explain_records(config, config.models[0], model, records)
+    saliency = rows.tables["saliency"]
+    assert sorted({row["method"] for row in saliency}) == ["gradcam", "gradcam++"]
+    assert len(saliency) == 2 * len(records)  # every image keeps both working maps
+    assert {row["method"] for row in rows.tables["faithfulness"]} == {"gradcam", "gradcam++"}
+    assert len(rows.tables["predictions"]) == len(records)
+    errors = rows.tables["errors"]
+    assert len(errors) == 2  # batches of 4 and 1
+    assert {(e["item_id"], e["model"], e["error_type"]) for e in errors} == {("ablationcam", "bound", "RuntimeError")}
+    assert all("mat1 and mat2" in e["message"] and "ablationcam failed on 0.png" in e["message"] for e in errors[:1])
+
+
+class _OutOfMemory(Explainer):
+    methods = ("toy-oom",)
+
+    def explain(self, context, images, targets, methods) -> Explanations:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_running_out_of_memory_is_not_a_method_failure_it_reaches_the_back_off():
+    context = ExplainContext(None, torch.nn.Identity(), None, 0, None, ["a"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(explain_family(_OutOfMemory(), context, torch.zeros(1, 3, 4, 4), [0], ["toy-oom"]))
