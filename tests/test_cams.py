@@ -150,3 +150,25 @@ def test_scorecam_scores_each_distinct_mask_once_and_still_equals_the_library():
         expected = cam(input_tensor=images, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(2)])
     assert all(one.std() > 0.05 for one in expected)
     assert np.abs(ours - expected).max() <= 1e-5
+
+
+def test_ablationcam_checks_its_shortcut_once_per_model_and_falls_back_where_it_is_not_exact(caplog):
+    """A forward that flattens with the input's batch size (EfficientNet-Lite0's does) breaks the
+    one-copy shortcut: the check sees it on the first call, logs it, and the maps then equal stock
+    grad-cam's AblationCAM. On a ResNet the shortcut is exact and taken."""
+    from tasks.explain import cams
+    from tests.fixtures.tiny_models import batch_bound_cnn
+
+    bound = batch_bound_cnn().eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level("WARNING", logger="tasks.explain.cams"):
+        ours = compute_cams(bound, bound.features[2], images, [0, 1], ["ablationcam"])["ablationcam"]
+    assert "not exact here" in caplog.text and "RuntimeError" in caplog.text
+    with library.AblationCAM(model=bound, target_layers=[bound.features[2]]) as cam:
+        expected = cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in (0, 1)])
+    assert all(one.std() > 0.05 for one in expected)
+    assert np.abs(ours - expected).max() <= 1e-4
+    assert cams._SHORTCUT_EXACT[bound] == {id(bound.features[2]): False}
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    compute_cams(resnet, resnet.layer3[-1], images, [0, 1], ["ablationcam"])
+    assert cams._SHORTCUT_EXACT[resnet] == {id(resnet.layer3[-1]): True}

@@ -107,8 +107,8 @@ def test_runs_lists_status(results_with_errors, capsys):
 
 def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
     """A real subprocess run: exit 3 (one broken image; AblationCAM raises on the second model,
-    whose forward flattens with the input's batch size), every other map kept, the reasons in the
-    digest, no Prefect noise."""
+    which refuses forwards of more than 8 images), every other map kept, the reasons in the digest,
+    no Prefect noise."""
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(1)
@@ -131,7 +131,7 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
                     {
                         "name": "bound",
                         "source": "python",
-                        "callable": "tests.fixtures.tiny_models:batch_bound_cnn",
+                        "callable": "tests.fixtures.tiny_models:batch_limited_cnn",
                         "num_classes": 3,
                         "cam_layer": "features.2",
                         "preprocess": {"resize": 64, "crop": 64},
@@ -139,7 +139,7 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
                 ],
                 "images": {"kind": "folder", "root": "images"},
                 "dissect": {"enabled": False},
-                "explain": {"methods": ["gradcam", "ablationcam"], "chunk_size": 2},
+                "explain": {"methods": ["gradcam", "ablationcam"], "chunk_size": 2, "metrics": {"batch_size": 8}},
             }
         )
     )
@@ -152,7 +152,7 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
     for noise in ("Traceback", "ERROR", "Error flushing", "telemetry", "Exception"):
         assert noise not in finished.stderr, finished.stderr
     assert "item(s) failed" in finished.stdout
-    assert "explain RuntimeError (bound): ablationcam failed on" in finished.stdout  # the digest names the reason
+    assert "explain ValueError (bound): ablationcam failed on" in finished.stdout  # the digest names the reason
     count = subprocess.run(
         [
             sys.executable,

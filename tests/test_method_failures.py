@@ -1,9 +1,9 @@
 """One method's failure is not the run's: a method that raises becomes an ``errors`` row for its
 model and method, and every other method's rows are written.
 
-The failing method is real, not mocked: grad-cam's AblationCAM, through our batching shortcut,
-on a model whose forward flattens with the input's batch size (``tests/fixtures/tiny_models.py``)
-raises a shape error, as it did on EfficientNet-Lite0.
+The failing method is real, not mocked: AblationCAM on a model that refuses forwards of more than
+8 images (``tests/fixtures/tiny_models.py``), which grad-cam's procedure (one image copy per
+ablated channel, 16 channels) needs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _config(folder):
                 {
                     "name": "bound",
                     "source": "python",
-                    "callable": "tests.fixtures.tiny_models:batch_bound_cnn",
+                    "callable": "tests.fixtures.tiny_models:batch_limited_cnn",
                     "num_classes": 3,
                     "cam_layer": "features.2",
                     "preprocess": {"resize": 64, "crop": 64},
@@ -37,7 +37,7 @@ def _config(folder):
             ],
             "images": {"kind": "folder", "root": str(folder)},
             "dissect": {"enabled": False},
-            "explain": {"methods": METHODS, "batch_size": 4, "metrics": {"localization": False}},
+            "explain": {"methods": METHODS, "batch_size": 4, "metrics": {"localization": False, "batch_size": 8}},
         }
     )
 
@@ -65,8 +65,8 @@ def test_a_method_that_raises_leaves_its_siblings_maps_and_one_error_row_per_bat
     assert len(rows.tables["predictions"]) == len(records)
     errors = rows.tables["errors"]
     assert len(errors) == 2  # batches of 4 and 1
-    assert {(e["item_id"], e["model"], e["error_type"]) for e in errors} == {("ablationcam", "bound", "RuntimeError")}
-    assert all("mat1 and mat2" in e["message"] and "ablationcam failed on 0.png" in e["message"] for e in errors[:1])
+    assert {(e["item_id"], e["model"], e["error_type"]) for e in errors} == {("ablationcam", "bound", "ValueError")}
+    assert "ablationcam failed on 0.png and 3 more: ValueError: this model takes at most 8" in errors[0]["message"]
 
 
 class _OutOfMemory(Explainer):

@@ -12,6 +12,8 @@ compute.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,17 +100,23 @@ class BatchedScoreCAM(ScoreCAM):
 
 
 class BatchedAblationCAM(AblationCAM):
-    """grad-cam's AblationCAM without recomputing the layers before the target layer.
+    """grad-cam's AblationCAM without recomputing the layers before the target layer, where that is exact.
 
     The library swaps the target layer for an ``AblationLayer`` that ignores its input and
     returns the cached activations with some channels ablated, yet it feeds the network
     ``batch_size`` copies of the image, so everything before the target layer runs once per
-    ablated channel and is thrown away. The only change here: the network is fed one copy,
-    and the ablation layer's output (one row per ablated channel) carries the batch through the
-    rest of the network (with channels-last weights, as in ScoreCAM). Weights, ablation values
-    and inner batching are the library's. This
-    assumes what runs after the target layer meets earlier tensors only by broadcasting (true
-    for CNN blocks and transformer residual streams when the target is a whole block).
+    ablated channel and is thrown away. The shortcut here: the network is fed one copy, and the
+    ablation layer's output (one row per ablated channel) carries the batch through the rest of
+    the network (with channels-last weights, as in ScoreCAM). Weights, ablation values and inner
+    batching are the library's.
+
+    The shortcut is exact only if what runs after the target layer meets earlier tensors by
+    broadcasting (true for CNN blocks and transformer residual streams when the target is a whole
+    block); a forward that reshapes with the input's batch size breaks it. So once per model and
+    layer, on the first image and :data:`CHECK_CHANNELS` channels in fp32, the shortcut's scores
+    are compared with the library's procedure (one copy of the image per ablated channel); where
+    they differ or the shortcut raises, this model and layer use the library's procedure, and the
+    log says so.
     """
 
     def __init__(
@@ -125,6 +133,42 @@ class BatchedAblationCAM(AblationCAM):
         self.amp_dtype = amp_dtype
 
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        checked = _SHORTCUT_EXACT.setdefault(self.model, {})
+        if id(target_layer) not in checked:
+            checked[id(target_layer)] = self._shortcut_is_exact(input_tensor, target_layer, targets, activations)
+        return self.ablation_weights(
+            input_tensor, target_layer, targets, activations, copies=not checked[id(target_layer)]
+        )
+
+    def _shortcut_is_exact(self, input_tensor, target_layer, targets, activations) -> bool:
+        saved = self.ratio_channels_to_ablate, self.amp_dtype
+        self.ratio_channels_to_ablate = min(1.0, CHECK_CHANNELS / activations.shape[1])
+        self.amp_dtype = None
+        first = (input_tensor[:1], target_layer, targets[:1], activations[:1])
+        try:
+            library = self.ablation_weights(*first, copies=True)
+            try:
+                shortcut = self.ablation_weights(*first, copies=False)
+            except Exception as error:  # noqa: BLE001 - any failure of the shortcut means: do not take it
+                reason = f"it raises {type(error).__name__}: {error}"
+            else:
+                scale = float(np.abs(library).max()) or 1.0
+                if np.allclose(shortcut, library, rtol=1e-4, atol=1e-5 * scale):
+                    return True
+                reason = f"its weights differ by up to {float(np.abs(shortcut - library).max()):.3g}"
+        finally:
+            self.ratio_channels_to_ablate, self.amp_dtype = saved
+        logging.getLogger(__name__).warning(
+            "AblationCAM on %s: feeding one copy of the image is not exact here (%s); ablating with one copy "
+            "per channel, as grad-cam does",
+            type(self.model).__name__,
+            reason,
+        )
+        return False
+
+    def ablation_weights(self, input_tensor, target_layer, targets, activations, copies: bool) -> np.ndarray:
+        """The library's AblationCAM weights, feeding one copy of each image (``copies=False``: the
+        shortcut) or one copy per ablated channel (``copies=True``: the library's procedure)."""
         handle = target_layer.register_forward_hook(self.save_activation)
         with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
             outputs = self.model(input_tensor).float()
@@ -148,8 +192,9 @@ class BatchedAblationCAM(AblationCAM):
                         ablation_layer.set_next_batch(
                             input_batch_index=batch_index, activations=self.activations, num_channels_to_ablate=count
                         )
+                        fed = tensor[None].repeat(count, 1, 1, 1) if copies else tensor[None]
                         with autocast_context(self.device, self.amp_dtype):
-                            scores = target(self.model(tensor[None]).float())
+                            scores = target(self.model(fed).float())
                         new_scores.extend(scores.cpu().tolist())
                         ablation_layer.indices = ablation_layer.indices[count:]
                     weights.extend(
@@ -163,6 +208,12 @@ class BatchedAblationCAM(AblationCAM):
         weights = np.float32(weights).reshape(activations.shape[:2])
         original_scores = original_scores[:, None]
         return (original_scores - weights) / original_scores
+
+
+CHECK_CHANNELS = 16
+"""Channels the once-per-model AblationCAM shortcut check ablates (one forward of each procedure)."""
+_SHORTCUT_EXACT: weakref.WeakKeyDictionary[nn.Module, dict[int, bool]] = weakref.WeakKeyDictionary()
+"""model -> {id(target layer): whether AblationCAM's one-copy shortcut is exact there}."""
 
 
 CAM_METHODS: dict[str, type[BaseCAM]] = {
