@@ -398,11 +398,11 @@ class _Report:
         matrix, ablation = self.summary["summary_class_concepts"], self.summary["summary_concept_ablation"]
         if matrix.empty:
             return parts[0] + (
-                '<p class="muted">No concept attributions: the CAM layer was not labelled in this run '
-                "(list it in <code>models.layers</code>) or <code>explain.concepts.enabled</code> is off.</p>"
+                '<p class="muted">No concept attributions: this run labelled no layer (the dissect stage was off or '
+                "failed) or <code>explain.concepts.enabled</code> is off.</p>"
             )
         parts.append(
-            "<p>Each image's target logit split over the CAM layer's units by gradient × activation, the units "
+            "<p>Each image's target logit split over a labelled layer's units by gradient × activation, the units "
             "grouped by their label; a cell is the mean share of the class's logit carried by the concept's units "
             "(negative: the units argue against the class).</p>"
         )
