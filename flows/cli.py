@@ -144,10 +144,11 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from flows.preflight import check
     from tasks.core.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config)  # schema errors come before torch is imported
+    from flows.preflight import check
+
     check(config)
     print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
     return EXIT_OK

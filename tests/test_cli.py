@@ -30,6 +30,27 @@ def test_every_command_has_help(command, capsys):
     assert "usage: xai-audit" in capsys.readouterr().out
 
 
+def test_help_and_a_schema_error_never_import_torch_or_prefect(tmp_path):
+    """`--help` and `validate` of a config the schema rejects answer before the heavy imports (a
+    fresh interpreter, so nothing earlier in the suite has imported them)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: abc\n")
+    probe = (
+        "import sys\nfrom flows.cli import main\n"
+        "codes = []\n"
+        "for argv in (['--help'], ['validate', '--help'], ['validate', sys.argv[1]]):\n"
+        "    try:\n        codes.append(main(argv))\n"
+        "    except SystemExit as exit:\n        codes.append(exit.code)\n"
+        "heavy = sorted(name for name in ('torch', 'prefect', 'open_clip', 'torchvision') if name in sys.modules)\n"
+        "print(codes, heavy, file=sys.stderr)\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", probe, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert finished.stderr.strip().splitlines()[-1] == "[0, 0, 2] []", finished.stderr
+    assert "seed:" in finished.stdout + finished.stderr
+
+
 def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["frobnicate"])
