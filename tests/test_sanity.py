@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from scipy import stats
 from skimage.metrics import structural_similarity
 
@@ -247,3 +248,56 @@ def test_control_maps_ignore_the_model(demo_maps):
         np.testing.assert_array_equal(again[control], maps[control])  # other targets, same maps
     assert math.isclose(float(maps["control_gaussian"][0].max()), 1.0, rel_tol=1e-3)
     assert not np.array_equal(maps["control_random"][0], maps["control_random"][1]), "seeded per image"
+
+
+@pytest.mark.slow
+def test_the_audit_flow_writes_the_sanity_table_and_names_failing_methods(prefect_harness, tmp_path):
+    from flows.audit import run_audit
+    from tasks.results.findings import run_findings
+
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        folder = tmp_path / "images" / "abc"[index % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
+    config = parse_config(
+        {
+            "name": "sanity",
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:tiny_resnet",
+                    "class_names": ["a", "b", "c"],
+                    "preprocess": {"resize": 64, "crop": 64},
+                }
+            ],
+            "images": {"kind": "folder", "root": str(tmp_path / "images")},
+            "dissect": {"enabled": False},
+            "explain": {
+                "methods": ["gradcam", "control_edges"],
+                "chunk_size": 2,
+                "metrics": {"steps": 4, "localization": False},
+                "sanity": {"enabled": True, "images": 3, "tests": ["cascading", "random_logit"]},
+            },
+        }
+    )
+    results = str(tmp_path / "results")
+    outcome = run_audit(config, results)
+    store = ResultsStore(results)
+    sanity = store.read("sanity", outcome.run_id)
+    steps = sanity.loc[sanity["test"] == "cascading", "step"].max()
+    assert len(sanity) == 2 * 3 * (steps + 1 + 2) and set(sanity["image_id"]) == {
+        "a/img0.png",
+        "a/img3.png",
+        "b/img1.png",
+    }
+    methods = store.read("summary_methods", outcome.run_id).set_index("method")
+    assert methods.loc["control_edges", "control"] and not methods.loc["gradcam", "control"]
+    assert methods.loc["control_edges", "sanity_passed"] == False  # noqa: E712 - a nullable boolean column
+    digest = "\n".join(run_findings(store, outcome.run_id))
+    assert "control_edges (control, fails sanity)" in digest and "control_edges 1.000 FAIL" in digest
+    report = (tmp_path / "results" / "reports" / outcome.run_id / "index.html").read_text()
+    assert "Sanity checks" in report and "sanity-tiny-cascading.png" in report
+    assert run_audit(config, results, resume=outcome.run_id).run_id == outcome.run_id
+    assert len(store.read("sanity", outcome.run_id)) == len(sanity), "a finished sanity unit is not redone"

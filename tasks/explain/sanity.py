@@ -302,15 +302,18 @@ def sanity_rows(
     blocks = randomisation_blocks(model.module, settings.granularity)
     tests = settings.tests
     trained = checked.explain(model.module)
+    randomised: Maps | None = None
     if "cascading" in tests:
         checked.add("cascading", 0, None, trained, trained, checked.targets)
         for step, block, module in cascade(model.module, blocks, config.seed, "top_down"):
             progress_step("sanity %s: cascading step %d/%d (%s randomised)", model.name, step, len(blocks), block)
-            checked.add("cascading", step, block, checked.explain(module), trained, checked.targets)
+            randomised = checked.explain(module)
+            checked.add("cascading", step, block, randomised, trained, checked.targets)
     if "emprt" in tests:
-        progress_step("sanity %s: emprt (fully randomised model)", model.name)
+        if randomised is None:  # the cascade's last model is the fully randomised one: its maps serve eMPRT too
+            progress_step("sanity %s: emprt (fully randomised model)", model.name)
+            randomised = checked.explain(fully_randomised(model.module, blocks, config.seed))
         checked.add("emprt", 0, None, trained, trained, checked.targets)
-        randomised = checked.explain(fully_randomised(model.module, blocks, config.seed))
         checked.add("emprt", len(blocks), "all", randomised, trained, checked.targets)
     if "smprt" in tests:
         smooth = checked.smoothed(model.module)
