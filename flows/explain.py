@@ -8,8 +8,9 @@ from prefect.futures import as_completed
 from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
 from tasks.core.progress import step, track
+from tasks.explain.sanity import SANITY_TABLES, sanity_unit
 from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
-from tasks.explain.tasks import explain_chunk
+from tasks.explain.tasks import explain_chunk, sanity_model
 
 
 def chunk_done(store: ResultsStore, run_id: str, model: str, index: int) -> bool:
@@ -35,4 +36,8 @@ def explain_model(config: AuditConfig, model_name: str, n_chunks: int, results: 
     futures = [explain_chunk.submit(config, model_name, index, results, run_id) for index in todo]
     for future in track(as_completed(futures), f"explain {model_name}", total=len(futures), unit="chunks"):
         future.result()
+    sanity = config.explain.sanity
+    if sanity.enabled and not all(store.has_unit(t, run_id, sanity_unit(model_name)) for t in SANITY_TABLES):
+        step("sanity checks %s: %s on %d image(s)", model_name, ", ".join(sanity.tests), sanity.images)
+        sanity_model.submit(config, model_name, n_chunks, results, run_id).result()
     return len(futures)

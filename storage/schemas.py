@@ -247,6 +247,38 @@ TABLES: dict[str, pa.Schema] = {
             "Rank 1 only: how many random units were zeroed (fewer when the layer has fewer).",
         ),
     ),
+    "sanity": _schema(
+        (
+            "One row per (model, method, test, step, image) of the sanity checks: the map of a randomised model (or "
+            "of another class) and its similarity to the test's step-0 map."
+        ),
+        _RUN,
+        _MODEL,
+        _METHOD,
+        ("test", pa.string(), "cascading, smprt, emprt or random_logit (README, Sanity checks)."),
+        (
+            "step",
+            pa.int32(),
+            (
+                "0: the reference map (trained model, explained class); cascading/smprt k: k blocks randomised; "
+                "emprt: the number of blocks (all randomised); random_logit 1: a random other class."
+            ),
+        ),
+        ("layer", pa.string(), "The block randomised at this step (emprt: all; null at step 0 and for random_logit)."),
+        _IMAGE,
+        ("target", pa.int32(), "Class the map explains."),
+        (
+            "spearman",
+            pa.float64(),
+            "Spearman rank correlation of the absolute map with the step-0 map (null when a map is constant).",
+        ),
+        ("ssim", pa.float64(), "SSIM (scikit-image, data range 1) of the max-scaled absolute maps."),
+        ("iou", pa.float64(), "IoU of the top explain.metrics.agreement_q pixels of the absolute maps."),
+        ("entropy", pa.float64(), "Discrete entropy (nats, explain.sanity.emprt_bins-bin histogram) of the map."),
+        ("height", pa.int32(), "Map height."),
+        ("width", pa.int32(), "Map width."),
+        ("map", pa.binary(), "Row-major float16 map, as in saliency: every similarity recomputes from it."),
+    ),
     "errors": _schema(
         "One row per failed item: what failed, where and why.",
         _RUN,
@@ -406,6 +438,54 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
             pa.map_(pa.string(), pa.float64()),
             "Mean of each value in the scores table (metrics without a table of their own), by name.",
         ),
+        ("control", pa.bool_(), "The method is a control: its maps carry no model information."),
+        (
+            "sanity_spearman",
+            pa.float64(),
+            "Mean Spearman of the last cascading step's maps (every block randomised) with the trained model's.",
+        ),
+        ("sanity_ssim", pa.float64(), "Mean SSIM of the last cascading step's maps with the trained model's."),
+        (
+            "sanity_passed",
+            pa.bool_(),
+            "sanity_spearman < 0.5: the maps depend on the weights (null without cascading rows).",
+        ),
+        ("smprt_spearman", pa.float64(), "sMPRT: mean Spearman of the last bottom-up step's smoothed maps."),
+        (
+            "emprt",
+            pa.float64(),
+            "eMPRT: mean relative rise of the map's entropy, trained -> fully randomised (higher is better).",
+        ),
+        ("random_logit_ssim", pa.float64(), "Mean SSIM of the map of a random other class with the explained one."),
+        ("beaten_by_control", pa.string(), "Metrics on which a control beats this method (comma-separated)."),
+    ),
+    "summary_sanity": _schema(
+        "One row per (model, method, test, step): the randomisation curve, similarities averaged over the images.",
+        _RUN,
+        _MODEL,
+        _METHOD,
+        ("test", pa.string(), "cascading, smprt, emprt or random_logit."),
+        ("step", pa.int32(), "Step (see the sanity table)."),
+        ("layer", pa.string(), "Block randomised at this step."),
+        ("images", pa.int64(), "Images with a map at this step."),
+        ("spearman_mean", pa.float64(), "Mean Spearman with the step-0 map (null values skipped)."),
+        ("ssim_mean", pa.float64(), "Mean SSIM with the step-0 map."),
+        ("iou_mean", pa.float64(), "Mean top-q IoU with the step-0 map."),
+        ("entropy_mean", pa.float64(), "Mean discrete entropy of the maps."),
+    ),
+    "summary_control_flags": _schema(
+        (
+            "One row per (model, metric, control, method) where a control explanation (no model information) scores "
+            "better than a real method: that metric cannot tell good maps from bad on this data."
+        ),
+        _RUN,
+        _MODEL,
+        ("metric", pa.string(), "A summary_methods value (pointing_accuracy, deletion_auc_mean, ...)."),
+        ("direction", pa.string(), "higher or lower is better, as the metric declares."),
+        ("control", pa.string(), "The control method (control_random, control_gaussian, control_edges)."),
+        ("method", pa.string(), "The real method it beats."),
+        ("control_value", pa.float64(), "The control's value."),
+        ("method_value", pa.float64(), "The method's value."),
     ),
     "summary_class_concepts": _schema(
         "One row per (model, labelling method, layer, class, concept): which concepts drive each class.",

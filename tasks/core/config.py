@@ -377,6 +377,45 @@ class ConceptAttributionConfig(_Section):
     )
 
 
+class SanityConfig(_Section):
+    """Sanity checks of the explanation methods: do their maps change when the model's weights are randomised?"""
+
+    enabled: bool = Field(
+        False,
+        description=(
+            "Run the sanity checks after each model's explain chunks (writes the sanity table; cost: README, "
+            "Sanity checks)."
+        ),
+    )
+    images: PositiveInt = Field(8, description="Images checked per model: the first N of the run's image set.")
+    tests: list[Literal["cascading", "smprt", "emprt", "random_logit"]] = Field(
+        ["cascading", "emprt", "random_logit"],
+        min_length=1,
+        description=(
+            "cascading: Adebayo et al.'s cascading randomisation from the output layer down; smprt: Hedstrom et al.'s "
+            "smooth MPRT (bottom-up, maps averaged over noisy inputs); emprt: their efficient MPRT (relative rise of "
+            "the map's entropy, trained vs fully randomised model); random_logit: the map of a random other class."
+        ),
+    )
+    granularity: Literal["blocks", "modules"] = Field(
+        "blocks",
+        description=(
+            "What one randomisation step resets: a block (a child of the model, containers such as nn.Sequential "
+            "opened; ResNet18: 11 steps) or every module with parameters (Quantus' steps; ResNet18: 62)."
+        ),
+    )
+    methods: list[str] | None = Field(
+        None, description="Methods checked (a subset of explain.methods); null: every configured method."
+    )
+    smprt_samples: PositiveInt = Field(
+        10, description="smprt: noisy copies of each image averaged per map (Quantus' default: 50)."
+    )
+    smprt_noise: float = Field(
+        0.1, gt=0, description="smprt: noise std as a share of each input's value range (Quantus' default)."
+    )
+    emprt_bins: PositiveInt = Field(100, description="emprt: histogram bins of the map's discrete entropy (Quantus').")
+
+
 class ExplainConfig(_Section):
     """Per-image explanations."""
 
@@ -409,6 +448,7 @@ class ExplainConfig(_Section):
     concepts: ConceptAttributionConfig = Field(
         default_factory=ConceptAttributionConfig, description="Concept attributions."
     )
+    sanity: SanityConfig = Field(default_factory=SanityConfig, description="Sanity checks (model randomisation).")
 
     @field_validator("methods")
     @classmethod
@@ -416,6 +456,13 @@ class ExplainConfig(_Section):
         if len(set(value)) != len(value):
             raise ValueError("methods repeat")
         return value
+
+    @model_validator(mode="after")
+    def _sanity_methods_are_configured(self) -> ExplainConfig:
+        unknown = sorted(set(self.sanity.methods or ()) - set(self.methods))
+        if unknown:
+            raise ValueError(f"sanity.methods {unknown} are not among explain.methods {self.methods}")
+        return self
 
 
 class RunnerConfig(_Section):

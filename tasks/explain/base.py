@@ -56,6 +56,8 @@ class Explainer(ABC):
     """The config names this family answers."""
     road: bool = True
     """Whether ROAD (grad-cam's metric, ``explain.metrics.road``) scores this family's maps."""
+    control: bool = False
+    """A control: maps that carry no information about the model, the floor every real method must beat."""
 
     @abstractmethod
     def explain(

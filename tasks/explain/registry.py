@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from tasks.core.errors import ConfigError
 from tasks.explain.base import Explainer
 from tasks.explain.cams import CamFamily
+from tasks.explain.controls import ControlFamily
 from tasks.explain.lime import LimeExplainer
 
-BUILTIN: tuple[Explainer, ...] = (CamFamily(), LimeExplainer())
+BUILTIN: tuple[Explainer, ...] = (CamFamily(), LimeExplainer(), ControlFamily())
 
 EXPLAINERS: dict[str, Explainer] = {method: family for family in BUILTIN for method in family.methods}
 """Every registered method name -> the family that computes it."""
@@ -43,6 +44,11 @@ def explainer(method: str) -> Explainer:
         raise ConfigError(
             "explain.methods", f"unknown method {method!r}; valid: {', '.join(sorted(EXPLAINERS))}"
         ) from None
+
+
+def control_methods() -> frozenset[str]:
+    """The registered methods whose maps carry no model information (:attr:`Explainer.control`)."""
+    return frozenset(method for method, family in EXPLAINERS.items() if family.control)
 
 
 def families(methods: Sequence[str]) -> list[tuple[Explainer, list[str]]]:

@@ -14,6 +14,7 @@ from tasks.core.config import AuditConfig
 from tasks.data.image_sets import read_image_chunk
 from tasks.data.loaded_models import using_model
 from tasks.explain.concepts import UNIT_LABEL_COLUMNS, LayerLabels, layer_labels
+from tasks.explain.sanity import SANITY_TABLES, sanity_rows, sanity_unit
 from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit, explain_records
 
 
@@ -51,3 +52,34 @@ def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, result
     for table in EXPLAIN_TABLES:
         store.write(table, run_id, unit, rows.tables[table])
     return {table: len(rows.tables[table]) for table in EXPLAIN_TABLES}
+
+
+def first_images(store: ResultsStore, run_id: str, n_chunks: int, count: int) -> list[dict]:
+    """The first ``count`` records of the run's ``images`` table, in chunk order."""
+    records: list[dict] = []
+    for chunk in range(n_chunks):
+        if len(records) >= count:
+            break
+        records += read_image_chunk(store, run_id, chunk)
+    return records[:count]
+
+
+@task(
+    name="sanity-model",
+    task_run_name="sanity checks {model_name}",
+    tags=["gpu"],
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+)
+def sanity_model(config: AuditConfig, model_name: str, n_chunks: int, results: str, run_id: str) -> dict[str, int]:
+    """Run the sanity checks of one model on the first ``explain.sanity.images`` images and write its
+    ``sanity`` and ``errors`` files; returns the row count per table."""
+    store = ResultsStore(results)
+    records = first_images(store, run_id, n_chunks, config.explain.sanity.images)
+    model_config = next(model for model in config.models if model.name == model_name)
+    with using_model(config, model_config) as model:
+        rows = sanity_rows(config, model_config, model, records)
+    unit = sanity_unit(model_name)
+    for table in SANITY_TABLES:
+        store.write(table, run_id, unit, rows[table])
+    return {table: len(rows[table]) for table in SANITY_TABLES}

@@ -14,7 +14,7 @@ import pandas as pd
 
 from storage.parquet import ResultsStore
 from tasks.results.drift import read_drift
-from tasks.results.findings import findings
+from tasks.results.findings import findings, method_marks
 from tasks.results.summary import declared_score, load_summary, raw_counts, score_map
 
 TOP_IN_MARKDOWN = 3
@@ -24,6 +24,7 @@ KEYS = {
     "pairs": "xai-audit-pairs",
     "methods": "xai-audit-methods",
     "drift": "xai-audit-drift",
+    "sanity": "xai-audit-sanity",
 }
 MARKDOWN_METHOD_COLUMNS = ("pointing_accuracy", "deletion_auc_mean", "insertion_auc_mean")
 """The summary_methods columns of the markdown's short methods table (the table artifact has them all)."""
@@ -114,7 +115,7 @@ def summary_markdown(
         lines += ["## Methods", "", f"| model | method | {header} |", "|---|---|" + "---:|" * len(scores)]
         for row in methods.to_dict("records"):
             values = " | ".join(_number(row[column]) for column in MARKDOWN_METHOD_COLUMNS)
-            lines.append(f"| {row['model']} | {row['method']} | {values} |")
+            lines.append(f"| {row['model']} | {row['method']}{method_marks(row)} | {values} |")
         lines.append("")
     for baseline, tables in drift.items():
         layers = tables["summary_drift_layers"]
@@ -148,6 +149,9 @@ def run_artifacts(store: ResultsStore, run_id: str, report_path: str | None) -> 
             "Localization and faithfulness leaderboards per method",
         ),
     }
+    sanity = summary.get("summary_sanity")
+    if sanity is not None:
+        tables["sanity"] = (sanity, "Randomisation curves: similarity to the trained model's maps per step")
     if drift:
         tables["drift"] = (
             pd.concat([tables_["summary_drift_layers"] for tables_ in drift.values()]),

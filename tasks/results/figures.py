@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from skimage.transform import resize
 
-from tasks.results.summary import wide_methods
+from tasks.results.summary import SANITY_PASS_BELOW, wide_methods
 
 DPI = 80
 CATEGORY_COLORS = {
@@ -157,9 +157,35 @@ def leaderboard(methods: pd.DataFrame, path: Path) -> Path | None:
         rows = wide[wide["model"] == model]
         for col, (column, label) in enumerate(metrics):
             ax = axes[row, col]
-            ax.bar(rows["method"], rows[column].astype(float).fillna(0), color="#4c72b0")
+            controls = rows["control"] if "control" in rows else [None] * len(rows)
+            colors = ["#999999" if control is True else "#4c72b0" for control in controls]
+            ax.bar(rows["method"], rows[column].astype(float).fillna(0), color=colors)
             ax.set_title(f"{model}: {label}", fontsize=9)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    return _save(figure, path)
+
+
+def randomisation_curves(curves: pd.DataFrame, controls: set[str], title: str, path: Path) -> Path | None:
+    """One line per method: mean Spearman (left) and SSIM (right) of each step's maps with the trained
+    model's, for one model and test; controls dashed, the pass threshold dotted."""
+    if curves.empty:
+        return None
+    steps = curves.drop_duplicates("step").sort_values("step")
+    labels = ["trained" if step == 0 else str(layer) for step, layer in zip(steps["step"], steps["layer"])]
+    figure = Figure(figsize=(11, 3.6), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for ax, column, name in ((axes[0], "spearman_mean", "Spearman"), (axes[1], "ssim_mean", "SSIM")):
+        for method, rows in curves.groupby("method", sort=True):
+            rows = rows.sort_values("step")
+            style = "--" if method in controls else "-"
+            ax.plot(rows["step"], rows[column], marker="o", markersize=3, linestyle=style, label=method)
+        if column == "spearman_mean":
+            ax.axhline(SANITY_PASS_BELOW, color="#555555", linestyle=":", linewidth=1)
+        ax.set_xticks(list(steps["step"]), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(-0.3, 1.05)
+        ax.set_ylabel(f"{name} with the trained model's map")
+    axes[1].legend(fontsize=7, loc="lower left")
+    figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from storage.parquet import ResultsStore
 from tasks.results.drift import read_drift
-from tasks.results.summary import declared_score, load_summary
+from tasks.results.summary import SANITY_PASS_BELOW, declared_score, load_summary
 
 TOP_CONCEPTS = 3
 CLASS_CONCEPTS = 2
@@ -71,7 +71,10 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         header = ", ".join(f"{score.label} {score.arrow}" for score in scores)
         lines.append(f"  methods ({header}):")
         for row in methods.to_dict("records"):
-            lines.append(f"    {row['method']}: " + " / ".join(number(row[column]) for column in columns))
+            lines.append(
+                f"    {row['method']}{method_marks(row)}: " + " / ".join(number(row[column]) for column in columns)
+            )
+    lines += _sanity_lines(model, summary)
     lines += _concept_lines(model, summary)
     for table, what in (("summary_images", "image"), ("summary_classes", "class")):
         ranked = summary[table]
@@ -84,6 +87,52 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
                 f"least: {worst[name]} (IoU {number(worst['iou_mean'])})"
             )
     return lines
+
+
+def flag(value: object) -> bool | None:
+    """A nullable boolean cell as True, False or None (Parquet gives numpy, Python or missing values)."""
+    missing = value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+    return None if missing else bool(value)
+
+
+def method_marks(row: dict) -> str:
+    """What the leaderboards append to a method's name: a control, a failed sanity check."""
+    marks = ["control"] if flag(row.get("control")) is True else []
+    if flag(row.get("sanity_passed")) is False:
+        marks.append("fails sanity")
+    return f" ({', '.join(marks)})" if marks else ""
+
+
+def _sanity_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
+    """The sanity verdicts (cascading randomisation) and the metrics that a control beats a real method on."""
+    lines = []
+    methods = summary["summary_methods"]
+    methods = methods[methods["model"] == model]
+    if "sanity_spearman" in methods and methods["sanity_spearman"].notna().any():
+        checked = methods[methods["sanity_spearman"].notna()]
+        verdicts = ", ".join(
+            f"{r['method']} {number(r['sanity_spearman'])} {'pass' if flag(r['sanity_passed']) else 'FAIL'}"
+            for r in checked.to_dict("records")
+        )
+        lines.append(
+            f"  sanity (Spearman with the trained model's map, every block randomised; < {SANITY_PASS_BELOW} passes): "
+            f"{verdicts}"
+        )
+        failing = [r["method"] for r in checked.to_dict("records") if flag(r["sanity_passed"]) is False]
+        real = [name for name in failing if not _is_control(methods, name)]
+        if real:
+            lines.append(f"  maps that do not depend on the model's weights (explaining the image): {', '.join(real)}")
+    flags = summary.get("summary_control_flags")
+    if flags is not None and not flags.empty:
+        flags = flags[flags["model"] == model]
+        for metric, rows in flags.groupby("metric", sort=False):
+            pairs = ", ".join(f"{r.control} > {r.method}" for r in rows.itertuples())
+            lines.append(f"  a control beats a real method on {metric} ({pairs}): it cannot tell good maps from bad")
+    return lines
+
+
+def _is_control(methods: pd.DataFrame, method: str) -> bool:
+    return bool(methods.loc[methods["method"] == method, "control"].eq(True).any())
 
 
 def _concept_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:

@@ -36,8 +36,8 @@ from tasks.data.image_sets import iter_image_set
 from tasks.data.images import load_rgb
 from tasks.results import figures
 from tasks.results.drift import read_drift
-from tasks.results.findings import findings
-from tasks.results.summary import load_summary, raw_counts, require_run, wide_methods
+from tasks.results.findings import findings, flag, method_marks
+from tasks.results.summary import SANITY_PASS_BELOW, load_summary, raw_counts, require_run, wide_methods
 
 REPORTS = "reports"
 FIRST_IMAGES = 8  # per-image pages: the first images of each model ...
@@ -172,12 +172,22 @@ def _run_config(record: RunRecord):
         return None
 
 
-def leaderboard_table(methods: pd.DataFrame) -> pd.DataFrame:
+def leaderboard_table(methods: pd.DataFrame, flags: pd.DataFrame | None = None) -> pd.DataFrame:
     """``summary_methods`` as the report shows it: each ``scores`` key a column of its own, and
     each metric column named with the arrow of the direction its metric declares (↑ higher is
-    better, ↓ lower; none for a key no registered metric declares)."""
+    better, ↓ lower; none for a key no registered metric declares). Controls and methods that
+    fail the sanity check are marked after their name, and a metric on which a control beats a
+    real method (``flags``: ``summary_control_flags``) gets "⚠ control wins" after its arrow."""
     wide, metrics = wide_methods(methods)
-    return wide.rename(columns={column: f"{column} {score.arrow}" for column, score in metrics if score})
+    beaten = set(flags["metric"]) if flags is not None and not flags.empty else set()
+    wide = wide.assign(method=[f"{row['method']}{method_marks(row)}" for row in wide.to_dict("records")])
+    return wide.rename(
+        columns={
+            column: f"{column} {score.arrow}{' ⚠ control wins' if column in beaten else ''}"
+            for column, score in metrics
+            if score
+        }
+    )
 
 
 def _of_image(frame: pd.DataFrame, model: str, image_id: str) -> pd.DataFrame:
@@ -359,8 +369,9 @@ class _Report:
             _table(pairs),
             _img(figures.iou_distributions(agreement, self.figures / "iou.png"), self.out, "IoU per method pair"),
             "<h3>Leaderboards: localization and faithfulness</h3>",
-            _table(leaderboard_table(methods)),
+            _table(leaderboard_table(methods, summary.get("summary_control_flags"))),
             _img(figures.leaderboard(methods, self.figures / "leaderboard.png"), self.out, "method leaderboard"),
+            self.sanity(),
         ]
         images = summary["summary_images"]
         for model, rows in images.groupby("model", sort=True):
@@ -389,6 +400,53 @@ class _Report:
                 _table(lime),
                 "<p>Best parameters per image:</p>",
                 _table(summary["summary_lime_best"]),
+            ]
+        return "\n".join(parts)
+
+    def sanity(self) -> str:
+        """The sanity checks: each method's randomisation curve, the verdicts, and the metrics a control beats."""
+        parts = ['<h3 id="sanity">Sanity checks: do the maps depend on the model?</h3>']
+        curves, methods = self.summary.get("summary_sanity"), self.summary["summary_methods"]
+        flags = self.summary.get("summary_control_flags")
+        if curves is None or curves.empty:
+            parts.append(
+                '<p class="muted">No sanity checks in this run (<code>explain.sanity.enabled</code> is off).</p>'
+            )
+        else:
+            parts.append(
+                "<p>Each step randomises one more block of the model, from the output down (cascading; smprt: from "
+                "the input up, maps averaged over noisy inputs); a curve is the mean similarity of that step's maps "
+                f"with the trained model's. A method passes when its last cascading step's Spearman is below "
+                f"{SANITY_PASS_BELOW}; a map that stays the same explains the image, not the model.</p>"
+            )
+            controls = {row["method"] for row in methods.to_dict("records") if flag(row.get("control"))}
+            for (model, test), rows in curves[curves["test"].isin(["cascading", "smprt"])].groupby(
+                ["model", "test"], sort=True
+            ):
+                figure = figures.randomisation_curves(
+                    rows,
+                    controls,
+                    f"{model}: {test} randomisation",
+                    self.figures / f"sanity-{safe_name(model)}-{test}.png",
+                )
+                parts += [f"<h4>{_esc(model)}: {_esc(test)}</h4>", _img(figure, self.out, f"{model} {test} curve")]
+            verdicts = [
+                "model",
+                "method",
+                "control",
+                "sanity_spearman",
+                "sanity_ssim",
+                "sanity_passed",
+                "smprt_spearman",
+                "emprt",
+                "random_logit_ssim",
+            ]
+            parts.append(_table(methods.reindex(columns=verdicts)))
+        if flags is not None and not flags.empty:
+            parts += [
+                "<p><strong>A control beats a real method</strong> on these metrics: on this data they cannot tell "
+                "good maps from bad.</p>",
+                _table(flags),
             ]
         return "\n".join(parts)
 
@@ -524,6 +582,13 @@ class _Report:
             pages[(model, image_id)] = page
         return pages
 
+    def method_notes(self, model: str) -> str:
+        """A line naming the model's controls and the methods that fail the sanity check (empty when none)."""
+        methods = self.summary["summary_methods"]
+        methods = methods[methods["model"] == model]
+        notes = [f"{row['method']}{method_marks(row)}" for row in methods.to_dict("records") if method_marks(row)]
+        return f"<p><strong>Read with care:</strong> {_esc(', '.join(notes))}</p>" if notes else ""
+
     def write_image_page(
         self,
         page: _ImagePage,
@@ -549,6 +614,7 @@ class _Report:
             f'<p><a href="../index.html">← run {_esc(self.run_id)}</a></p>',
             f"<h1>{_esc(page.model)} · <code>{_esc(page.image_id)}</code></h1>",
             f'<p class="muted">{_esc(", ".join(page.tags))}</p>' if page.tags else "",
+            self.method_notes(page.model),
             figure,
             "<h2>Prediction</h2>",
             _table(topk),

@@ -25,10 +25,14 @@ from storage.integrity import unreadable_files_named
 from storage.parquet import ResultsStore
 from storage.schemas import SUMMARY_TABLES, TABLES
 from tasks.dissect.base import counts_for_concept
+from tasks.explain.registry import control_methods
 from tasks.metrics.base import Score
 from tasks.metrics.registry import summary_scores
 
 TOP_CONCEPTS = 10
+SANITY_PASS_BELOW = 0.5
+"""A method passes model randomisation when its maps' mean Spearman with the trained model's, every block
+randomised (the last cascading step), is below this: its maps depend on the weights."""
 SUMMARY_UNIT = "summary"
 UNCATEGORIZED = "uncategorized"
 LAYER_KEY = ["model", "layer", "method"]
@@ -44,6 +48,7 @@ INPUT_COLUMNS = {
     "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best"],
     "scores": ["model", "image_id", "method", "metric", "value"],
     "unit_contributions": ["model", "image_id", "target", "layer"],
+    "sanity": ["model", "method", "test", "step", "layer", "image_id", "spearman", "ssim", "iou", "entropy"],
     "concept_attribution": [
         "model",
         "image_id",
@@ -485,6 +490,113 @@ def concept_ablation(attribution: pd.DataFrame) -> pd.DataFrame:
     return _columns("summary_concept_ablation", frame)
 
 
+def sanity_curves(sanity: pd.DataFrame) -> pd.DataFrame:
+    """``summary_sanity``: each method's similarity to its step-0 map per test and step, over the images."""
+    if sanity.empty:
+        return empty_frame("summary_sanity")
+    key = ["model", "method", "test", "step"]
+    frame = (
+        sanity.groupby(key)
+        .agg(
+            layer=("layer", "first"),
+            images=("image_id", "size"),
+            spearman_mean=("spearman", "mean"),
+            ssim_mean=("ssim", "mean"),
+            iou_mean=("iou", "mean"),
+            entropy_mean=("entropy", "mean"),
+        )
+        .reset_index()
+    )
+    return _columns("summary_sanity", frame.sort_values(key))
+
+
+def _last_step(sanity: pd.DataFrame, test: str) -> pd.DataFrame:
+    """The rows of each (model, method)'s last step of ``test``."""
+    rows = sanity[sanity["test"] == test]
+    last = rows.groupby(["model", "method"])["step"].transform("max")
+    return rows[(rows["step"] == last) & (last > 0)]
+
+
+def sanity_verdicts(sanity: pd.DataFrame) -> pd.DataFrame:
+    """(model, method) -> the ``summary_methods`` sanity columns: final-step similarities, eMPRT, verdict."""
+    key = ["model", "method"]
+    columns = ["sanity_spearman", "sanity_ssim", "smprt_spearman", "emprt", "random_logit_ssim"]
+    if sanity.empty:
+        return pd.DataFrame(columns=[*key, *columns, "sanity_passed"])
+    frames = []
+    cascading = _last_step(sanity, "cascading").groupby(key)
+    frames += [cascading["spearman"].mean().rename("sanity_spearman"), cascading["ssim"].mean().rename("sanity_ssim")]
+    frames.append(_last_step(sanity, "smprt").groupby(key)["spearman"].mean().rename("smprt_spearman"))
+    emprt = sanity[sanity["test"] == "emprt"]
+    before = emprt[emprt["step"] == 0].set_index([*key, "image_id"])["entropy"]
+    after = _last_step(sanity, "emprt").set_index([*key, "image_id"])["entropy"]
+    rise = ((after - before.reindex(after.index)) / before.reindex(after.index).where(lambda h: h != 0)).dropna()
+    frames.append(rise.groupby(level=key).mean().rename("emprt"))
+    logit = sanity[(sanity["test"] == "random_logit") & (sanity["step"] == 1)]
+    frames.append(logit.groupby(key)["ssim"].mean().rename("random_logit_ssim"))
+    frame = pd.concat(frames, axis=1).reindex(columns=columns).reset_index()
+    frame["sanity_passed"] = (
+        (frame["sanity_spearman"] < SANITY_PASS_BELOW).astype(object).where(frame["sanity_spearman"].notna())
+    )
+    return frame
+
+
+def _agreement_summaries() -> set[str]:
+    """Summary names of agreement values: agreeing with other methods says nothing of a map's quality."""
+    return {score.summary for metric, score in summary_scores() if metric.category == "agreement"}
+
+
+def control_flags(methods: pd.DataFrame) -> pd.DataFrame:
+    """``summary_control_flags``: every (metric, control, real method) of a model where the control scores
+    strictly better than the method, in the metric's declared direction."""
+    if methods.empty or "control" not in methods:
+        return empty_frame("summary_control_flags")
+    wide, metrics = wide_methods(methods)
+    skip = _agreement_summaries()
+    rows = []
+    for model, frame in wide.groupby("model", sort=True):
+        is_control = frame["control"].eq(True)
+        controls, real = frame[is_control], frame[~is_control]
+        for column, score in metrics:
+            if score is None or column in skip:
+                continue
+            for control in controls.itertuples():
+                for method in real.itertuples():
+                    a, b = getattr(control, column), getattr(method, column)
+                    if pd.isna(a) or pd.isna(b):
+                        continue
+                    if (a > b) if score.direction == "higher" else (a < b):
+                        rows.append(
+                            {
+                                "model": model,
+                                "metric": column,
+                                "direction": score.direction,
+                                "control": control.method,
+                                "method": method.method,
+                                "control_value": float(a),
+                                "method_value": float(b),
+                            }
+                        )
+    if not rows:
+        return empty_frame("summary_control_flags")
+    return _columns("summary_control_flags", pd.DataFrame(rows))
+
+
+def with_sanity(methods: pd.DataFrame, sanity: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``summary_methods`` with its control flag and sanity columns filled, and ``summary_control_flags``."""
+    if methods.empty:
+        return methods, empty_frame("summary_control_flags")
+    controls = control_methods()
+    methods = methods.assign(control=[method in controls for method in methods["method"]])
+    verdicts = sanity_verdicts(sanity)
+    filled = methods.drop(columns=[c for c in verdicts.columns if c not in ("model", "method")], errors="ignore")
+    filled = filled.merge(verdicts, on=["model", "method"], how="left")
+    flags = control_flags(filled)
+    beaten = flags.groupby(["model", "method"])["metric"].agg(lambda names: ", ".join(dict.fromkeys(names)))
+    filled["beaten_by_control"] = [beaten.get(key) for key in zip(filled["model"], filled["method"])]
+    return _columns("summary_methods", filled), flags
+
+
 def read_inputs(store: ResultsStore, run_id: str) -> dict[str, pd.DataFrame]:
     """The columns of the raw tables that the summary needs, for one run."""
     with unreadable_files_named(store):
@@ -504,6 +616,13 @@ def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS
     neurons, agreement = inputs["neurons"], inputs["agreement"]
     attribution = _input(inputs, "concept_attribution")
     images = image_agreement(agreement, inputs["saliency"], inputs["predictions"])
+    sanity = _input(inputs, "sanity")
+    methods, flags = with_sanity(
+        method_leaderboard(
+            inputs["saliency"], agreement, inputs["localization"], inputs["faithfulness"], inputs.get("scores")
+        ),
+        sanity,
+    )
     return {
         "summary_concepts": concept_histograms(neurons, top_n),
         "summary_categories": category_shares(neurons),
@@ -513,9 +632,9 @@ def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS
         "summary_pairs": pair_statistics(agreement),
         "summary_images": images,
         "summary_classes": class_agreement(images),
-        "summary_methods": method_leaderboard(
-            inputs["saliency"], agreement, inputs["localization"], inputs["faithfulness"], inputs.get("scores")
-        ),
+        "summary_methods": methods,
+        "summary_sanity": sanity_curves(sanity),
+        "summary_control_flags": flags,
         "summary_class_concepts": class_concepts(
             attribution, _input(inputs, "unit_contributions"), inputs["predictions"]
         ),
