@@ -106,6 +106,14 @@ TABLES: dict[str, pa.Schema] = {
             pa.list_(pa.string()),
             "Other concepts scoring within dissect.tie_tolerance of the best: the label is a tie, not a decision.",
         ),
+        (
+            "p_value",
+            pa.float64(),
+            (
+                "Permutation p-value of the label against the unit's responses shuffled across probe images "
+                "(dissect.significance; null when off)."
+            ),
+        ),
     ),
     "saliency": _schema(
         "One row per (model, image, method): the map, enough to recompute every metric.",

@@ -44,9 +44,11 @@ from tasks.dissect.clip_dissect import (
     image_concept_matrix,
     label_units,
     load_concepts,
+    similarity_function,
 )
 from tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
 from tasks.dissect.probe import Probe, dissect_batches, pixel_batches
+from tasks.dissect.significance import clip_dissect_p_values
 from tasks.world.synthetic import world_concepts
 from tasks.world.toy_clip import ensure_toy_clip, register_toy_clip
 
@@ -163,11 +165,10 @@ def clip_dissect_rows(
     concepts: list[str],
     categories: dict[str, str],
 ) -> pd.DataFrame:
-    """CLIP-Dissect labels of one layer's units."""
-    scores = compute_similarity(
-        config.dissect.clip.similarity, similarity_matrix, activations, device=resolve_device(config.device)
-    )
-    return label_units(
+    """CLIP-Dissect labels of one layer's units, with permutation p-values when configured."""
+    device = resolve_device(config.device)
+    scores = compute_similarity(config.dissect.clip.similarity, similarity_matrix, activations, device=device)
+    frame = label_units(
         scores,
         concepts,
         activations,
@@ -177,6 +178,13 @@ def clip_dissect_rows(
         concept_category=categories,
         tie_tolerance=config.dissect.tie_tolerance,
     )
+    count = config.dissect.significance.permutations
+    if count:
+        similarity = similarity_function(config.dissect.clip.similarity)
+        frame["p_value"] = clip_dissect_p_values(
+            similarity, similarity_matrix, activations, count=count, seed=config.seed, device=device
+        ).numpy()
+    return frame
 
 
 def netdissect_rows(
@@ -219,6 +227,8 @@ def netdissect_rows(
         top_images=config.dissect.top_images,
         tie_tolerance=config.dissect.tie_tolerance,
         device=device,
+        permutations=config.dissect.significance.permutations,
+        seed=config.seed,
     )
     if files and thresholds is None:
         for layer, frame in frames.items():
