@@ -322,6 +322,13 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
             "netdissect: units whose best IoU reaches iou_threshold (null for clip_dissect).",
         ),
         ("interpretable_share", pa.float64(), "netdissect: interpretable / units (null for clip_dissect)."),
+        ("tested", pa.int64(), "Units with a p-value (null when dissect.significance is off)."),
+        (
+            "significant",
+            pa.int64(),
+            "Units whose label is significant after Benjamini-Hochberg at FDR 0.05 over the layer's tested units.",
+        ),
+        ("significant_share", pa.float64(), "significant / tested."),
         ("distinct_concepts", pa.int64(), "Different top-1 concepts among the counted units."),
         ("tied", pa.int64(), "Units whose label is a tie (tied_with not empty)."),
         ("score_mean", pa.float64(), "Mean score of the labelled units."),

@@ -181,3 +181,46 @@ def test_clip_dissect_p_values_separate_planted_detectors_from_constant_and_nois
     rows = clip_dissect_rows(config, clip, acts, probe, concepts, categories)
     assert rows["p_value"].tolist() == pytest.approx(p[: len(UNITS)].tolist())
     print("clip_dissect p-values:", [round(v, 4) for v in p.tolist()])
+
+
+def test_summary_layers_count_units_significant_after_benjamini_hochberg():
+    """``summary_layers``: a layer of four planted-strength p-values and six chance ones has 4 of
+    10 significant at FDR 0.05 (the k-th smallest, ≤ 0.004, is below k·0.05/10; 0.3 is above
+    5·0.05/10); a layer labelled without p-values has none counted (null, not 0)."""
+    import pandas as pd
+
+    from tasks.results.summary import layer_units
+
+    strong, chance = [0.001, 0.001, 0.002, 0.004], [0.3, 0.5, 0.6, 0.8, 0.9, 1.0]
+    rows = [
+        {
+            "model": "m",
+            "layer": "a",
+            "unit": u,
+            "method": "netdissect",
+            "concept": "red",
+            "category": "color",
+            "score": 0.5,
+            "interpretable": True,
+            "tied_with": [],
+            "p_value": p,
+        }
+        for u, p in enumerate(strong + chance)
+    ] + [
+        {
+            "model": "m",
+            "layer": "b",
+            "unit": 0,
+            "method": "clip_dissect",
+            "concept": "red",
+            "category": "color",
+            "score": 0.5,
+            "interpretable": None,
+            "tied_with": [],
+            "p_value": None,
+        }
+    ]
+    layers = layer_units(pd.DataFrame(rows)).set_index("layer")
+    assert (layers.loc["a", "tested"], layers.loc["a", "significant"]) == (10, 4)
+    assert layers.loc["a", "significant_share"] == pytest.approx(0.4)
+    assert pd.isna(layers.loc["b", "tested"]) and pd.isna(layers.loc["b", "significant"])

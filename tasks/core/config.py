@@ -261,9 +261,6 @@ class SignificanceConfig(_Section):
             "smallest p-value is 1 / (permutations + 1). Seeded from the run's seed."
         ),
     )
-    alpha: float = Field(
-        0.05, gt=0, lt=1, description="False discovery rate at which summary_layers counts significant units (BH)."
-    )
 
 
 class DissectConfig(_Section):

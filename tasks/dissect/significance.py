@@ -37,6 +37,7 @@ from torch import Tensor
 
 from tasks.core.errors import ConfigError
 
+FDR = 0.05  # false discovery rate at which the summary counts significant labels (Benjamini–Hochberg)
 # Relative slack when comparing a shuffle's statistic with the observed one: a shuffle that
 # reproduces the observed value up to float round-off counts as reaching it (conservative).
 RELATIVE_TOLERANCE = 1e-6

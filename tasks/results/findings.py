@@ -54,6 +54,10 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         )
         ties = getattr(row, "tied", 0)
         tied = f", {int(ties)} tied" if ties and not pd.isna(ties) else ""
+        significant = getattr(row, "significant", None)
+        tested = getattr(row, "tested", None)
+        if significant is not None and not pd.isna(significant):
+            tied += f", {int(significant)}/{int(tested)} significant"
         lines.append(f"  {row.layer} {row.method}: {top or '(no counted units)'} ({counted}{tied})")
     agreement = summary["summary_label_agreement"]
     agreement = agreement[agreement["model"] == model]

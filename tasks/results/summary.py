@@ -25,6 +25,7 @@ from storage.integrity import unreadable_files_named
 from storage.parquet import ResultsStore
 from storage.schemas import SUMMARY_TABLES, TABLES
 from tasks.dissect.base import counts_for_concept
+from tasks.dissect.significance import FDR, benjamini_hochberg
 from tasks.metrics.base import Score
 from tasks.metrics.registry import summary_scores
 
@@ -35,7 +36,18 @@ LAYER_KEY = ["model", "layer", "method"]
 
 # What the summary reads of each raw table: never the maps themselves.
 INPUT_COLUMNS = {
-    "neurons": ["model", "layer", "unit", "method", "concept", "category", "score", "interpretable", "tied_with"],
+    "neurons": [
+        "model",
+        "layer",
+        "unit",
+        "method",
+        "concept",
+        "category",
+        "score",
+        "interpretable",
+        "tied_with",
+        "p_value",
+    ],
     "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
     "saliency": ["model", "image_id", "method", "target"],
     "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
@@ -193,7 +205,25 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
         netdissect
     )
     frame["interpretable_share"] = (frame["interpretable"] / frame["units"]).where(netdissect)
+    frame = frame.join(significant_units(neurons))
     return _columns("summary_layers", frame.reset_index().sort_values(LAYER_KEY))
+
+
+def significant_units(neurons: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, layer, method): units with a p-value, and those significant after
+    Benjamini–Hochberg at :data:`~tasks.dissect.significance.FDR` within the layer (null without p-values)."""
+    p_values = neurons["p_value"] if "p_value" in neurons else pd.Series(np.nan, index=neurons.index)
+    tested = neurons.assign(p_value=pd.to_numeric(p_values, errors="coerce"))
+    rows = {}
+    for key, group in tested.groupby(LAYER_KEY):
+        finite = group["p_value"].dropna()
+        rows[key] = (len(finite), int(benjamini_hochberg(finite.to_numpy(), FDR).sum()) if len(finite) else None)
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["tested", "significant"])
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=LAYER_KEY)
+    frame["significant"] = frame["significant"].astype("Int64")
+    frame["tested"] = frame["tested"].where(frame["tested"] > 0).astype("Int64")
+    frame["significant_share"] = frame["significant"] / frame["tested"]
+    return frame
 
 
 def _with_ties(neurons: pd.DataFrame) -> pd.DataFrame:
