@@ -286,6 +286,13 @@ class DissectConfig(_Section):
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig, description="Concept set (CLIP-Dissect).")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="CLIP model (CLIP-Dissect).")
     netdissect: NetDissectConfig = Field(default_factory=NetDissectConfig, description="Network Dissection.")
+    final_layer_check: bool = Field(
+        True,
+        description=(
+            "With clip_dissect: label each model's output units with its class names and report the share named "
+            "after their own class (label_checks; the CLIP-Dissect paper's own evaluation)."
+        ),
+    )
     significance: SignificanceConfig = Field(
         default_factory=SignificanceConfig, description="p-values of the labels (neurons.p_value)."
     )

@@ -48,6 +48,18 @@ INPUT_COLUMNS = {
         "tied_with",
         "p_value",
     ],
+    "label_checks": [
+        "model",
+        "check",
+        "concept_set",
+        "layer",
+        "similarity",
+        "unit",
+        "correct",
+        "text_similarity",
+        "tied_with",
+        "class_in_tie",
+    ],
     "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
     "saliency": ["model", "image_id", "method", "target"],
     "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
@@ -274,6 +286,32 @@ def label_agreement(neurons: pd.DataFrame) -> pd.DataFrame:
         frame["interpretable_units"] > 0
     )
     return _columns("summary_label_agreement", frame)
+
+
+def label_checks(checks: pd.DataFrame) -> pd.DataFrame:
+    """``summary_label_checks``: accuracy and mean text similarity of each label self-test."""
+    if checks.empty:
+        return empty_frame("summary_label_checks")
+    key = ["model", "check", "concept_set", "layer", "similarity"]
+    checks = checks.assign(
+        correct=checks["correct"].astype(bool),
+        in_tie=checks["class_in_tie"].astype(bool),
+        tie=checks["tied_with"].map(_has_ties),
+    )
+    frame = (
+        checks.groupby(key)
+        .agg(
+            units=("unit", "size"),
+            correct=("correct", "sum"),
+            tied=("tie", "sum"),
+            in_tie=("in_tie", "sum"),
+            text_similarity_mean=("text_similarity", "mean"),
+        )
+        .reset_index()
+    )
+    frame["accuracy"] = frame["correct"] / frame["units"]
+    frame["accuracy_with_ties"] = frame["in_tie"] / frame["units"]
+    return _columns("summary_label_checks", frame.sort_values(key))
 
 
 def _population_std(values: pd.Series) -> float:
@@ -540,6 +578,7 @@ def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS
         "summary_concept_models": concept_models(neurons),
         "summary_layers": layer_units(neurons),
         "summary_label_agreement": label_agreement(neurons),
+        "summary_label_checks": label_checks(_input(inputs, "label_checks")),
         "summary_pairs": pair_statistics(agreement),
         "summary_images": images,
         "summary_classes": class_agreement(images),
