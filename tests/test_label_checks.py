@@ -112,3 +112,31 @@ def test_demo_model_final_layer_accuracy_with_the_toy_clip():
     )
     assert accuracy >= 0.9 and not classes["tied_with"].map(len).any(), classes
     assert world["class_in_tie"].all(), world
+
+
+@pytest.mark.slow
+def test_audit_writes_label_checks_p_values_and_their_summaries(prefect_harness, tmp_path):
+    """A dissect-only audit of the exact-detector classifier with p-values on: ``label_checks``
+    holds one row per output unit and concept set, ``summary_label_checks`` accuracy 1 for the
+    class names, every ``neurons`` row a p-value, ``summary_layers`` counts the ten planted
+    detectors (of 11 units; the constant unit is p = 1) as significant, and the digest says so."""
+    from flows.audit import run_audit
+    from storage.parquet import ResultsStore
+    from tasks.results.findings import run_findings
+
+    config = _colour_config("planted_colour_classifier").model_dump()
+    config["models"][0]["layers"] = ["detectors"]
+    config["dissect"] |= {"methods": ["clip_dissect"], "significance": {"permutations": 200}}
+    outcome = run_audit(parse_config(config), str(tmp_path), stages=("dissect",))
+    assert outcome.status == "completed", outcome
+    store = ResultsStore(str(tmp_path))
+    checks = store.read("label_checks", outcome.run_id)
+    assert sorted(checks["concept_set"].value_counts().items()) == [("classes", 8), ("world", 8)]
+    summary = store.read("summary_label_checks", outcome.run_id).set_index("concept_set")
+    assert summary.loc["classes", "accuracy"] == 1.0 and summary.loc["classes", "correct"] == 8
+    neurons = store.read("neurons", outcome.run_id)
+    assert neurons["p_value"].notna().all() and len(neurons) == 11
+    layers = store.read("summary_layers", outcome.run_id).iloc[0]
+    assert (layers["tested"], layers["significant"]) == (11, 10)
+    digest = "\n".join(run_findings(store, outcome.run_id))
+    assert "10/11 significant" in digest and "accuracy 1.000 (8/8" in digest
