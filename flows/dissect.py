@@ -8,8 +8,8 @@ from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
 from tasks.core.progress import step
 from tasks.dissect.labellers import labeller
-from tasks.dissect.stage import neurons_unit
-from tasks.dissect.tasks import label_task, layers_task
+from tasks.dissect.stage import label_checks_unit, neurons_unit
+from tasks.dissect.tasks import label_check_task, label_task, layers_task
 
 
 @flow(name="dissect-model", flow_run_name="dissect {model_name}")
@@ -34,6 +34,9 @@ def dissect_model(config: AuditConfig, model_name: str, results: str, run_id: st
     for method, todo in missing.items():
         units = [[layer] for layer in todo] if labeller(method).fan_out == "layer" else [todo] if todo else []
         futures += [label_task.submit(config, model_name, method, layers, unit, results, run_id) for unit in units]
+    if config.dissect.final_layer_check and "clip_dissect" in config.dissect.methods:
+        if not store.has_unit("label_checks", run_id, label_checks_unit(model_name)):
+            futures.append(label_check_task.submit(config, model_name, results, run_id))
     for future in futures:
         future.result()
     return len(futures)

@@ -106,6 +106,42 @@ TABLES: dict[str, pa.Schema] = {
             pa.list_(pa.string()),
             "Other concepts scoring within dissect.tie_tolerance of the best: the label is a tie, not a decision.",
         ),
+        (
+            "p_value",
+            pa.float64(),
+            (
+                "Permutation p-value of the label against the unit's responses shuffled across probe images "
+                "(dissect.significance; null when off)."
+            ),
+        ),
+    ),
+    "label_checks": _schema(
+        (
+            "One row per (model, check, concept set, unit): a label self-test where the unit's true concept is known "
+            "(final_layer: CLIP-Dissect on the classifier's output units, whose concepts are their classes)."
+        ),
+        _RUN,
+        _MODEL,
+        ("check", pa.string(), "The self-test (final_layer)."),
+        ("layer", pa.string(), "The tested layer (the output layer: the last nn.Linear with one output per class)."),
+        (
+            "concept_set",
+            pa.string(),
+            "Concepts CLIP-Dissect chose from: classes (the class names), or the run's set (dissect.concepts.source).",
+        ),
+        ("similarity", pa.string(), "CLIP-Dissect similarity function."),
+        ("unit", pa.int32(), "Output unit (class index)."),
+        ("class_name", pa.string(), "The unit's class: its true concept."),
+        ("concept", pa.string(), "CLIP-Dissect's label of the unit."),
+        ("score", pa.float32(), "The label's similarity score."),
+        ("correct", pa.bool_(), "The label is the class name (case-insensitive)."),
+        ("text_similarity", pa.float32(), "Cosine of the CLIP text embeddings of label and class name."),
+        (
+            "tied_with",
+            pa.list_(pa.string()),
+            "Other concepts scoring within dissect.tie_tolerance of the label: the label is a tie, not a decision.",
+        ),
+        ("class_in_tie", pa.bool_(), "The class name is the label or one of the concepts tied with it."),
     ),
     "saliency": _schema(
         "One row per (model, image, method): the map, enough to recompute every metric.",
@@ -346,10 +382,32 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
             "netdissect: units whose best IoU reaches iou_threshold (null for clip_dissect).",
         ),
         ("interpretable_share", pa.float64(), "netdissect: interpretable / units (null for clip_dissect)."),
+        ("tested", pa.int64(), "Units with a p-value (null when dissect.significance is off)."),
+        (
+            "significant",
+            pa.int64(),
+            "Units whose label is significant after Benjamini-Hochberg at FDR 0.05 over the layer's tested units.",
+        ),
+        ("significant_share", pa.float64(), "significant / tested."),
         ("distinct_concepts", pa.int64(), "Different top-1 concepts among the counted units."),
         ("tied", pa.int64(), "Units whose label is a tie (tied_with not empty)."),
         ("score_mean", pa.float64(), "Mean score of the labelled units."),
         ("score_median", pa.float64(), "Median score of the labelled units."),
+    ),
+    "summary_label_checks": _schema(
+        "One row per (model, check, concept set): the label self-tests' results (from label_checks).",
+        _RUN,
+        _MODEL,
+        ("check", pa.string(), "The self-test (final_layer)."),
+        ("concept_set", pa.string(), "classes, or the run's concept set."),
+        ("layer", pa.string(), "The tested layer."),
+        ("similarity", pa.string(), "CLIP-Dissect similarity function."),
+        ("units", pa.int64(), "Tested units."),
+        ("correct", pa.int64(), "Units labelled with their own class."),
+        ("accuracy", pa.float64(), "correct / units: the CLIP-Dissect paper's final-layer accuracy."),
+        ("tied", pa.int64(), "Units whose label is a tie (then correct rests on rounding)."),
+        ("accuracy_with_ties", pa.float64(), "Share of units whose class is the label or tied with it."),
+        ("text_similarity_mean", pa.float64(), "Mean CLIP text cosine between label and class name."),
     ),
     "summary_label_agreement": _schema(
         (

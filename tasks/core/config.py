@@ -250,6 +250,19 @@ class NetDissectConfig(_Section):
     )
 
 
+class SignificanceConfig(_Section):
+    """Permutation tests of neuron labels (tasks/dissect/significance.py) and their correction."""
+
+    permutations: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Shuffles of each unit's responses across probe images per test (0: no p-values; the demo uses 1000); the "
+            "smallest p-value is 1 / (permutations + 1). Seeded from the run's seed."
+        ),
+    )
+
+
 class DissectConfig(_Section):
     """Neuron labelling."""
 
@@ -273,6 +286,16 @@ class DissectConfig(_Section):
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig, description="Concept set (CLIP-Dissect).")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="CLIP model (CLIP-Dissect).")
     netdissect: NetDissectConfig = Field(default_factory=NetDissectConfig, description="Network Dissection.")
+    final_layer_check: bool = Field(
+        True,
+        description=(
+            "With clip_dissect: label each model's output units with its class names and report the share named "
+            "after their own class (label_checks; the CLIP-Dissect paper's own evaluation)."
+        ),
+    )
+    significance: SignificanceConfig = Field(
+        default_factory=SignificanceConfig, description="p-values of the labels (neurons.p_value)."
+    )
 
 
 class LimeSearchConfig(_Section):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tasks.core.errors import ConfigError
+from tasks.dissect.significance import ShuffledIntersections
 from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 DEFAULT_QUANTILE = 0.005
@@ -676,6 +677,8 @@ def dissect_layers(
     top_images: int = 10,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
     device: str | torch.device = "cpu",
+    permutations: int = 0,
+    seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """Network Dissection of several layers sharing each pass over the probe set.
 
@@ -684,7 +687,9 @@ def dissect_layers(
     is called once per pass: the threshold passes (none when ``thresholds`` holds every layer; one
     for ``threshold="histogram"``, usually two for ``"exact"``), then one for the tallies. Returns,
     per layer, one row per unit (see :func:`unit_labels`) plus ``threshold`` and ``top_images``
-    (the images with the highest peak activation, when batches carry ids).
+    (the images with the highest peak activation, when batches carry ids). With ``permutations``
+    one more pass gives each unit's label a permutation ``p_value``
+    (:class:`tasks.dissect.significance.ShuffledIntersections`, seeded by ``seed``).
     """
     if not 0 <= iou_threshold <= 1:
         raise ConfigError("iou_threshold", f"must be in [0, 1], got {iou_threshold}")
@@ -730,6 +735,11 @@ def dissect_layers(
         batch = _as_batch(item)
         for layer, acts in batch.acts.items():
             tallies[layer].update(acts, batch.masks, batch.image_labels, batch.image_ids)
+    shuffled = {layer: ShuffledIntersections(found[layer], categories) for layer in found} if permutations else {}
+    for item in batches_factory() if shuffled else ():
+        batch = _as_batch(item)
+        for layer, acts in batch.acts.items():
+            shuffled[layer].update(acts, batch.masks, batch.image_labels)
     results = {}
     for layer, tally in tallies.items():
         label_numbers, label_cats, iou, _, _ = tally.scores()
@@ -744,6 +754,10 @@ def dissect_layers(
         )
         frame["threshold"] = found[layer].float().cpu().numpy()
         frame["top_images"] = tally.top_images()
+        if layer in shuffled:
+            # unit_labels' best label: the first maximum over labels in ascending number order
+            best = torch.tensor(label_numbers)[iou.cpu().argmax(dim=1)] if label_numbers else torch.zeros(len(frame))
+            frame["p_value"] = shuffled[layer].p_values(best.long(), count=permutations, seed=seed)[0].numpy()
         results[layer] = frame
     return results
 

@@ -44,9 +44,12 @@ from tasks.dissect.clip_dissect import (
     image_concept_matrix,
     label_units,
     load_concepts,
+    similarity_function,
 )
+from tasks.dissect.label_checks import CHECK_FINAL_LAYER, final_layer_rows, output_layer
 from tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
 from tasks.dissect.probe import Probe, dissect_batches, pixel_batches
+from tasks.dissect.significance import clip_dissect_p_values
 from tasks.world.synthetic import world_concepts
 from tasks.world.toy_clip import ensure_toy_clip, register_toy_clip
 
@@ -56,6 +59,11 @@ RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 def neurons_unit(model: str, layer: str, method: str) -> str:
     """The deterministic work-unit name of one (model, layer, method) labelling."""
     return f"{safe_name(model)}-{safe_name(layer)}-{method}"
+
+
+def label_checks_unit(model: str) -> str:
+    """The deterministic work-unit name of one model's label self-tests."""
+    return f"{safe_name(model)}-{CHECK_FINAL_LAYER}"
 
 
 def labelling_errors_unit(model: str, method: str, layers: list[str]) -> str:
@@ -163,11 +171,10 @@ def clip_dissect_rows(
     concepts: list[str],
     categories: dict[str, str],
 ) -> pd.DataFrame:
-    """CLIP-Dissect labels of one layer's units."""
-    scores = compute_similarity(
-        config.dissect.clip.similarity, similarity_matrix, activations, device=resolve_device(config.device)
-    )
-    return label_units(
+    """CLIP-Dissect labels of one layer's units, with permutation p-values when configured."""
+    device = resolve_device(config.device)
+    scores = compute_similarity(config.dissect.clip.similarity, similarity_matrix, activations, device=device)
+    frame = label_units(
         scores,
         concepts,
         activations,
@@ -177,6 +184,44 @@ def clip_dissect_rows(
         concept_category=categories,
         tie_tolerance=config.dissect.tie_tolerance,
     )
+    count = config.dissect.significance.permutations
+    if count:
+        similarity = similarity_function(config.dissect.clip.similarity)
+        frame["p_value"] = clip_dissect_p_values(
+            similarity, similarity_matrix, activations, count=count, seed=config.seed, device=device
+        ).numpy()
+    return frame
+
+
+def final_layer_check_rows(config: AuditConfig, model, probe: Probe) -> pd.DataFrame:
+    """``label_checks`` rows of the final-layer self-test (:mod:`tasks.dissect.label_checks`) of
+    ``model``: CLIP-Dissect on its output units with the class names as concepts and, unless that
+    is the configured concept set, with the configured one too."""
+    layer = output_layer(model.module, len(model.class_names))
+    activations = pooled_layer_activations(config, model, [layer], probe)[layer]
+    images, _ = finite_selection(activations)
+    settings, device = config.dissect.clip, resolve_device(config.device)
+    clip, _, tokenizer, identity = clip_model(config)
+
+    def text(concepts: list[str]) -> torch.Tensor:
+        return cached_clip_text_features(
+            clip, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device
+        )
+
+    sets = {"classes": load_concepts(model.class_names, field="models.class_names")}
+    if config.dissect.concepts.source != "classes":
+        sets[config.dissect.concepts.source] = concept_set(config, probe, model.class_names)[0]
+    frames = []
+    for name, concepts in sets.items():
+        similarity = clip_similarity(config, probe, concepts)[images.to(device)]
+        scores = compute_similarity(settings.similarity, similarity, activations[images], device=device)
+        frame = final_layer_rows(
+            scores, concepts, model.class_names, text(concepts), text(sets["classes"]), config.dissect.tie_tolerance
+        )
+        frames.append(
+            frame.assign(check=CHECK_FINAL_LAYER, layer=layer, concept_set=name, similarity=settings.similarity)
+        )
+    return pd.concat(frames, ignore_index=True)
 
 
 def netdissect_rows(
@@ -219,6 +264,8 @@ def netdissect_rows(
         top_images=config.dissect.top_images,
         tie_tolerance=config.dissect.tie_tolerance,
         device=device,
+        permutations=config.dissect.significance.permutations,
+        seed=config.seed,
     )
     if files and thresholds is None:
         for layer, frame in frames.items():

@@ -7,10 +7,18 @@ from prefect.tasks import exponential_backoff
 
 from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
+from tasks.core.errors import ConfigError
+from tasks.core.rows import error_row
 from tasks.data.loaded_models import using_model
 from tasks.dissect.labellers import labeller
 from tasks.dissect.probe import open_probe
-from tasks.dissect.stage import labelling_errors_unit, model_layers, write_neurons
+from tasks.dissect.stage import (
+    final_layer_check_rows,
+    label_checks_unit,
+    labelling_errors_unit,
+    model_layers,
+    write_neurons,
+)
 
 
 def _model_config(config: AuditConfig, model_name: str):
@@ -53,6 +61,31 @@ def label_task(
     rows = sum(write_neurons(store, run_id, model_name, layer, method, frame) for layer, frame in labels.frames.items())
     get_run_logger().info("%s %s: %d units over %d layer(s)", method, model_name, rows, len(labels.frames))
     return rows
+
+
+@task(name="label-checks", task_run_name="final-layer self-test {model_name}", tags=["gpu"])
+def label_check_task(config: AuditConfig, model_name: str, results: str, run_id: str) -> int:
+    """The final-layer self-test of ``model_name``: one ``label_checks`` file, or one ``errors`` row
+    when the model has no output layer to test; returns the row count."""
+    probe = open_probe(config)
+    store = ResultsStore(results)
+    unit = label_checks_unit(model_name)
+    try:
+        with using_model(config, _model_config(config, model_name)) as model:
+            rows = final_layer_check_rows(config, model, probe)
+    except ConfigError as exc:
+        store.write("errors", run_id, unit, [error_row("dissect", model_name, exc, item_id=f"{model_name}/{unit}")])
+        return 0
+    store.write("label_checks", run_id, unit, rows.assign(model=model_name))
+    classes = rows[rows["concept_set"] == "classes"]
+    get_run_logger().info(
+        "%s final-layer self-test: accuracy %.3f, text similarity %.3f over %d output units",
+        model_name,
+        classes["correct"].mean(),
+        classes["text_similarity"].mean(),
+        len(classes),
+    )
+    return len(rows)
 
 
 @task(name="probe-set", task_run_name="probe set")

@@ -54,7 +54,19 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         )
         ties = getattr(row, "tied", 0)
         tied = f", {int(ties)} tied" if ties and not pd.isna(ties) else ""
+        significant = getattr(row, "significant", None)
+        tested = getattr(row, "tested", None)
+        if significant is not None and not pd.isna(significant):
+            tied += f", {int(significant)}/{int(tested)} significant"
         lines.append(f"  {row.layer} {row.method}: {top or '(no counted units)'} ({counted}{tied})")
+    checks = summary.get("summary_label_checks")
+    if checks is not None and not checks.empty:
+        for row in checks[checks["model"] == model].itertuples():
+            lines.append(
+                f"  label self-test ({row.check}, {row.concept_set} concepts, {row.similarity}): accuracy "
+                f"{number(row.accuracy)} ({int(row.correct)}/{int(row.units)}; {int(row.tied)} tied, class among the "
+                f"tied labels {number(row.accuracy_with_ties)}), text similarity {number(row.text_similarity_mean)}"
+            )
     agreement = summary["summary_label_agreement"]
     agreement = agreement[agreement["model"] == model]
     if not agreement.empty:

@@ -347,6 +347,15 @@ class _Report:
                 f"<h3>Concept categories per layer ({_esc(method)}: {' vs '.join(map(_esc, models))})</h3>",
                 _img(figure, self.out, f"category shares {method}"),
             ]
+        checks = summary.get("summary_label_checks")
+        if checks is not None and not checks.empty:
+            parts += [
+                "<h3>Label self-test: the final layer</h3>",
+                "<p>CLIP-Dissect on each classifier's output units, whose true concepts are their class names "
+                "(the CLIP-Dissect paper's own evaluation): accuracy is the share of units labelled with their own "
+                "class, text similarity the mean CLIP text cosine between label and class name.</p>",
+                _table(checks),
+            ]
         agreement = summary["summary_label_agreement"]
         parts += [
             "<h3>CLIP-Dissect vs Network Dissection</h3>",

@@ -25,6 +25,7 @@ from storage.integrity import unreadable_files_named
 from storage.parquet import ResultsStore
 from storage.schemas import SUMMARY_TABLES, TABLES
 from tasks.dissect.base import counts_for_concept
+from tasks.dissect.significance import FDR, benjamini_hochberg
 from tasks.explain.registry import control_methods
 from tasks.metrics.base import Score
 from tasks.metrics.registry import summary_scores
@@ -39,7 +40,30 @@ LAYER_KEY = ["model", "layer", "method"]
 
 # What the summary reads of each raw table: never the maps themselves.
 INPUT_COLUMNS = {
-    "neurons": ["model", "layer", "unit", "method", "concept", "category", "score", "interpretable", "tied_with"],
+    "neurons": [
+        "model",
+        "layer",
+        "unit",
+        "method",
+        "concept",
+        "category",
+        "score",
+        "interpretable",
+        "tied_with",
+        "p_value",
+    ],
+    "label_checks": [
+        "model",
+        "check",
+        "concept_set",
+        "layer",
+        "similarity",
+        "unit",
+        "correct",
+        "text_similarity",
+        "tied_with",
+        "class_in_tie",
+    ],
     "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
     "saliency": ["model", "image_id", "method", "target"],
     "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
@@ -198,7 +222,25 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
         netdissect
     )
     frame["interpretable_share"] = (frame["interpretable"] / frame["units"]).where(netdissect)
+    frame = frame.join(significant_units(neurons))
     return _columns("summary_layers", frame.reset_index().sort_values(LAYER_KEY))
+
+
+def significant_units(neurons: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, layer, method): units with a p-value, and those significant after
+    Benjamini–Hochberg at :data:`~tasks.dissect.significance.FDR` within the layer (null without p-values)."""
+    p_values = neurons["p_value"] if "p_value" in neurons else pd.Series(np.nan, index=neurons.index)
+    tested = neurons.assign(p_value=pd.to_numeric(p_values, errors="coerce"))
+    rows = {}
+    for key, group in tested.groupby(LAYER_KEY):
+        finite = group["p_value"].dropna()
+        rows[key] = (len(finite), int(benjamini_hochberg(finite.to_numpy(), FDR).sum()) if len(finite) else None)
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["tested", "significant"])
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=LAYER_KEY)
+    frame["significant"] = frame["significant"].astype("Int64")
+    frame["tested"] = frame["tested"].where(frame["tested"] > 0).astype("Int64")
+    frame["significant_share"] = frame["significant"] / frame["tested"]
+    return frame
 
 
 def _with_ties(neurons: pd.DataFrame) -> pd.DataFrame:
@@ -249,6 +291,32 @@ def label_agreement(neurons: pd.DataFrame) -> pd.DataFrame:
         frame["interpretable_units"] > 0
     )
     return _columns("summary_label_agreement", frame)
+
+
+def label_checks(checks: pd.DataFrame) -> pd.DataFrame:
+    """``summary_label_checks``: accuracy and mean text similarity of each label self-test."""
+    if checks.empty:
+        return empty_frame("summary_label_checks")
+    key = ["model", "check", "concept_set", "layer", "similarity"]
+    checks = checks.assign(
+        correct=checks["correct"].astype(bool),
+        in_tie=checks["class_in_tie"].astype(bool),
+        tie=checks["tied_with"].map(_has_ties),
+    )
+    frame = (
+        checks.groupby(key)
+        .agg(
+            units=("unit", "size"),
+            correct=("correct", "sum"),
+            tied=("tie", "sum"),
+            in_tie=("in_tie", "sum"),
+            text_similarity_mean=("text_similarity", "mean"),
+        )
+        .reset_index()
+    )
+    frame["accuracy"] = frame["correct"] / frame["units"]
+    frame["accuracy_with_ties"] = frame["in_tie"] / frame["units"]
+    return _columns("summary_label_checks", frame.sort_values(key))
 
 
 def _population_std(values: pd.Series) -> float:
@@ -629,6 +697,7 @@ def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS
         "summary_concept_models": concept_models(neurons),
         "summary_layers": layer_units(neurons),
         "summary_label_agreement": label_agreement(neurons),
+        "summary_label_checks": label_checks(_input(inputs, "label_checks")),
         "summary_pairs": pair_statistics(agreement),
         "summary_images": images,
         "summary_classes": class_agreement(images),
