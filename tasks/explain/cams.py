@@ -75,7 +75,7 @@ class BatchedScoreCAM(ScoreCAM):
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
-        model = inference_model(self.model)
+        model = inference_model(self.model, input_tensor)
         batch_size = self.batch_size or perturbation_batch_size(
             self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE
         )
