@@ -77,6 +77,12 @@ TABLES: dict[str, pa.Schema] = {
         ("prob", pa.float32(), "Top-1 softmax probability."),
         ("topk", _TOPK, "Top-k classes with names and probabilities."),
         ("true_label", pa.int32(), "Ground-truth class index when the image set has labels."),
+        ("cam_layer", pa.string(), "Layer the model's CAMs read (configured or chosen per family)."),
+        (
+            "cam_layout",
+            pa.string(),
+            "How that layer's output became maps: nchw; nhwc (channels moved first); tokens (prefix tokens dropped).",
+        ),
     ),
     "neurons": _schema(
         "One row per (model, layer, unit, method): the unit's concept.",

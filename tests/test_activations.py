@@ -64,8 +64,19 @@ def test_spatial_units_folds_vit_tokens_into_a_grid():
     grid = act.spatial_units(tokens)
     assert grid.shape == (2, 3, 3, 3)
     assert torch.equal(grid[1, 2, 0, 1], tokens[1, 1 + 1, 2])  # patch (row 0, col 1), channel 2
-    with pytest.raises(ConfigError, match="no spatial grid"):
-        act.spatial_units(torch.zeros(2, 6, 3))
+    distilled = torch.randn(2, 2 + 16, 5)  # DeiT: CLS + distillation token + 4×4 patches
+    assert torch.equal(act.spatial_units(distilled)[1, 4, 2, 3], distilled[1, 2 + 2 * 4 + 3, 4])
+    with pytest.raises(ConfigError, match="no square grid"):
+        act.spatial_units(torch.zeros(2, 6))
+
+
+def test_channels_last_maps_and_grid_only_token_sequences_pool_over_space():
+    swin = torch.randn(2, 4, 4, 7)  # Swin's [b, h, w, c] block output
+    torch.testing.assert_close(act.pool_units(swin, "avg"), swin.mean(dim=(1, 2)))
+    torch.testing.assert_close(act.pool_units(swin, "max"), swin.amax(dim=(1, 2)))
+    assert torch.equal(act.spatial_units(swin)[1, 6, 2, 3], swin[1, 2, 3, 6])
+    patches_only = torch.randn(2, 9, 5)  # a ViT without CLS token: nothing to take as the summary
+    torch.testing.assert_close(act.pool_units(patches_only, "avg"), patches_only.mean(dim=1))
 
 
 def test_recorder_removes_its_hooks_even_when_the_body_fails():

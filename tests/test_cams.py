@@ -135,8 +135,9 @@ def test_scorecam_scores_each_distinct_mask_once_and_still_equals_the_library():
     model = DuplicateChannels().eval()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     shared_rows, masked_rows = [], []
-    # the masked forwards run through the model's (cached) inference copy, built before the counting hooks
-    inference_model(model).conv.register_forward_hook(
+    # the masked forwards run through the model's (cached) inference copy, built and checked against the
+    # model on one image before the counting hooks
+    inference_model(model, images).conv.register_forward_hook(
         lambda module, inputs, output: masked_rows.append(output.shape[0])
     )
     handle = model.conv.register_forward_hook(lambda module, inputs, output: shared_rows.append(output.shape[0]))

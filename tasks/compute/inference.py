@@ -18,11 +18,19 @@ recording hooks of live grad-cam CAM objects (``ActivationsAndGradients``): thos
 the activations of every perturbed batch in the cached copy. BatchNorms in training mode (they
 normalise by batch statistics), and those that are shared, called twice or fed by anything but
 a lone convolution, are left as they are.
+
+All of that is exact in exact arithmetic for every module torch's own ``forward`` runs, but a model's
+``forward`` may read what the copy changed (a BatchNorm's ``weight`` for channel gating, a
+convolution's ``bias``). So, given an example input, the copy is checked once (per model state)
+on one image against the model itself in float32, and where it raises or its outputs differ by
+more than rounding the model itself serves its output-only forwards from then on, and the log
+says so.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -37,7 +45,11 @@ from tasks.compute.packed_conv import pack_convolutions
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None, bool | None]] = weakref.WeakKeyDictionary()
+"""model -> (state key, its copy or None where the copy is not exact, whether the check passed (None: unchecked))."""
+
+RTOL = 1e-4
+"""Largest relative difference (of the logits' largest magnitude) the copy may show: float rounding only."""
 _cache_lock = threading.Lock()
 
 
@@ -93,23 +105,55 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def inference_model(model: Any) -> Any:
+def inference_model(model: Any, example: torch.Tensor | None = None) -> Any:
     """The folded, channels-last (on CPUs packed), gradient-free copy of ``model`` for output-only forwards.
 
     Built once per model and reused while the model's parameters, buffers and train/eval
     flags are unchanged (an in-place update, ``load_state_dict`` or ``train()`` rebuilds it).
-    Anything that is not an ``nn.Module`` is returned as it is.
+    ``example`` (a batch of the model's inputs): check the copy once on its first image and
+    return ``model`` itself where the copy is not exact (module docstring). Anything that is not
+    an ``nn.Module`` is returned as it is.
     """
     if not isinstance(model, nn.Module):
         return model
     key = _state_key(model)
     with _cache_lock:
         cached = _cache.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        fast = pack_convolutions(fold_batchnorm(model).to(memory_format=torch.channels_last).requires_grad_(False))
-        _cache[model] = (key, fast)
-        return fast
+        if cached is None or cached[0] != key:
+            fast = pack_convolutions(fold_batchnorm(model).to(memory_format=torch.channels_last).requires_grad_(False))
+            cached = (key, fast, None)
+        if cached[2] is None and example is not None:
+            exact = copy_is_exact(model, cached[1], example[:1])
+            cached = (key, cached[1] if exact else None, exact)
+        _cache[model] = cached
+        return model if cached[1] is None else cached[1]
+
+
+def copy_is_exact(model: nn.Module, fast: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``fast`` gives ``model``'s outputs on ``example`` in float32 (up to :data:`RTOL`); logs why not."""
+    with torch.no_grad(), torch.autocast(example.device.type, enabled=False):
+        plain = model(example.float())
+        try:
+            copied = fast(example.float().contiguous(memory_format=torch.channels_last))
+        except Exception as error:  # noqa: BLE001 - any failure of the copy means: do not use it
+            reason = f"it raises {type(error).__name__}: {error}"
+        else:
+            scale = float(plain.abs().max()) or 1.0
+            difference = float((copied.float() - plain.float()).abs().max()) if copied.shape == plain.shape else None
+            if difference is not None and difference <= RTOL * scale:
+                return True
+            reason = (
+                f"its outputs differ by up to {difference:.3g} (scale {scale:.3g})"
+                if difference is not None
+                else f"its output has shape {list(copied.shape)}, not {list(plain.shape)}"
+            )
+    logging.getLogger(__name__).warning(
+        "inference copy of %s (BatchNorm folded, packed convolutions) is not exact here (%s); its output-only "
+        "forwards (LIME, ScoreCAM, deletion/insertion) run the model as it is",
+        type(model).__name__,
+        reason,
+    )
+    return False
 
 
 def _state_key(model: nn.Module) -> tuple:

@@ -66,12 +66,17 @@ class ModelConfig(_Section):
         "demo",
         min_length=1,
         description=(
-            "Where the model comes from, by registered name (README, Registered names): torchvision weights, the "
-            "Places365 CSAIL checkpoint, a local checkpoint, a Python callable, or the synthetic world's demo model."
+            "Where the model comes from, by registered name (README, Registered names): torchvision weights, timm "
+            "weights (local cache or file, never downloaded), the Places365 CSAIL checkpoint, a local checkpoint, a "
+            "Python callable, or the synthetic world's demo model."
         ),
     )
     arch: str | None = Field(
-        None, description="torchvision architecture name (e.g. resnet18) for torchvision/places365/checkpoint sources."
+        None,
+        description=(
+            "torchvision architecture name (e.g. resnet18) for torchvision/places365/checkpoint sources; for timm a "
+            "timm model name, optionally with its pretrained tag (e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k)."
+        ),
     )
     weights: str | None = Field(
         None,
@@ -80,7 +85,11 @@ class ModelConfig(_Section):
         ),
     )
     path: str | None = Field(
-        None, description="Local checkpoint file (.safetensors, .pt, .pth) for the checkpoint source."
+        None,
+        description=(
+            "Local checkpoint file (.safetensors, .pt, .pth) for the checkpoint source; for timm a local weights file "
+            "instead of timm's cache."
+        ),
     )
     categories: str | None = Field(
         None, description="Places365 categories file (path or URL); default downloads categories_places365.txt."
@@ -89,7 +98,7 @@ class ModelConfig(_Section):
         None, description="`package.module:function` returning an nn.Module, for the python source."
     )
     class_names: list[str] | str | None = Field(
-        None, description="Class names (list or a text file, one per line) for checkpoint/python sources."
+        None, description="Class names (list or a text file, one per line) for checkpoint/python/timm sources."
     )
     num_classes: PositiveInt | None = Field(
         None, description="Number of output classes for checkpoint/python sources when class_names is not given."
@@ -98,7 +107,11 @@ class ModelConfig(_Section):
         default_factory=PreprocessConfig, description="Preprocessing for checkpoint/python sources."
     )
     cam_layer: str | None = Field(
-        None, description="Layer the CAMs read (named_modules name); default: the last block of the last stage."
+        None,
+        description=(
+            "Layer the CAMs read (named_modules name); default: for transformers the first norm of the last block, "
+            "for CNNs the last convolutional feature map (README, CAM layers per family)."
+        ),
     )
     layers: list[str] | None = Field(
         None,

@@ -22,6 +22,7 @@ from torch import nn
 
 from tasks.core.config import ModelConfig, WorldConfig
 from tasks.core.errors import ConfigError
+from tasks.data.layer_layout import LayerLayout, layout_of
 from tasks.data.sources.registry import model_source
 
 
@@ -134,25 +135,41 @@ _POOLING = (
 
 
 def default_cam_layer(module: nn.Module, input_size: int = 224, field: str = "layer") -> str:
-    """The layer CAMs use when the config names none: the last feature map before pooling.
+    """The layer CAMs use when the config names none, from one zero image of ``input_size``.
 
-    Rule: run one zero image of ``input_size`` through the model and take the top-level child
-    that ran last among those returning a 4-D ``[N, C, H, W]`` output with H, W > 1, pooling
-    layers aside — ``layer4`` for ResNets, ``features`` for VGG/DenseNet/MobileNet/EfficientNet/
-    ConvNeXt/SqueezeNet, ``trunk_output`` for RegNet, ``inception5b``/``Mixed_7c`` for
-    GoogLeNet/Inception-v3, ``permute`` (the NCHW map after the last norm) for Swin.
-    Transformers (a later child returns token sequences) have no such map: their CAM layer must be given in the config.
+    Transformers (ViT, DeiT, Swin): the first norm of the last transformer block, as grad-cam's
+    documentation advises (``blocks[-1].norm1`` in timm, ``encoder.layers[-1].ln_1`` in torchvision's
+    ViT, ``features[-1][-1].norm1`` in its Swin). A block is a module with two or more LayerNorms of its
+    own whose outputs are token sequences or channels-last maps (:mod:`tasks.data.layer_layout`);
+    its norms are taken in call order.
+
+    CNNs (everything else): the top-level child that ran last among those returning a 4-D
+    ``[N, C, H, W]`` output with H, W > 1, pooling layers and identities aside — ``layer4`` for
+    ResNets, ``features`` for VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt/SqueezeNet,
+    ``trunk_output`` for RegNet, ``blocks.<last>`` for MaxViT, ``inception5b``/``Mixed_7c`` for
+    GoogLeNet/Inception-v3, ``stages`` for timm's ConvNeXt, ``bn2`` for timm's EfficientNet.
     """
-    calls: list[tuple[str, tuple[int, ...] | None]] = []
+    # Top-level children, and the members of top-level ModuleLists (never called themselves: MaxViT's blocks).
+    children = {
+        f"{name}.{member}" if member else name
+        for name, child in module.named_children()
+        for member in ([m for m, _ in child.named_children()] if isinstance(child, nn.ModuleList) else [""])
+    }
+    calls: list[tuple[str, nn.Module, tuple[int, ...] | None, LayerLayout | None]] = []
     hooks = []
-    for name, child in module.named_children():
-        if isinstance(child, _POOLING):
+    for name, sub in module.named_modules():
+        if not name or (name not in children and not isinstance(sub, nn.LayerNorm)):
             continue
 
-        def record(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
-            calls.append((name, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        def record(sub: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            try:
+                layout = layout_of(out) if shape is not None else None
+            except ValueError:
+                layout = None
+            calls.append((name, sub, shape, layout))
 
-        hooks.append(child.register_forward_hook(record))
+        hooks.append(sub.register_forward_hook(record))
     was_training = module.training
     try:
         module.eval()
@@ -164,14 +181,26 @@ def default_cam_layer(module: nn.Module, input_size: int = 224, field: str = "la
         for hook in hooks:
             hook.remove()
         module.train(was_training)
-    spatial = [i for i, (_, shape) in enumerate(calls) if shape is not None and len(shape) == 4 and min(shape[2:]) > 1]
-    if not spatial or any(shape is not None and len(shape) == 3 for _, shape in calls[spatial[-1] + 1 :]):
+    block_norms: dict[str, list[str]] = {}
+    for name, sub, _, layout in calls:
+        if isinstance(sub, nn.LayerNorm) and layout is not None and layout.channels_last:
+            block_norms.setdefault(name.rpartition(".")[0], []).append(name)
+    blocks = [norms for parent, norms in block_norms.items() if parent and len(dict.fromkeys(norms)) >= 2]
+    if blocks:
+        return blocks[-1][0]
+    top = [
+        (name, shape)
+        for name, sub, shape, _ in calls
+        if name in children and not isinstance(sub, (*_POOLING, nn.Identity))
+    ]
+    spatial = [i for i, (_, shape) in enumerate(top) if shape is not None and len(shape) == 4 and min(shape[2:]) > 1]
+    if not spatial or any(shape is not None and len(shape) == 3 for _, shape in top[spatial[-1] + 1 :]):
         raise ConfigError(
             field,
-            f"{type(module).__name__} has no convolutional feature map to use as the default CAM "
-            "layer; name one in the config (a layer from named_modules())",
+            f"{type(module).__name__} has neither transformer blocks nor a convolutional feature map to use as "
+            "the default CAM layer; name one in the config (a layer from named_modules())",
         )
-    return calls[spatial[-1]][0]
+    return top[spatial[-1]][0]
 
 
 def weights_identity(module: nn.Module) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tasks.core.cache import cache_dir
 from tasks.core.errors import ConfigError
 from tasks.core.progress import track
+from tasks.data.layer_layout import layout_of
 
 log = logging.getLogger(__name__)
 
@@ -119,35 +120,36 @@ class LayerRecorder:
 def pool_units(output: Tensor, pooling: str) -> Tensor:
     """One value per unit and image: ``[b, units]``.
 
-    4-D conv maps ``[b, c, h, w]`` are averaged (``avg``) or maxed (``max``) over space; 3-D
-    ViT-style token sequences ``[b, tokens, d]`` give their CLS token (index 0); 2-D outputs are
-    returned as they are.
+    Unit maps (conv ``[b, c, h, w]``, Swin-style channels-last ``[b, h, w, c]``, ViT token sequences
+    without prefix tokens: :mod:`tasks.data.layer_layout`) are averaged (``avg``) or maxed (``max``)
+    over space. A token sequence with prefix tokens gives its CLS token (index 0): the summary the
+    model's head reads, while the patch tokens are what Network Dissection thresholds
+    (:func:`spatial_units`). 2-D outputs are returned as they are.
     """
     if pooling not in POOLINGS:
         raise ConfigError("pooling", f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
-    if output.dim() == 4:
-        return output.mean(dim=(2, 3)) if pooling == "avg" else output.amax(dim=(2, 3))
-    if output.dim() == 3:
-        return output[:, 0]
     if output.dim() == 2:
         return output
+    if output.dim() in (3, 4):
+        layout = layout_of(output)
+        if layout.kind == "tokens" and layout.prefix_tokens:
+            return output[:, 0]
+        maps = layout(output)
+        return maps.mean(dim=(2, 3)) if pooling == "avg" else maps.amax(dim=(2, 3))
     raise ConfigError("layers", f"cannot pool a {output.dim()}-D layer output of shape {tuple(output.shape)}")
 
 
 def spatial_units(output: Tensor) -> Tensor:
     """A layer output as unit maps ``[b, units, h, w]`` (what Network Dissection thresholds).
 
-    Conv maps pass through; ViT-style ``[b, 1 + g·g, d]`` token sequences drop the CLS token and
-    fold the patch tokens into a ``g × g`` grid.
+    Conv maps pass through, channels-last maps have their channels moved first, and token sequences
+    drop their prefix tokens (CLS, distillation, registers) and fold the patch tokens into their
+    square grid (:mod:`tasks.data.layer_layout`).
     """
-    if output.dim() == 4:
-        return output
-    if output.dim() == 3:
-        patches = output[:, 1:]
-        side = int(round(patches.shape[1] ** 0.5))
-        if side * side == patches.shape[1]:
-            return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], side, side)
-    raise ConfigError("layers", f"layer output of shape {tuple(output.shape)} has no spatial grid to dissect")
+    try:
+        return layout_of(output)(output)
+    except ValueError as error:
+        raise ConfigError("layers", f"{error}; it cannot be dissected") from None
 
 
 def _batch_tensor(batch: object) -> Tensor:

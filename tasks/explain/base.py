@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from tasks.core.config import ExplainConfig
 from tasks.core.errors import ItemError
+from tasks.data.layer_layout import LayerLayout
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ExplainContext:
     amp_dtype: torch.dtype | None
     image_ids: Sequence[str]
     """The batch's image ids, for error rows and extra table rows."""
+    layout: LayerLayout | None = None
+    """How ``layer``'s output becomes ``[B, C, h, w]`` maps (grad-cam's reshape transform); None: NCHW."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
+from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -74,7 +75,7 @@ class BatchedScoreCAM(ScoreCAM):
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
         upsample = nn.UpsamplingBilinear2d(size=input_tensor.shape[-2:])
         scores = torch.empty(activations.shape[:2], dtype=torch.float32)
-        model = inference_model(self.model)
+        model = inference_model(self.model, input_tensor)
         batch_size = self.batch_size or perturbation_batch_size(
             self.device, self.amp_dtype, accelerator=GPU_SCORECAM_BATCH_SIZE
         )
@@ -128,8 +129,10 @@ class BatchedAblationCAM(AblationCAM):
         amp_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(model, target_layers, reshape_transform=reshape_transform, batch_size=batch_size)
-        # The library's default ablation layer is one module shared by every AblationCAM.
-        self.ablation_layer = type(self.ablation_layer)()
+        # The library's default ablation layer is one module shared by every AblationCAM. Token and
+        # channels-last layers (those with a reshape transform) ablate their last axis, as grad-cam's
+        # ViT example does with AblationLayerVit.
+        self.ablation_layer = AblationLayer() if reshape_transform is None else AblationLayerVit()
         self.amp_dtype = amp_dtype
 
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
@@ -448,6 +451,7 @@ class CamFamily(Explainer):
         self, context: ExplainContext, images: Tensor, targets: Sequence[int], methods: Sequence[str]
     ) -> Explanations:
         settings = context.settings
+        reshape_transform = context.layout.reshape_transform if context.layout is not None else None
         maps = compute_cams(
             context.model.module,
             context.layer,
@@ -455,6 +459,7 @@ class CamFamily(Explainer):
             targets,
             methods,
             amp_dtype=context.amp_dtype,
+            reshape_transform=reshape_transform,
             scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
             ablationcam_batch_size=settings.ablationcam_batch_size,
         )

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from storage.maps import encode_heatmap
 from tasks.compute.precision import autocast_context
+from tasks.data.layer_layout import layout_of
 from tasks.dissect.base import counts_for_concept
 
 UNIT_LABEL_COLUMNS = ["layer", "unit", "method", "concept", "category", "interpretable"]
@@ -97,7 +98,8 @@ def unit_contributions(
 
     def hook(name):
         def capture(_module, _inputs, output):
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            # Token sequences and channels-last maps (transformers) are refused rather than mis-read.
+            if not isinstance(output, Tensor) or output.dim() != 4 or layout_of(output).kind != "nchw":
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise ValueError(f"concept attributions need [B, C, h, w] output at {name}, got {shape}")
             if not output.requires_grad:

@@ -214,7 +214,7 @@ def neighborhood_probabilities(
     segment_ids = torch.from_numpy(segments.astype(np.int64)).to(device)
     on = torch.from_numpy(np.asarray(data, dtype=bool)).to(device)
     outputs = []
-    network = inference_model(network)  # BatchNorm folded, channels-last: logits move ~1e-6
+    network = inference_model(network, shown)  # BatchNorm folded, channels-last: logits move ~1e-6
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             keep = on[start : start + batch_size][:, segment_ids][:, None]

@@ -22,9 +22,10 @@ from storage.parquet import safe_name
 from tasks.compute.oom import is_out_of_memory, run_with_backoff
 from tasks.compute.precision import PRECISIONS, autocast_context
 from tasks.core.config import AuditConfig, ModelConfig
-from tasks.core.errors import ItemError
+from tasks.core.errors import ConfigError, ItemError
 from tasks.core.rows import error_row
 from tasks.data.images import load_rgb
+from tasks.data.layer_layout import LayerLayout, layer_layout
 from tasks.data.models import default_cam_layer, resolve_layer
 from tasks.explain.base import ExplainContext, Explainer, Explanations
 from tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
@@ -171,9 +172,12 @@ def explain_batch(
     layer: torch.nn.Module,
     inputs: list[_Input],
     concept_layers: ConceptLayers | None = None,
+    layer_name: str | None = None,
+    layout: LayerLayout | None = None,
 ) -> ChunkRows:
     """Every configured explanation and metric of one batch of decoded images, and the concept
-    attributions of its targets at ``concept_layers``."""
+    attributions of its targets at ``concept_layers``; ``layout``: how ``layer`` (called
+    ``layer_name``) becomes maps (None: NCHW)."""
     explain = config.explain
     amp_dtype = PRECISIONS[explain.precision]
     device = next(model.module.parameters()).device
@@ -183,7 +187,7 @@ def explain_batch(
     label_targets = [item.true_label for item in inputs] if explain.target == "label" else None
     targets = label_targets or probabilities.argmax(dim=-1).tolist()
     image_ids = [item.record["image_id"] for item in inputs]
-    context = ExplainContext(model, layer, explain, config.seed, amp_dtype, image_ids)
+    context = ExplainContext(model, layer, explain, config.seed, amp_dtype, image_ids, layout)
     rows = ChunkRows()
     maps: dict[str, np.ndarray] = {}
     failed: dict[int, ItemError] = {}
@@ -227,6 +231,8 @@ def explain_batch(
                     "label_name": model.class_names[labels[0]],
                     "prob": probs[0],
                     "true_label": item.true_label,
+                    "cam_layer": layer_name,
+                    "cam_layout": (layout or LayerLayout("nchw")).describe(),
                     "topk": [
                         {"label": label, "name": model.class_names[label], "prob": prob}
                         for label, prob in zip(labels, probs)
@@ -297,7 +303,12 @@ def explain_records(
     """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`);
     ``labels``: the unit labels of the model's dissected layers (layer -> labels), for concept
     attributions at those of them that ``explain.concepts.layers`` names (all by default)."""
-    layer = resolve_layer(model.module, cam_layer_name(model_config, model), field="models.cam_layer")
+    layer_name = cam_layer_name(model_config, model)
+    layer = resolve_layer(model.module, layer_name, field="models.cam_layer")
+    try:
+        layout = layer_layout(model.module, layer, model.input_size)
+    except ValueError as error:
+        raise ConfigError("models.cam_layer", f"{layer_name}: {error}; name a layer with a map or token grid") from None
     wanted = config.explain.concepts.layers
     concept_layers = {
         name: (resolve_layer(model.module, name, field="explain.concepts.layers"), layer_labels)
@@ -308,7 +319,7 @@ def explain_records(
     rows = ChunkRows()
     rows.add("errors", errors)
     batches = run_with_backoff(
-        lambda batch: explain_batch(config, model, layer, batch, concept_layers),
+        lambda batch: explain_batch(config, model, layer, batch, concept_layers, layer_name, layout),
         inputs,
         config.explain.batch_size,
         logger or logging.getLogger(__name__),

@@ -268,7 +268,7 @@ def deletion_insertion_curves(
     per_image = 2 * (steps + 1)
     probabilities = torch.empty(count * per_image, dtype=torch.float32)
     batch_size = batch_size or perturbation_batch_size(device, amp_dtype, accelerator=GPU_METRICS_BATCH_SIZE)
-    model = inference_model(model)
+    model = inference_model(model, images)
     with torch.no_grad():
         for start in range(0, count * per_image, batch_size):
             jobs = torch.arange(start, min(start + batch_size, count * per_image), device=device)

@@ -12,10 +12,12 @@ from tasks.data.sources.checkpoint import CheckpointSource
 from tasks.data.sources.demo import DemoSource
 from tasks.data.sources.places365 import Places365Source
 from tasks.data.sources.python import PythonSource
+from tasks.data.sources.timm import TimmSource
 from tasks.data.sources.torchvision import TorchvisionSource
 
 BUILTIN: tuple[ModelSource, ...] = (
     TorchvisionSource(),
+    TimmSource(),
     Places365Source(),
     CheckpointSource(),
     PythonSource(),
