@@ -497,11 +497,6 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
             "1 for the best pointing_accuracy (ties: energy_in_gt_mean); null without ground truth.",
         ),
         ("faithfulness_rank", pa.int32(), "1 for the highest faithfulness; null without faithfulness rows."),
-        (
-            "scores",
-            pa.map_(pa.string(), pa.float64()),
-            "Mean of each value in the scores table (metrics without a table of their own), by name.",
-        ),
         ("control", pa.bool_(), "The method is a control: its maps carry no model information."),
         (
             "sanity_spearman",
@@ -522,6 +517,11 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ),
         ("random_logit_ssim", pa.float64(), "Mean SSIM of the map of a random other class with the explained one."),
         ("beaten_by_control", pa.string(), "Metrics on which a control beats this method (comma-separated)."),
+        (
+            "scores",
+            pa.map_(pa.string(), pa.float64()),
+            "Mean of each value in the scores table (metrics without a table of their own), by name.",
+        ),
     ),
     "summary_sanity": _schema(
         "One row per (model, method, test, step): the randomisation curve, similarities averaged over the images.",

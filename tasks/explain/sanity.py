@@ -233,21 +233,20 @@ class _Checked:
 
     def add(self, test: str, step: int, layer: str | None, maps: Maps, reference: Maps, targets: list[int]) -> None:
         """Rows of one step of one test: each map with its similarities to the test's reference map."""
-        q = self.config.explain.metrics.agreement_q
+        q, bins = self.config.explain.metrics.agreement_q, self.settings.emprt_bins
         for method, method_maps in maps.items():
             if method not in reference:
                 continue
             for index, image_id in enumerate(self.image_ids):
                 saliency_map, reference_map = method_maps[index], reference[method][index]
-                if not (np.isfinite(saliency_map).all() and np.isfinite(reference_map).all()):
-                    self.errors.append(
-                        error_row(
-                            "sanity",
-                            self.model.name,
-                            ItemError(f"{image_id} ({method})", f"{test} step {step}: the map is not finite"),
-                        )
-                    )
-                    continue
+                finite = bool(np.isfinite(saliency_map).all() and np.isfinite(reference_map).all())
+                # A randomised model can leave a method nothing to scale (AblationCAM divides by a zero
+                # maximum): that is the method's answer, stored with null similarities, not a failed item.
+                measured = (
+                    {**similarities(reference_map, saliency_map, q), "entropy": map_entropy(saliency_map, bins)}
+                    if finite
+                    else dict.fromkeys(("spearman", "ssim", "iou", "entropy"))
+                )
                 self.rows.append(
                     {
                         "model": self.model.name,
@@ -257,8 +256,7 @@ class _Checked:
                         "layer": layer,
                         "image_id": image_id,
                         "target": targets[index],
-                        **similarities(reference_map, saliency_map, q),
-                        "entropy": map_entropy(saliency_map, self.settings.emprt_bins),
+                        **measured,
                         **encode_map(saliency_map),
                     }
                 )
