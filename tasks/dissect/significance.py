@@ -95,7 +95,8 @@ def clip_dissect_p_values(
     p_values = torch.empty(n_units, dtype=torch.float64)
     for start in range(0, n_units, step):
         units = target_feats[:, start : start + step].float()
-        columns = units[order].permute(1, 2, 0).reshape(n_images, -1)  # unit-major: [n_images, u·(1 + count)]
+        # unit-major columns [n_images, u·(1 + count)], each column contiguous (topk over images is faster)
+        columns = units[order].permute(2, 0, 1).reshape(-1, n_images).T
         call = similarity(clip_feats, columns, **params).double().view(units.shape[1], count + 1, -1)
         shuffles = call[:, 1:].nan_to_num(posinf=0, neginf=0)
         call = torch.where(torch.isfinite(call), call, shuffles.amin(dim=(1, 2), keepdim=True))

@@ -208,12 +208,12 @@ def final_layer_check_rows(config: AuditConfig, model, probe: Probe) -> pd.DataF
             clip, tokenizer, concepts, clip_identity=identity, template=settings.template, device=device
         )
 
-    sets = {"classes": load_concepts(model.class_names, field="models.class_names")}
+    sets = {"classes": list(model.class_names)}
     if config.dissect.concepts.source != "classes":
         sets[config.dissect.concepts.source] = concept_set(config, probe, model.class_names)[0]
     frames = []
     for name, concepts in sets.items():
-        similarity = clip_similarity(config, probe, concepts)[images.to(device)]
+        similarity = clip_similarity(config, probe, concepts)[images]
         scores = compute_similarity(settings.similarity, similarity, activations[images], device=device)
         frame = final_layer_rows(
             scores, concepts, model.class_names, text(concepts), text(sets["classes"]), config.dissect.tie_tolerance

@@ -8,7 +8,6 @@ from prefect.tasks import exponential_backoff
 from storage.parquet import ResultsStore
 from tasks.core.config import AuditConfig
 from tasks.core.errors import ConfigError
-from tasks.core.rows import error_row
 from tasks.data.loaded_models import using_model
 from tasks.dissect.labellers import labeller
 from tasks.dissect.probe import open_probe
@@ -65,18 +64,19 @@ def label_task(
 
 @task(name="label-checks", task_run_name="final-layer self-test {model_name}", tags=["gpu"])
 def label_check_task(config: AuditConfig, model_name: str, results: str, run_id: str) -> int:
-    """The final-layer self-test of ``model_name``: one ``label_checks`` file, or one ``errors`` row
-    when the model has no output layer to test; returns the row count."""
+    """The final-layer self-test of ``model_name``: one ``label_checks`` file; returns the row count.
+
+    A model without an output layer to test (no last ``nn.Linear`` with one output per class) is
+    not a failed item: the test does not apply, and the log says why.
+    """
     probe = open_probe(config)
-    store = ResultsStore(results)
-    unit = label_checks_unit(model_name)
     try:
         with using_model(config, _model_config(config, model_name)) as model:
             rows = final_layer_check_rows(config, model, probe)
     except ConfigError as exc:
-        store.write("errors", run_id, unit, [error_row("dissect", model_name, exc, item_id=f"{model_name}/{unit}")])
+        get_run_logger().warning("%s: no final-layer self-test: %s", model_name, exc.message)
         return 0
-    store.write("label_checks", run_id, unit, rows.assign(model=model_name))
+    ResultsStore(results).write("label_checks", run_id, label_checks_unit(model_name), rows.assign(model=model_name))
     classes = rows[rows["concept_set"] == "classes"]
     get_run_logger().info(
         "%s final-layer self-test: accuracy %.3f, text similarity %.3f over %d output units",
