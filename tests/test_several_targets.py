@@ -161,3 +161,26 @@ def test_a_malformed_target_is_one_error_on_the_field(target):
     with pytest.raises(ConfigErrors) as caught:
         parse_config({"explain": {"target": target}})
     assert [field for field, _ in caught.value.problems] == ["explain.target"]
+
+
+def test_the_report_page_of_an_image_shows_the_maps_of_each_target(top2, images, tmp_path):
+    import re
+    from pathlib import Path
+
+    from storage.parquet import ResultsStore
+    from storage.runs import RunRecord
+    from tasks.results.report import write_report
+    from tasks.results.summary import summarize_run
+
+    store = ResultsStore(tmp_path / "results")
+    config = parse_config(_config(images[0], {"topk": 2}))
+    RunRecord(run_id="r", config_name="c", config_json=config.canonical_json(), config_hash="h", device="cpu").save(
+        store
+    )
+    for table, rows in top2.items():
+        store.write(table, "r", "chunk", rows)
+    summarize_run(store, "r")
+    index = Path(write_report(store, "r"))
+    page = next((index.parent / "images").glob("*.html")).read_text()
+    figures = re.findall(r'<img class="fig" src="\.\./([^"]+)"', page)
+    assert len(figures) == 2 and all((index.parent / figure).is_file() for figure in figures)
