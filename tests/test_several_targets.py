@@ -184,3 +184,5 @@ def test_the_report_page_of_an_image_shows_the_maps_of_each_target(top2, images,
     page = next((index.parent / "images").glob("*.html")).read_text()
     figures = re.findall(r'<img class="fig" src="\.\./([^"]+)"', page)
     assert len(figures) == 2 and all((index.parent / figure).is_file() for figure in figures)
+    digest = index.read_text()
+    assert re.search(r"image the methods agree on most: squares-\d\.png for (red|blue)", digest)
