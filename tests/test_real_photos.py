@@ -80,6 +80,15 @@ def _records(example: Path, names) -> list[dict]:
     ]
 
 
+def test_the_shipped_config_validates_once_the_adapter_wrote_the_photos(example, capsys):
+    from flows.cli import main
+
+    shutil.copy(CONFIG, example / CONFIG.name)
+    assert main(["validate", str(example / CONFIG.name)]) == 0, capsys.readouterr().err
+    listed = (example / "real-photos" / "photos.csv").read_text().splitlines()
+    assert listed[0] == "path,mask" and len(listed) == 1 + 1 + len(OUTLINED)
+
+
 def test_the_shipped_class_names_are_imagenets(model):
     from torchvision.models import ResNet18_Weights
 
