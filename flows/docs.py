@@ -42,7 +42,16 @@ def _type_name(annotation: typing.Any) -> str:
         return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _is_union(annotation: typing.Any) -> bool:
+    """Whether a field takes one of several shapes (a value or a section, e.g. ``explain.target``)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
 def _default(field) -> str:
@@ -68,7 +77,7 @@ def iter_options(model: type[BaseModel] = AuditConfig, prefix: str = "") -> Iter
         yield (
             path,
             _type_name(field.annotation)
-            if not nested
+            if not nested or _is_union(field.annotation)
             else ("list of sections" if typing.get_origin(field.annotation) is list else "section"),
             _default(field),
             field.description or "",

@@ -19,6 +19,7 @@ from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
 from tasks.dissect.labellers import LABELLERS
 from tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
 from tasks.explain.registry import EXPLAINERS
+from tasks.explain.targets import unknown_class_names
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -143,12 +144,27 @@ def concept_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
         )
 
 
+def target_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """``explain.target`` class names a model does not have (or a topk above its classes), for the
+    models whose class names are known without loading them."""
+    if not config.explain.enabled or config.explain.target in ("predicted", "label"):
+        return
+    for index, model in enumerate(config.models):
+        try:
+            names = model_source(model.source, f"models.{index}").class_names(model)
+        except ConfigError:
+            continue  # an unknown source is a problem of its own
+        if names is not None:
+            yield from unknown_class_names(config.explain.target, names, model.name)
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
     problems = list(registry_problems(config))
     problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
     problems += list(lime_problems(config))
     problems += list(concept_problems(config))
+    problems += list(target_problems(config))
     if not any(field == "dissect.clip.similarity" for field, _ in problems):  # it looks the similarity up
         problems += list(probe_problems(config))
     try:

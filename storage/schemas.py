@@ -25,6 +25,11 @@ _RUN = ("run_id", pa.string(), "Run identifier (also the Hive partition key).")
 _MODEL = ("model", pa.string(), "Model name from the config.")
 _IMAGE = ("image_id", pa.string(), "Image path relative to its set's root, POSIX style.")
 _METHOD = ("method", pa.string(), "Explanation method (gradcam, scorecam, lime, ...).")
+_TARGET = (
+    "target",
+    pa.int32(),
+    "Class the maps explain (the saliency rows' target; several per image with explain.target topk or class names).",
+)
 
 TABLES: dict[str, pa.Schema] = {
     "runs": _schema(
@@ -150,7 +155,7 @@ TABLES: dict[str, pa.Schema] = {
         ("class_in_tie", pa.bool_(), "The class name is the label or one of the concepts tied with it."),
     ),
     "saliency": _schema(
-        "One row per (model, image, method): the map, enough to recompute every metric.",
+        "One row per (model, image, target, method): the map, enough to recompute every metric.",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -161,7 +166,7 @@ TABLES: dict[str, pa.Schema] = {
         ("map", pa.binary(), "Row-major float16 map, height*width values in [0, 1]."),
     ),
     "agreement": _schema(
-        "One row per (model, image, method pair): how much two methods agree.",
+        "One row per (model, image, target, method pair): how much two methods agree.",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -172,9 +177,10 @@ TABLES: dict[str, pa.Schema] = {
         ("com_distance", pa.float32(), "Centre-of-mass distance / image diagonal."),
         ("rule", pa.string(), "Binarisation rule: top_q or otsu."),
         ("q", pa.float32(), "Share of pixels kept by the top_q rule (null for otsu)."),
+        _TARGET,
     ),
     "localization": _schema(
-        "One row per (model, image, method) with ground truth: does the map point at the object?",
+        "One row per (model, image, target, method) with ground truth: does the map point at the object?",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -186,9 +192,10 @@ TABLES: dict[str, pa.Schema] = {
         ),
         ("iou_gt", pa.float32(), "IoU of the binarised map with the mask."),
         ("energy_in_gt", pa.float32(), "Share of the map's mass inside the mask."),
+        _TARGET,
     ),
     "faithfulness": _schema(
-        "One row per (model, image, method): deletion and insertion AUC.",
+        "One row per (model, image, target, method): deletion and insertion AUC.",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -211,9 +218,10 @@ TABLES: dict[str, pa.Schema] = {
                 "null for LIME or when metrics.road is off."
             ),
         ),
+        _TARGET,
     ),
     "lime_trials": _schema(
-        "One row per (image, LIME parameter set) of the LIME search.",
+        "One row per (image, target, LIME parameter set) of the LIME search.",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -226,10 +234,11 @@ TABLES: dict[str, pa.Schema] = {
             "The objective's parts as JSON: deletion_auc, insertion_auc, stability, top_k_jaccard, n_segments.",
         ),
         ("best", pa.bool_(), "This trial has the image's lowest objective."),
+        _TARGET,
     ),
     "scores": _schema(
         (
-            "One row per (image, method, value) of a registered metric that has no table of its own "
+            "One row per (image, target, method, value) of a registered metric that has no table of its own "
             "(tasks/metrics/base.py)."
         ),
         _RUN,
@@ -238,6 +247,7 @@ TABLES: dict[str, pa.Schema] = {
         _METHOD,
         ("metric", pa.string(), "The value's name, as its metric declares it."),
         ("value", pa.float64(), "The value; its direction (higher or lower is better) is the metric's declaration."),
+        _TARGET,
     ),
     "unit_contributions": _schema(
         (
@@ -450,7 +460,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("com_distance_mean", pa.float64(), "Mean centre-of-mass distance / image diagonal."),
     ),
     "summary_images": _schema(
-        "One row per (model, image): how much the methods agree on it, ranked (best and worst images).",
+        "One row per (model, image, target): how much the methods agree on it, ranked (best and worst images).",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -597,7 +607,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("rank", pa.int32(), "1 for the lowest objective_mean (the best parameters overall)."),
     ),
     "summary_lime_best": _schema(
-        "One row per (model, image) of the LIME search: the image's best parameter set.",
+        "One row per (model, image, target) of the LIME search: the image's best parameter set.",
         _RUN,
         _MODEL,
         _IMAGE,
@@ -606,6 +616,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("deletion_auc", pa.float64(), "Its deletion AUC."),
         ("stability", pa.float64(), "Its agreement between the two search seeds."),
         ("seconds", pa.float64(), "Its wall time."),
+        _TARGET,
     ),
     "summary_drift_layers": _schema(
         (

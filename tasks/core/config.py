@@ -389,6 +389,32 @@ class MetricsConfig(_Section):
     )
 
 
+class TopKTarget(_Section):
+    """Maps for each of an image's K most probable classes."""
+
+    topk: PositiveInt = Field(..., description="How many of the most probable classes each image's maps explain.")
+
+
+def _target_setting(value: Any) -> Any:
+    """One error for the whole field (pydantic would report each union member separately)."""
+    if value in ("predicted", "label"):
+        return value
+    if isinstance(value, dict) and set(value) == {"topk"}:
+        topk = value["topk"]
+        if isinstance(topk, int) and not isinstance(topk, bool) and topk > 0:
+            return value
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    if isinstance(value, list) and value and all(isinstance(name, str) and name for name in value):
+        if len(set(value)) != len(value):
+            raise ValueError("class names repeat")
+        return value
+    raise ValueError(f"must be 'predicted', 'label', {{topk: K}} or a non-empty list of class names, got {value!r}")
+
+
+TargetSetting = Annotated[Literal["predicted", "label"] | TopKTarget | list[str], BeforeValidator(_target_setting)]
+"""``explain.target``: one class per image (``predicted``, ``label``) or several (``{topk: K}``, class names)."""
+
+
 class ConceptAttributionConfig(_Section):
     """Concept attributions: the target class of each image split over the concepts of labelled units."""
 
@@ -466,8 +492,13 @@ class ExplainConfig(_Section):
     )
     batch_size: PositiveInt = Field(16, description="Images per model forward.")
     topk: PositiveInt = Field(5, description="Classes kept per image in the predictions table.")
-    target: Literal["predicted", "label"] = Field(
-        "predicted", description="Class each map explains: the top-1 prediction or the image's label."
+    target: TargetSetting = Field(
+        "predicted",
+        description=(
+            "Classes each image's maps explain: 'predicted' (the top-1 class), 'label' (the image's label), "
+            "{topk: K} (each of the K most probable classes) or a list of class names (each of them); "
+            "tables key every map and metric by its target."
+        ),
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact)."

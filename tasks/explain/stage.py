@@ -30,6 +30,7 @@ from tasks.data.models import default_cam_layer, resolve_layer
 from tasks.explain.base import ExplainContext, Explainer, Explanations
 from tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
 from tasks.explain.registry import families
+from tasks.explain.targets import image_targets
 from tasks.metrics.base import ScoredBatch
 from tasks.metrics.maps import require_finite
 from tasks.metrics.registry import METRICS
@@ -175,20 +176,93 @@ def explain_batch(
     layer_name: str | None = None,
     layout: LayerLayout | None = None,
 ) -> ChunkRows:
-    """Every configured explanation and metric of one batch of decoded images, and the concept
-    attributions of its targets at ``concept_layers``; ``layout``: how ``layer`` (called
-    ``layer_name``) becomes maps (None: NCHW)."""
+    """Every configured explanation and metric of one batch of decoded images, for each of their
+    targets (``explain.target``), and the concept attributions of those targets at ``concept_layers``;
+    ``layout``: how ``layer`` (called ``layer_name``) becomes maps (None: NCHW)."""
     explain = config.explain
     amp_dtype = PRECISIONS[explain.precision]
     device = next(model.module.parameters()).device
     batch = torch.stack([item.pixels for item in inputs]).to(device)
     model.module.eval()
     probabilities = torch.softmax(predict(model.module, batch, amp_dtype), dim=-1)
-    label_targets = [item.true_label for item in inputs] if explain.target == "label" else None
-    targets = label_targets or probabilities.argmax(dim=-1).tolist()
     image_ids = [item.record["image_id"] for item in inputs]
+    passes = image_targets(
+        explain.target, probabilities, [item.true_label for item in inputs], model.class_names, model.name
+    )
     context = ExplainContext(model, layer, explain, config.seed, amp_dtype, image_ids, layout)
     rows = ChunkRows()
+    finite = torch.isfinite(probabilities).all(dim=-1).cpu().numpy()
+    for index in np.flatnonzero(~finite):
+        error = ItemError(image_ids[index], "the model's output is not finite (NaN/Inf)", "NonFiniteOutputError")
+        rows.add("errors", [error_row("explain", model.name, error, image_ids[index])])
+    usable = finite.copy()
+    for targets in passes:
+        pass_rows = ChunkRows()
+        usable &= explain_targets(
+            config, context, batch, probabilities, inputs, targets, finite, pass_rows, concept_layers
+        )
+        for table, table_rows in pass_rows.tables.items():
+            rows.add(table, _keyed_by_target(table, table_rows, image_ids, targets, model, len(passes) > 1))
+    top_prob, top_label = probabilities.topk(min(explain.topk, probabilities.shape[1]), dim=-1)
+    for index in np.flatnonzero(usable):
+        labels, probs = top_label[index].tolist(), top_prob[index].tolist()
+        rows.add(
+            "predictions",
+            [
+                {
+                    "model": model.name,
+                    "image_id": image_ids[index],
+                    "label": labels[0],
+                    "label_name": model.class_names[labels[0]],
+                    "prob": probs[0],
+                    "true_label": inputs[index].true_label,
+                    "cam_layer": layer_name,
+                    "cam_layout": (layout or LayerLayout("nchw")).describe(),
+                    "topk": [
+                        {"label": label, "name": model.class_names[label], "prob": prob}
+                        for label, prob in zip(labels, probs)
+                    ],
+                }
+            ],
+        )
+    return rows
+
+
+def _keyed_by_target(
+    table: str, table_rows: list[dict], image_ids: list[str], targets: list[int], model, several: bool
+) -> list[dict]:
+    """One pass's rows with the target each belongs to: every row about an image gets its ``target``
+    column; with several targets per image an ``errors`` message also names the class it explained."""
+    target_of = dict(zip(image_ids, targets))
+    if table == "errors":
+        if not several:
+            return table_rows
+        return [
+            {**row, "message": f"{row['message']} (explaining {model.class_names[target_of[row['item_id']]]})"}
+            if row["item_id"] in target_of
+            else row
+            for row in table_rows
+        ]
+    return [
+        {**row, "target": target_of[row["image_id"]]} if "image_id" in row and "target" not in row else row
+        for row in table_rows
+    ]
+
+
+def explain_targets(
+    config: AuditConfig,
+    context: ExplainContext,
+    batch: torch.Tensor,
+    probabilities: torch.Tensor,
+    inputs: list[_Input],
+    targets: list[int],
+    finite: np.ndarray,
+    rows: ChunkRows,
+    concept_layers: ConceptLayers | None = None,
+) -> np.ndarray:
+    """One pass over the batch explaining ``targets`` (one class per image): its maps, metrics and
+    concept attributions into ``rows``; returns which images it explained (bool ``[B]``)."""
+    explain, model, image_ids = config.explain, context.model, list(context.image_ids)
     maps: dict[str, np.ndarray] = {}
     failed: dict[int, ItemError] = {}
     road_methods: set[str] = set()
@@ -201,18 +275,14 @@ def explain_batch(
                 rows.add(table, table_rows)
             for method, error in method_errors.items():
                 rows.add("errors", [method_error_row(model.name, method, image_ids, error)])
-    top_prob, top_label = probabilities.topk(min(explain.topk, probabilities.shape[1]), dim=-1)
     stored = {
         method: np.stack([decode_map(encode_map(m)) for m in maps[method]])
         for method in explain.methods
         if method in maps
     }
-    usable = np.ones(len(inputs), dtype=bool)
-    for index, item in enumerate(inputs):
-        base = {"model": model.name, "image_id": image_ids[index]}
+    usable = finite.copy()
+    for index in np.flatnonzero(finite):
         try:
-            if not torch.isfinite(probabilities[index]).all():
-                raise ItemError(image_ids[index], "the model's output is not finite (NaN/Inf)", "NonFiniteOutputError")
             if index in failed:
                 raise failed[index]
             for method in stored:
@@ -221,29 +291,16 @@ def explain_batch(
             usable[index] = False
             rows.add("errors", [error_row("explain", model.name, error, image_ids[index])])
             continue
-        labels, probs = top_label[index].tolist(), top_prob[index].tolist()
-        rows.add(
-            "predictions",
-            [
-                {
-                    **base,
-                    "label": labels[0],
-                    "label_name": model.class_names[labels[0]],
-                    "prob": probs[0],
-                    "true_label": item.true_label,
-                    "cam_layer": layer_name,
-                    "cam_layout": (layout or LayerLayout("nchw")).describe(),
-                    "topk": [
-                        {"label": label, "name": model.class_names[label], "prob": prob}
-                        for label, prob in zip(labels, probs)
-                    ],
-                }
-            ],
-        )
         rows.add(
             "saliency",
             [
-                {**base, "method": method, "target": targets[index], **encode_map(stored[method][index])}
+                {
+                    "model": model.name,
+                    "image_id": image_ids[index],
+                    "method": method,
+                    "target": targets[index],
+                    **encode_map(stored[method][index]),
+                }
                 for method in stored
             ],
         )
@@ -258,7 +315,7 @@ def explain_batch(
         usable,
         explain.metrics,
         config.seed,
-        amp_dtype,
+        context.amp_dtype,
         frozenset(road_methods),
     )
     for metric in METRICS.values():
@@ -277,14 +334,14 @@ def explain_batch(
                 explain.concepts.top_k,
                 explain.concepts.ablation,
                 config.seed,
-                amp_dtype,
+                context.amp_dtype,
             )
         except ValueError as error:
             logging.getLogger(__name__).warning("no concept attributions for %s: %s", model.name, error)
         else:
             for table, table_rows in attributed.items():
                 rows.add(table, table_rows)
-    return rows
+    return usable
 
 
 def cam_layer_name(model_config: ModelConfig, model) -> str:

@@ -94,9 +94,15 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         if len(ranked) >= 2:
             best, worst = ranked.iloc[0], ranked.iloc[-1]
             name = "image_id" if what == "image" else "class_name"
+            # with several targets per image, an image's row is one of its classes: name it
+            several = what == "image" and ranked["image_id"].duplicated().any()
+
+            def called(row: pd.Series, name: str = name, several: bool = several) -> str:
+                return f"{row[name]} for {row['class_name']}" if several else str(row[name])
+
             lines.append(
-                f"  {what} the methods agree on most: {best[name]} (IoU {number(best['iou_mean'])}), "
-                f"least: {worst[name]} (IoU {number(worst['iou_mean'])})"
+                f"  {what} the methods agree on most: {called(best)} (IoU {number(best['iou_mean'])}), "
+                f"least: {called(worst)} (IoU {number(worst['iou_mean'])})"
             )
     return lines
 

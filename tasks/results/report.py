@@ -37,7 +37,7 @@ from tasks.data.images import load_rgb
 from tasks.results import figures
 from tasks.results.drift import read_drift
 from tasks.results.findings import findings, flag, method_marks
-from tasks.results.summary import SANITY_PASS_BELOW, load_summary, raw_counts, require_run, wide_methods
+from tasks.results.summary import SANITY_PASS_BELOW, class_names, load_summary, raw_counts, require_run, wide_methods
 
 REPORTS = "reports"
 FIRST_IMAGES = 8  # per-image pages: the first images of each model ...
@@ -215,6 +215,8 @@ class _ImagePage:
     tags: list[str] = field(default_factory=list)
     concept_figure: Path | None = None
     concepts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    target_figures: list[Path] = field(default_factory=list)
+    """The maps of the image's further targets (explain.target topk or class names), one figure per class."""
 
 
 class _Report:
@@ -532,43 +534,53 @@ class _Report:
         saliency = self.raw("saliency", ["model", "image_id", "method", "target", "height", "width", "map"], where)
         predictions = self.raw("predictions", ["model", "image_id", "label_name", "prob", "topk", "true_label"], where)
         agreement = self.raw(
-            "agreement", ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"], where
+            "agreement",
+            ["model", "image_id", "target", "method_a", "method_b", "iou", "spearman", "com_distance"],
+            where,
         )
         localization = self.raw(
-            "localization", ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"], where
+            "localization", ["model", "image_id", "target", "method", "pointing_hit", "iou_gt", "energy_in_gt"], where
         )
-        faithfulness = self.raw("faithfulness", ["model", "image_id", "method", "deletion_auc", "insertion_auc"], where)
+        faithfulness = self.raw(
+            "faithfulness", ["model", "image_id", "target", "method", "deletion_auc", "insertion_auc"], where
+        )
         attribution = self.raw("concept_attribution", ATTRIBUTION_COLUMNS, where)
         paths = image_paths(self.config, set(ids))
         model_configs = {model.name: model for model in self.config.models} if self.config else {}
-        summary_images = self.summary["summary_images"].set_index(["model", "image_id"])
+        summary_images = self.summary["summary_images"].set_index(["model", "image_id", "target"])
+        names = class_names(predictions)
         pages = {}
         for number, ((model, image_id), tags) in enumerate(sorted(chosen.items())):
             page = _ImagePage(model, image_id, f"images/{safe_name(model)}-{number:04d}.html", tags=tags)
-            maps = {row["method"]: decode_map(row) for row in _of_image(saliency, model, image_id).to_dict("records")}
-            pairs = _of_image(agreement, model, image_id)
-            if maps:
-                side = next(iter(maps.values())).shape[0]
-                picture = None
-                if image_id in paths and model in model_configs:
-                    try:
-                        picture = model_view(paths[image_id], *view_geometry(model_configs[model], side))
-                    except Exception:  # noqa: BLE001 - an unreadable image still gets its maps drawn
-                        picture = None
-                with_others = {
-                    method: pairs.loc[(pairs["method_a"] == method) | (pairs["method_b"] == method), "iou"].mean()
-                    for method in maps
-                }
-                subtitles = {
-                    method: f"IoU w/ others {value:.2f}" for method, value in with_others.items() if pd.notna(value)
-                }
-                known = summary_images.loc[(model, image_id)] if (model, image_id) in summary_images.index else None
-                title = f"{model} · {image_id}"
-                if known is not None:
-                    title += f" · class {known['class_name']} · mean IoU {known['iou_mean']:.2f} · rank {known['rank']}"
-                page.figure = figures.comparison_grid(
-                    picture, maps, title, self.figures / "images" / f"{safe_name(model)}-{number:04d}.png", subtitles
+            image_maps = _of_image(saliency, model, image_id)
+            side = int(image_maps["height"].iloc[0]) if not image_maps.empty else 0
+            picture = None
+            if side and image_id in paths and model in model_configs:
+                try:
+                    picture = model_view(paths[image_id], *view_geometry(model_configs[model], side))
+                except Exception:  # noqa: BLE001 - an unreadable image still gets its maps drawn
+                    picture = None
+            for rank, target in enumerate(dict.fromkeys(image_maps["target"])):
+                figure = self.target_figure(
+                    model,
+                    image_id,
+                    {
+                        row["method"]: decode_map(row)
+                        for row in image_maps[image_maps["target"] == target].to_dict("records")
+                    },
+                    _of_image(agreement, model, image_id).query("target == @target"),
+                    summary_images.loc[(model, image_id, target)]
+                    if (model, image_id, target) in summary_images.index
+                    else None,
+                    names.get((model, int(target)), str(target)),
+                    picture,
+                    self.figures / "images" / f"{safe_name(model)}-{number:04d}{f'-target{rank}' if rank else ''}.png",
                 )
+                if rank:
+                    page.target_figures.append(figure)
+                else:
+                    page.figure = figure
+            if not image_maps.empty:
                 page.concepts = _of_image(attribution, model, image_id)
                 heatmaps = {
                     (row["method"], row["concept"]): figures.upsampled(decode_heatmap(row), (side, side))
@@ -584,7 +596,7 @@ class _Report:
             self.write_image_page(
                 page,
                 _of_image(predictions, model, image_id),
-                pairs,
+                _of_image(agreement, model, image_id),
                 _of_image(localization, model, image_id),
                 _of_image(faithfulness, model, image_id),
             )
@@ -597,6 +609,28 @@ class _Report:
         methods = methods[methods["model"] == model]
         notes = [f"{row['method']}{method_marks(row)}" for row in methods.to_dict("records") if method_marks(row)]
         return f"<p><strong>Read with care:</strong> {_esc(', '.join(notes))}</p>" if notes else ""
+
+    def target_figure(
+        self,
+        model: str,
+        image_id: str,
+        maps: dict[str, np.ndarray],
+        pairs: pd.DataFrame,
+        known: pd.Series | None,
+        class_name: str,
+        picture: np.ndarray | None,
+        out: Path,
+    ) -> Path:
+        """The image and every method's map of one of its targets, each titled with its agreement with the others."""
+        with_others = {
+            method: pairs.loc[(pairs["method_a"] == method) | (pairs["method_b"] == method), "iou"].mean()
+            for method in maps
+        }
+        subtitles = {method: f"IoU w/ others {value:.2f}" for method, value in with_others.items() if pd.notna(value)}
+        title = f"{model} · {image_id} · class {class_name}"
+        if known is not None:
+            title += f" · mean IoU {known['iou_mean']:.2f} · rank {known['rank']}"
+        return figures.comparison_grid(picture, maps, title, out, subtitles)
 
     def write_image_page(
         self,
@@ -618,6 +652,11 @@ class _Report:
             pd.DataFrame(predictions["topk"].iloc[0])
             if not predictions.empty and predictions["topk"].iloc[0] is not None
             else pd.DataFrame()
+        )
+        figure += "".join(
+            f'<img class="fig" src="../{_esc(path.relative_to(self.out).as_posix())}" '
+            f'alt="maps of {_esc(page.image_id)}, target {number + 2}">'
+            for number, path in enumerate(page.target_figures)
         )
         body = [
             f'<p><a href="../index.html">← run {_esc(self.run_id)}</a></p>',

@@ -66,11 +66,11 @@ INPUT_COLUMNS = {
     ],
     "predictions": ["model", "image_id", "label", "label_name", "topk", "true_label"],
     "saliency": ["model", "image_id", "method", "target"],
-    "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance"],
-    "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt"],
-    "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc", "road"],
-    "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best"],
-    "scores": ["model", "image_id", "method", "metric", "value"],
+    "agreement": ["model", "image_id", "method_a", "method_b", "iou", "spearman", "com_distance", "target"],
+    "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt", "target"],
+    "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc", "road", "target"],
+    "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best", "target"],
+    "scores": ["model", "image_id", "method", "metric", "value", "target"],
     "unit_contributions": ["model", "image_id", "target", "layer"],
     "sanity": ["model", "method", "test", "step", "layer", "image_id", "spearman", "ssim", "iou", "entropy"],
     "concept_attribution": [
@@ -355,8 +355,8 @@ def class_names(predictions: pd.DataFrame) -> dict[tuple[str, int], str]:
 
 
 def _image_targets(saliency: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
-    """(model, image_id) → the class its maps explain, with the class's name."""
-    targets = saliency.drop_duplicates(["model", "image_id"])[["model", "image_id", "target"]]
+    """(model, image_id, target) → the class's name, for each class an image's maps explain."""
+    targets = saliency.drop_duplicates(["model", "image_id", "target"])[["model", "image_id", "target"]]
     names = class_names(predictions)
     targets = targets.assign(
         class_name=[
@@ -368,16 +368,16 @@ def _image_targets(saliency: pd.DataFrame, predictions: pd.DataFrame) -> pd.Data
 
 
 def image_agreement(agreement: pd.DataFrame, saliency: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
-    """``summary_images``: each image's mean agreement over method pairs, ranked best first."""
+    """``summary_images``: each (image, target)'s mean agreement over method pairs, ranked best first."""
     if agreement.empty:
         return empty_frame("summary_images")
     frame = (
-        agreement.groupby(["model", "image_id"])
+        agreement.groupby(["model", "image_id", "target"], dropna=False)
         .agg(pairs=("iou", "size"), iou_mean=("iou", "mean"), spearman_mean=("spearman", "mean"))
         .reset_index()
     )
-    frame = frame.merge(_image_targets(saliency, predictions), on=["model", "image_id"], how="left")
-    frame["rank"] = _ranked(frame, ["model"], ["iou_mean", "image_id"], [False, True])
+    frame = frame.merge(_image_targets(saliency, predictions), on=["model", "image_id", "target"], how="left")
+    frame["rank"] = _ranked(frame, ["model"], ["iou_mean", "image_id", "target"], [False, True, True])
     return _columns("summary_images", frame.sort_values(["model", "rank"]))
 
 

@@ -82,6 +82,15 @@ class ModelSource(ABC):
         size (resize == crop) or unknown without loading."""
         return None
 
+    def class_names(self, model: ModelConfig) -> list[str] | None:
+        """The model's class names as far as they are known without loading it (preflight checks
+        ``explain.target``'s class names against them): the entry's ``class_names`` or ``num_classes``
+        by default; None when only loading tells."""
+        try:
+            return configured_class_names(model, "model", required=False)
+        except ConfigError:
+            return None
+
 
 def torchvision_archs() -> list[str]:
     """torchvision's classification architectures: what ``arch`` may name."""

@@ -35,3 +35,6 @@ class DemoSource(ModelSource):
 
     def skeleton(self, model: ModelConfig) -> nn.Module | None:
         return meta_skeleton(ARCH, len(SHAPES))
+
+    def class_names(self, model: ModelConfig) -> list[str] | None:
+        return list(SHAPES)

@@ -80,6 +80,12 @@ class TorchvisionSource(ModelSource):
     def skeleton(self, model: ModelConfig) -> nn.Module | None:
         return meta_skeleton(model.arch)
 
+    def class_names(self, model: ModelConfig) -> list[str] | None:
+        try:
+            return list(_weights(model.arch, model.weights, "model").meta["categories"])
+        except (KeyError, ValueError, ConfigError):
+            return None
+
     def geometry(self, model: ModelConfig) -> tuple[int, int] | None:
         try:
             transforms = _weights(model.arch, model.weights, "model").transforms()
