@@ -402,7 +402,7 @@ def test_resolve_layer_finds_nested_names_and_lists_close_ones_for_typos():
     assert "closest: layer4.1.conv2" in message and "conv1, bn1, relu, maxpool, layer1" in message
 
 
-def test_default_cam_layer_is_last_spatial_stage_and_refuses_transformers():
+def test_default_cam_layer_is_the_last_spatial_stage_or_last_blocks_first_norm_and_refuses_models_with_neither():
     assert default_cam_layer(_random_resnet18(), input_size=96) == "layer4"
     # SqueezeNet's classifier holds a conv too, but its output is pooled to 1x1
     assert default_cam_layer(torchvision.models.squeezenet1_1(), input_size=96) == "features"
@@ -418,8 +418,10 @@ def test_default_cam_layer_is_last_spatial_stage_and_refuses_transformers():
     vit = torchvision.models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
     )
+    assert default_cam_layer(vit, input_size=32) == "encoder.layers.encoder_layer_0.ln_1"  # grad-cam's advice
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))
     with pytest.raises(ConfigError, match="name one in the config"):
-        default_cam_layer(vit, input_size=32)
+        default_cam_layer(mlp, input_size=32)
 
 
 def test_weights_identity_changes_with_any_weight_and_identity_is_stable(tmp_path):

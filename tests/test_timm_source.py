@@ -123,3 +123,10 @@ def test_a_missing_local_file_exits_2_naming_it(hub_cache, tmp_path, capsys):
     assert main(["run", _run_config(tmp_path, path=str(missing)), "--results", str(tmp_path / "results")]) == 2
     message = capsys.readouterr().err
     assert "models.0.path" in message and str(missing) in message
+
+
+def test_an_unknown_timm_name_is_refused_naming_the_closest_ones(hub_cache):
+    from flows.preflight import model_problems
+
+    problems = list(model_problems(0, ModelConfig(name="vit", source="timm", arch="test_vitt.r160_in1k")))
+    assert problems[0][0] == "models.0.arch" and "test_vit.r160_in1k" in problems[0][1]
