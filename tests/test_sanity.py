@@ -278,7 +278,12 @@ def test_the_audit_flow_writes_the_sanity_table_and_names_failing_methods(prefec
                 "methods": ["gradcam", "control_edges"],
                 "chunk_size": 2,
                 "metrics": {"steps": 4, "localization": False},
-                "sanity": {"enabled": True, "images": 3, "tests": ["cascading", "random_logit"]},
+                "sanity": {
+                    "enabled": True,
+                    "images": 3,
+                    "tests": ["cascading", "random_logit", "smprt"],
+                    "smprt_samples": 2,
+                },
             },
         }
     )
@@ -287,11 +292,11 @@ def test_the_audit_flow_writes_the_sanity_table_and_names_failing_methods(prefec
     store = ResultsStore(results)
     sanity = store.read("sanity", outcome.run_id)
     steps = sanity.loc[sanity["test"] == "cascading", "step"].max()
-    assert len(sanity) == 2 * 3 * (steps + 1 + 2) and set(sanity["image_id"]) == {
-        "a/img0.png",
-        "a/img3.png",
-        "b/img1.png",
-    }
+    assert len(sanity) == 2 * 3 * (2 * (steps + 1) + 2), "two methods, three images, two cascades, random logit"
+    assert set(sanity["image_id"]) == {"a/img0.png", "a/img3.png", "b/img1.png"}, "the first images of the set"
+    smprt = sanity[sanity["test"] == "smprt"]
+    assert smprt.loc[smprt["step"] == 1, "layer"].eq("conv1").all(), "sMPRT randomises from the input up"
+    assert smprt.loc[smprt["method"] == "control_edges", "spearman"].min() >= 0.99
     methods = store.read("summary_methods", outcome.run_id).set_index("method")
     assert methods.loc["control_edges", "control"] and not methods.loc["gradcam", "control"]
     assert methods.loc["control_edges", "sanity_passed"] == False  # noqa: E712 - a nullable boolean column
