@@ -13,6 +13,7 @@ def _write(root, iou: float, run_id: str) -> None:
             "image_id": f"img{i}.png",
             "method_a": "gradcam",
             "method_b": "lime",
+            "target": 1,
             "iou": iou if i else 0.5,
             "spearman": 0.1 * i,
             "com_distance": 0.0,
@@ -27,7 +28,7 @@ def _write(root, iou: float, run_id: str) -> None:
 def test_same_rows_in_another_order_and_run_are_identical(tmp_path):
     _write(tmp_path / "left", 0.25, "a")
     _write(tmp_path / "right", 0.25, "b")
-    assert compare(tmp_path / "left", tmp_path / "right") == [("agreement", "identical (3 rows, 9 columns)")]
+    assert compare(tmp_path / "left", tmp_path / "right") == [("agreement", "identical (3 rows, 10 columns)")]
 
 
 def test_one_changed_value_is_reported(tmp_path):
