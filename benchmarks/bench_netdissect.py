@@ -144,7 +144,7 @@ def agreement(inputs: dict[str, Any], our_frames: dict, stock_own: dict[str, dic
     same = stock(inputs, {layer: t.double().numpy() for layer, t in thresholds.items()})
     mine = our_tallies(inputs, thresholds)
     name_to_label = {name: label for label, name in inputs["label_names"].items()}
-    iou_diff = lite_diff = 0.0
+    iou_diff = lite_diff = inter_differing = inter_total = 0.0
     counts_identical = True
     units = labelled = same_label = lite_same = lite_labelled = own_same = 0
     threshold_rel = []
@@ -152,6 +152,8 @@ def agreement(inputs: dict[str, Any], our_frames: dict, stock_own: dict[str, dic
         ref = same[layer]
         paper = reference.paper_iou(ref)[:, labels]
         counts_identical &= bool(np.array_equal(inter, ref["tally_both"][:, labels]))
+        inter_differing += float(np.abs(inter - ref["tally_both"][:, labels]).sum())
+        inter_total += float(inter.sum())
         union_ref = ref["tally_units"][:, None] + ref["tally_labels"][None, labels] - ref["tally_both"][:, labels]
         counts_identical &= bool(np.array_equal(union, union_ref))
         iou_diff = max(iou_diff, float(np.abs(iou - paper).max()))
@@ -177,6 +179,8 @@ def agreement(inputs: dict[str, Any], our_frames: dict, stock_own: dict[str, dic
         "units_with_a_label": labelled,
         "same_thresholds_max_abs_iou_diff": iou_diff,
         "same_thresholds_counts_identical": counts_identical,
+        "same_thresholds_intersection_pixels_differing": inter_differing,
+        "same_thresholds_intersection_pixels": inter_total,
         "same_thresholds_same_label_rate": round(same_label / max(labelled, 1), 4),
         "lite_union_rule_max_abs_iou_diff": round(lite_diff, 4),
         "lite_union_rule_same_label_rate": round(lite_same / max(lite_labelled, 1), 4),
