@@ -35,6 +35,10 @@ Deviations, all without effect on the numbers:
 * ``QuantileVector.add``'s subsampling branch (reached only when the sketch's ~24 levels are full,
   i.e. far beyond 2**24 values per unit) is not written: :meth:`QuantileVector.add` raises there.
   The reference's ``numpy.ceil[...]`` in that branch would raise too.
+* ``tally_cat`` starts at zeros for each active unit: the reference assigns it only inside ``if
+  len(pixels) > 0``, so an image with no pixel labels would reuse a stale value (or fail).
+* A category an image does not annotate is absent from its concept map and skipped (the reference's
+  prefetcher yields an empty list for it, which adds nothing either).
 
 Our pipeline differs from this in one rule, which the benchmark reports rather than hides: our
 union counts a unit's active area over the images that *annotate* a label's category
