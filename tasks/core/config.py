@@ -510,6 +510,16 @@ class ExplainConfig(_Section):
     ablationcam_batch_size: PositiveInt = Field(
         128, description="Ablated channels per forward in AblationCAM (grad-cam uses 32; 128 is ~4x faster on CPU)."
     )
+    scorecam_channels: PositiveInt | None = Field(
+        None,
+        description=(
+            "ScoreCAM on a channel budget: score only the K channels of largest activation variance (Faster "
+            "Score-CAM), the rest weigh 0; null: every channel (exact ScoreCAM)."
+        ),
+    )
+    groupcam_groups: PositiveInt = Field(
+        32, description="Group-CAM: channel groups, one masked forward each (paper: 32)."
+    )
     lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
     concepts: ConceptAttributionConfig = Field(
