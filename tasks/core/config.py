@@ -589,6 +589,13 @@ class AuditConfig(_Section):
             raise ValueError(f"model names must be unique; repeated: {duplicates}")
         return self
 
+    def model(self, name: str) -> ModelConfig:
+        """The configured model called ``name`` (names are unique; KeyError when none is)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"no model named {name!r} in the config")
+
     def config_hash(self) -> str:
         """Stable hash of what decides the results: the validated config without ``runner``, so a
         run started on threads can be resumed on a Dask cluster and vice versa."""
