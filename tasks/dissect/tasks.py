@@ -66,9 +66,10 @@ def label_check_task(config: AuditConfig, model_name: str, results: str, run_id:
     not a failed item: the test does not apply, and the log says why.
     """
     probe = open_probe(config)
+    model_config = config.model(model_name)
     try:
-        with using_model(config, config.model(model_name)) as model:
-            rows = final_layer_check_rows(config, model, probe)
+        with using_model(config, model_config) as model:
+            rows = final_layer_check_rows(config, model, probe, model_layers(model, model_config.layers))
     except ConfigError as exc:
         get_run_logger().warning("%s: no final-layer self-test: %s", model_name, exc.message)
         return 0
