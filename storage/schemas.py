@@ -645,6 +645,18 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("seconds", pa.float64(), "Its wall time."),
         _TARGET,
     ),
+    "summary_lime_samples": _schema(
+        "One row per model: the model evaluations its LIME maps used (adaptive LIME stops early), their uncertainty.",
+        _RUN,
+        _MODEL,
+        ("maps", pa.int64(), "LIME maps (image, target)."),
+        ("adaptive", pa.bool_(), "explain.lime.adaptive was on."),
+        ("num_samples", pa.int64(), "explain.lime.num_samples (the cap with adaptive LIME)."),
+        ("samples_used_mean", pa.float64(), "Mean perturbed samples (model evaluations) per map."),
+        ("samples_used_max", pa.int64(), "Most samples one map used."),
+        ("stopped_early_share", pa.float64(), "Share of maps whose adaptive stopping rule held before the cap."),
+        ("std_error_mean", pa.float64(), "Mean standard error of a superpixel weight (probability units)."),
+    ),
     "summary_drift_layers": _schema(
         (
             "One row per (baseline run, model, layer, labelling method): units whose top-1 concept changed since the "

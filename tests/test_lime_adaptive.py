@@ -16,6 +16,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.spatial.distance import cdist
@@ -27,6 +28,7 @@ from tasks.data.models import PixelModel
 from tasks.explain.base import ExplainContext
 from tasks.explain.lime import LimeExplainer, explain_lime, fit_explanation, perturbation_matrix, segment
 from tasks.explain.lime_convergence import AdaptiveSettings, ridge_standard_errors
+from tasks.results.summary import lime_samples
 
 BLOCK, GRID = 16, 4
 SIDE = BLOCK * GRID
@@ -225,3 +227,23 @@ def test_a_bad_adaptive_option_names_its_field():
         parse_config({"explain": {"lime": {"adaptive": {"round_size": 0, "z": -1}}}})
     fields = dict(caught.value.problems)
     assert "explain.lime.adaptive.round_size" in fields and "explain.lime.adaptive.z" in fields
+
+
+def test_the_summary_averages_samples_used_per_model():
+    rows = pd.DataFrame(
+        {
+            "model": ["a", "a", "b"],
+            "image_id": ["x", "y", "x"],
+            "target": [0, 0, 0],
+            "samples_used": [200, 400, 1000],
+            "num_samples": [1000, 1000, 1000],
+            "adaptive": [True, True, False],
+            "stopped_early": [True, True, False],
+            "std_errors": [[0.1, 0.3], [0.2, np.nan], [0.05]],
+        }
+    )
+    summary = lime_samples(rows).set_index("model")
+    assert summary.loc["a", "samples_used_mean"] == 300 and summary.loc["a", "samples_used_max"] == 400
+    assert summary.loc["a", "stopped_early_share"] == 1.0 and summary.loc["b", "stopped_early_share"] == 0.0
+    np.testing.assert_allclose(summary.loc["a", "std_error_mean"], (0.2 + 0.2) / 2)
+    assert summary.loc["b", "maps"] == 1 and not summary.loc["b", "adaptive"]

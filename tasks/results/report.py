@@ -405,6 +405,9 @@ class _Report:
         classes = summary["summary_classes"]
         if not classes.empty:
             parts += ["<h3>Classes by agreement (best first)</h3>", _table(classes)]
+        samples = summary.get("summary_lime_samples")
+        if samples is not None and not samples.empty:
+            parts += ["<h3>LIME: model evaluations and uncertainty</h3>", _table(samples)]
         lime = summary["summary_lime_params"]
         if not lime.empty:
             parts += [
