@@ -337,7 +337,7 @@ class AdaptiveLimeConfig(_Section):
     round_size: PositiveInt = Field(
         100, description="Samples per round (rounded up to whole forward batches); lime's ridge is refitted after each."
     )
-    top_k: PositiveInt = Field(5, description="Superpixels whose set must settle (LIME's top-k positive mask).")
+    top_k: PositiveInt = Field(5, description="How many of the largest-weight superpixels must settle as a set.")
     stable_rounds: PositiveInt = Field(2, description="Consecutive refits that must give the same top-k set.")
     z: float = Field(
         1.0,
@@ -355,7 +355,7 @@ class LimeConfig(_Section):
     segmentation_params: dict[str, str | int | float] = Field(
         {}, description="Parameters of the segmentation algorithm (scikit-image names)."
     )
-    num_samples: PositiveInt = Field(1000, description="Perturbed samples per image.")
+    num_samples: PositiveInt = Field(1000, description="Perturbed samples per image (the cap with adaptive LIME).")
     hide_color: list[int] | None = Field(
         None,
         min_length=3,
