@@ -52,11 +52,11 @@ def test_image(pixels: int) -> np.ndarray:
     return (resize(astronaut(), (pixels, pixels), anti_aliasing=True) * 255).astype(np.uint8)
 
 
-def stock_classifier(model: nn.Module, device: torch.device):
+def stock_classifier(model: nn.Module, device: torch.device, mean=MEAN, std=STD):
     """lime's PyTorch tutorial ``batch_predict``: per-image ToTensor + Normalize, stacked (NCHW) -> softmax."""
     from torchvision import transforms
 
-    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)])
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
 
     def batch_predict(images: np.ndarray) -> np.ndarray:
         batch = torch.stack(tuple(preprocess(image) for image in images), dim=0).to(device)
@@ -256,7 +256,7 @@ def run(size: str) -> list[Result]:
                 },
             )
         )
-    return results
+    return results + adaptive_results(size)
 
 
 class _Batches(list):
@@ -284,3 +284,198 @@ def _weight_diff(ours: np.ndarray, stock: dict[int, float]) -> float:
     for feature, weight in stock.items():
         expected[feature] = weight
     return float(np.abs(ours - expected).max())
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive LIME (explain.lime.adaptive) vs stock lime_image at a fixed 1,000 samples
+
+ADAPTIVE_TARGETS = (
+    "1 adaptive LIME fp32 speed-up vs stock 1,000 samples",
+    "1 adaptive LIME mixed-precision speed-up vs stock 1,000 samples",
+    "1 adaptive LIME fewer model evaluations than stock 1,000 samples",
+    "1 adaptive LIME top-5 Jaccard with a 5,000-sample reference",
+)
+
+ADAPTIVE_SETTINGS = {
+    # cpu: one image of each kind (the 5,000-sample reference is most of the cost); tiny: seconds,
+    # random weights, so its Jaccards mean nothing.
+    "tiny": dict(pixels=64, cap=48, reference=96, images=1, round_size=16, trained=False),
+    "cpu": dict(pixels=224, cap=1000, reference=5000, images=1, round_size=None, trained=True),
+    "gpu": dict(pixels=224, cap=1000, reference=5000, images=4, round_size=None, trained=True),
+}
+REFERENCE_SEED = 1
+"""The reference draws its own perturbations (seed 1), so it shares no samples with the timed runs (seed 0)."""
+
+
+def adaptive_cases(size: str, device: torch.device) -> list[tuple[str, str, nn.Module, tuple, tuple, np.ndarray]]:
+    """``(kind, image name, model, mean, std, image)``: world images under the demo ResNet18 (trained on the
+    world) and scikit-image's photos under EfficientNet-Lite0's ImageNet weights (no ResNet18 ImageNet weights
+    offline); ``tiny``: a freshly rendered world scene and the astronaut under a random-weight ResNet18."""
+    import torchvision
+    from PIL import Image
+
+    from tasks.core.config import WorldConfig
+    from tasks.world.synthetic import render, sample_scene
+
+    s = ADAPTIVE_SETTINGS[size]
+    side = (s["pixels"], s["pixels"])
+    cases = []
+    if not s["trained"]:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18().eval().to(device)
+        rng = np.random.default_rng(0)
+        scene = render(sample_scene(rng, WorldConfig()), rng, WorldConfig().image_size)[0]
+        world = np.asarray(Image.fromarray(scene).resize(side, Image.BILINEAR))
+        return [
+            ("world", "rendered scene", model, MEAN, STD, world),
+            ("photos", "astronaut", model, MEAN, STD, test_image(s["pixels"])),
+        ]
+    from examples.real_photos import efficientnet_lite0, photo
+    from tasks.world.demo_model import MEAN as DEMO_MEAN
+    from tasks.world.demo_model import STD as DEMO_STD
+    from tasks.world.demo_model import ensure_demo_model, load_demo_model
+    from tasks.world.synthetic import ensure_world, read_attributes
+
+    demo, _ = load_demo_model(ensure_demo_model())
+    root = ensure_world()
+    for row in read_attributes(root, "val")[: s["images"]]:
+        image = np.asarray(Image.open(root / "images" / row["image"]).convert("RGB").resize(side, Image.BILINEAR))
+        cases.append(("world", row["image"], demo.to(device), DEMO_MEAN, DEMO_STD, image))
+    lite0 = efficientnet_lite0().to(device)
+    for name in ("chelsea", "coffee", "rocket", "astronaut")[: s["images"]]:
+        image = np.asarray(photo(name).resize(side, Image.BILINEAR))
+        cases.append(("photos", name, lite0, (127 / 255,) * 3, (128 / 255,) * 3, image))
+    return cases
+
+
+def adaptive_results(size: str) -> list[Result]:
+    """Per image kind: adaptive LIME (the config's defaults, fp32 and mixed) and stock ``lime_image`` at 1,000
+    samples, side by side; both top-5 sets against our fixed-N fp32 LIME at 5,000 samples (which equals stock
+    lime's explanation for the same perturbations: tests/test_lime_explain.py)."""
+    from tasks.core.config import AdaptiveLimeConfig
+    from tasks.explain.lime import SegmentationCache
+    from tasks.explain.lime_convergence import AdaptiveSettings
+
+    s = ADAPTIVE_SETTINGS[size]
+    device = device_for(size)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    defaults = AdaptiveLimeConfig().model_dump(exclude={"enabled"})
+    rule = AdaptiveSettings(**{**defaults, **({"round_size": s["round_size"]} if s["round_size"] else {})})
+    cache = SegmentationCache()
+    per_kind: dict[str, dict[str, list]] = {}
+    for kind, name, model, mean, std, image in adaptive_cases(size, device):
+        times, measured = _adaptive_case(s, rule, device, amp_dtype, cache, model, mean, std, image)
+        record = per_kind.setdefault(kind, {key: [] for key in ("names", "stock", "fp32", "mixed", "j")})
+        record["names"].append(name)
+        for side, seconds in times.items():
+            record[side] += seconds
+        record["j"].append(measured)
+    precision = str(amp_dtype).removeprefix("torch.")
+    results = []
+    for kind, record in per_kind.items():
+        models = (
+            "demo ResNet18 (trained on the world)"
+            if kind == "world" and s["trained"]
+            else "EfficientNet-Lite0 ImageNet weights (ResNet18's are not available offline)"
+            if s["trained"]
+            else "random-weight ResNet18"
+        )
+        note = (
+            f"{kind} ({', '.join(record['names'])}), {models}, {s['pixels']} px, cap {s['cap']}, "
+            f"rounds of {rule.round_size}, top-{rule.top_k} stable over {rule.stable_rounds} refits, z {rule.z}; "
+            f"stock lime_image at {s['cap']} samples, batch {STOCK_BATCH_SIZE}; reference: our fixed-N fp32 LIME "
+            f"at {s['reference']} samples, seed {REFERENCE_SEED}"
+        )
+        mean_j = {key: float(np.mean([j[key] for j in record["j"]])) for key in ("stock", "fp32", "mixed")}
+        samples = float(np.mean([j["samples_fp32"] for j in record["j"]]))
+        extra = {"per_image": record["j"], "top5_jaccard_stock_vs_reference": round(mean_j["stock"], 3)}
+        results += [
+            Result.speedup(
+                f"{ADAPTIVE_TARGETS[0]} ({kind})",
+                Timing(kind, record["fp32"], record["stock"]),
+                goal=4.0,
+                note=note,
+                **extra,
+            ),
+            Result.speedup(
+                f"{ADAPTIVE_TARGETS[1]} ({kind})",
+                Timing(kind, record["mixed"], record["stock"]),
+                goal=8.0,
+                note=f"{precision} autocast; {note}",
+                top5_jaccard_mixed_vs_reference=round(mean_j["mixed"], 3),
+            ),
+            Result(
+                f"{ADAPTIVE_TARGETS[2]} ({kind})",
+                round(s["cap"] / samples, 3),
+                3.0,
+                "min",
+                "x",
+                note=f"stock's {s['cap']} / adaptive fp32's mean samples used ({samples:.0f}); {note}",
+                extra={"mean_samples_used_fp32": samples},
+            ),
+            Result(
+                f"{ADAPTIVE_TARGETS[3]} ({kind})",
+                round(mean_j["fp32"], 3),
+                round(mean_j["stock"], 3),
+                "min",
+                "",
+                note=f"goal: stock {s['cap']}'s own top-5 Jaccard with the reference; {note}",
+                extra=extra,
+            ),
+        ]
+    return results
+
+
+def _adaptive_case(s, rule, device, amp_dtype, cache, model, mean, std, image) -> tuple[dict[str, list], dict]:
+    """One image: each side's seconds (one round: stock at 1,000 samples is the slow side) and the top-5 Jaccards."""
+    from lime import lime_image
+
+    from tasks.data.models import PixelModel
+    from tasks.explain.lime import default_batch_size, explain_lime
+
+    model_fn = PixelModel(model, mean, std)
+    classify = stock_classifier(model, device, mean, std)
+    segments = cache.segments(image, "quickshift")
+    target = int(np.argmax(classify(image[None])[0]))
+
+    def ours(amp, samples=s["cap"], seed=0, adaptive=rule):
+        return explain_lime(
+            model_fn,
+            [image],
+            [target],
+            num_samples=samples,
+            seed=seed,
+            batch_size=default_batch_size(device, amp),
+            device=device,
+            amp_dtype=amp,
+            cache=cache,
+            adaptive=adaptive,
+        )[0]
+
+    def stock():
+        explanation = lime_image.LimeImageExplainer(random_state=0).explain_instance(
+            image,
+            classify,
+            labels=(target,),
+            top_labels=None,
+            num_samples=s["cap"],
+            batch_size=STOCK_BATCH_SIZE,
+            segmentation_fn=lambda _: segments,
+        )
+        return dict(explanation.local_exp[target])
+
+    reference = top5(ours(None, s["reference"], REFERENCE_SEED, None).weights)
+    for amp in (None, amp_dtype):  # warm each path on one batch
+        ours(amp, default_batch_size(device, amp), 0, None)
+    classify(np.repeat(image[None], STOCK_BATCH_SIZE, axis=0))
+    runs = interleave({"stock": stock, "fp32": lambda: ours(None), "mixed": lambda: ours(amp_dtype)}, 1, 0)
+    fp32, mixed = runs["fp32"][1], runs["mixed"][1]
+    measured = {
+        "stock": jaccard(top5(runs["stock"][1]), reference),
+        "fp32": jaccard(top5(fp32.weights), reference),
+        "mixed": jaccard(top5(mixed.weights), reference),
+        "samples_fp32": fp32.samples_used,
+        "samples_mixed": mixed.samples_used,
+        "superpixels": int(segments.max()) + 1,
+    }
+    return {side: runs[side][0] for side in ("stock", "fp32", "mixed")}, measured

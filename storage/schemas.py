@@ -236,6 +236,33 @@ TABLES: dict[str, pa.Schema] = {
         ("best", pa.bool_(), "This trial has the image's lowest objective."),
         _TARGET,
     ),
+    "lime_uncertainty": _schema(
+        "One row per (model, image, target) LIME map: the model evaluations it used and how certain its weights are.",
+        _RUN,
+        _MODEL,
+        _IMAGE,
+        ("samples_used", pa.int32(), "Perturbed samples (model evaluations) the map used."),
+        ("num_samples", pa.int32(), "explain.lime.num_samples: every sample without adaptive LIME, the cap with it."),
+        ("adaptive", pa.bool_(), "explain.lime.adaptive was on."),
+        ("rounds", pa.int32(), "Refits of the ridge: 1 without adaptive LIME."),
+        ("stopped_early", pa.bool_(), "Adaptive LIME's stopping rule held before the cap."),
+        ("weights", pa.list_(pa.float32()), "The ridge weight of each superpixel id (the map before scaling)."),
+        (
+            "std_errors",
+            pa.list_(pa.float32()),
+            "Each weight's standard error: lime's weighted ridge as least squares on prior-augmented data (NaN if "
+            "the feature selection dropped the superpixel).",
+        ),
+        ("height", pa.int32(), "Uncertainty map height (the saliency map's)."),
+        ("width", pa.int32(), "Uncertainty map width."),
+        (
+            "map",
+            pa.binary(),
+            "Row-major float16 per-pixel uncertainty: its superpixel's standard error in the saliency map's units "
+            "(divided by the largest absolute weight); 0 where unknown.",
+        ),
+        _TARGET,
+    ),
     "scores": _schema(
         (
             "One row per (image, target, method, value) of a registered metric that has no table of its own "
@@ -617,6 +644,18 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("stability", pa.float64(), "Its agreement between the two search seeds."),
         ("seconds", pa.float64(), "Its wall time."),
         _TARGET,
+    ),
+    "summary_lime_samples": _schema(
+        "One row per model: the model evaluations its LIME maps used (adaptive LIME stops early), their uncertainty.",
+        _RUN,
+        _MODEL,
+        ("maps", pa.int64(), "LIME maps (image, target)."),
+        ("adaptive", pa.bool_(), "explain.lime.adaptive was on."),
+        ("num_samples", pa.int64(), "explain.lime.num_samples (the cap with adaptive LIME)."),
+        ("samples_used_mean", pa.float64(), "Mean perturbed samples (model evaluations) per map."),
+        ("samples_used_max", pa.int64(), "Most samples one map used."),
+        ("stopped_early_share", pa.float64(), "Share of maps whose adaptive stopping rule held before the cap."),
+        ("std_error_mean", pa.float64(), "Mean standard error of a superpixel weight (probability units)."),
     ),
     "summary_drift_layers": _schema(
         (

@@ -234,6 +234,20 @@ def test_per_image_pages_are_bounded_to_the_first_best_and_worst(runs, tmp_path,
     assert {image_id for page in pages for image_id in expected if image_id in page.read_text()} == expected
 
 
+def test_image_pages_show_the_samples_each_lime_map_used_and_the_index_their_mean(runs):
+    """Every LIME map of the fixture's run used its 40 samples (no adaptive LIME): its page and the index say so."""
+    index = Path(runs.second.report_path)
+    uncertainty = runs.store.read("lime_uncertainty", runs.second.run_id)
+    assert len(uncertainty) == N_IMAGES and set(uncertainty["samples_used"]) == {40}
+    pages = sorted((index.parent / "images").glob("*.html"))
+    assert pages
+    for page in pages:
+        text = page.read_text()
+        assert "LIME: samples and uncertainty" in text
+        assert "<td>40</td>" in text.split("LIME: samples and uncertainty", 1)[1]
+    assert "LIME: model evaluations and uncertainty" in index.read_text()
+
+
 def test_report_command_rewrites_a_report_and_rejects_unknown_runs(runs, tmp_path, capsys):
     store = ResultsStore(shutil.copytree(runs.results, tmp_path / "copy"))
     index = Path(store.root) / "reports" / runs.first.run_id / "index.html"

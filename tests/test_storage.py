@@ -143,6 +143,7 @@ def test_query_reads_rows_of_every_table(tmp_path):
         "localization": {**base, "pointing_hit": True, "iou_gt": 0.4, "energy_in_gt": 0.7},
         "faithfulness": {**base, "deletion_auc": 0.1, "insertion_auc": 0.8},
         "lime_trials": {"model": "m", "image_id": "a.png", "params_json": "{}", "objective": 0.3, "seconds": 1.0},
+        "lime_uncertainty": {"model": "m", "image_id": "a.png", "samples_used": 224, "std_errors": [0.01, 0.02]},
         "scores": {**base, "metric": "toy", "value": 0.25},
         "unit_contributions": {
             "model": "m",

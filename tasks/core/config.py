@@ -330,6 +330,22 @@ class LimeSearchConfig(_Section):
     )
 
 
+class AdaptiveLimeConfig(_Section):
+    """Adaptive LIME: samples in rounds until the top-k superpixels settle (S-LIME's idea); num_samples caps them."""
+
+    enabled: bool = Field(False, description="Stop drawing samples once the explanation has converged.")
+    round_size: PositiveInt = Field(
+        100, description="Samples per round (rounded up to whole forward batches); lime's ridge is refitted after each."
+    )
+    top_k: PositiveInt = Field(5, description="How many of the largest-weight superpixels must settle as a set.")
+    stable_rounds: PositiveInt = Field(2, description="Consecutive refits that must give the same top-k set.")
+    z: float = Field(
+        1.0,
+        ge=0,
+        description="Standard errors of their difference by which the k-th weight must exceed the (k+1)-th.",
+    )
+
+
 class LimeConfig(_Section):
     """LIME (lime's explanation model, batched perturbations)."""
 
@@ -339,7 +355,7 @@ class LimeConfig(_Section):
     segmentation_params: dict[str, str | int | float] = Field(
         {}, description="Parameters of the segmentation algorithm (scikit-image names)."
     )
-    num_samples: PositiveInt = Field(1000, description="Perturbed samples per image.")
+    num_samples: PositiveInt = Field(1000, description="Perturbed samples per image (the cap with adaptive LIME).")
     hide_color: list[int] | None = Field(
         None,
         min_length=3,
@@ -358,6 +374,9 @@ class LimeConfig(_Section):
         ),
     )
     search: LimeSearchConfig = Field(default_factory=LimeSearchConfig, description="Parameter search.")
+    adaptive: AdaptiveLimeConfig = Field(
+        default_factory=AdaptiveLimeConfig, description="Adaptive sample count (num_samples becomes the cap)."
+    )
 
 
 class MetricsConfig(_Section):

@@ -20,7 +20,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -32,12 +32,14 @@ from scipy import stats
 from skimage.segmentation import felzenszwalb, quickshift, slic
 from torch import Tensor, nn
 
+from storage.maps import encode_map
 from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
 from tasks.compute.inference import inference_model
 from tasks.compute.precision import autocast_context
 from tasks.core.errors import ConfigError, ItemError, NonFiniteError
 from tasks.data.models import PixelModel
 from tasks.explain.base import ExplainContext, Explainer, Explanations
+from tasks.explain.lime_convergence import AdaptiveSettings, converged, ridge_standard_errors, top_set
 from tasks.metrics.maps import deletion_insertion, mask_iou
 
 SEGMENTATIONS: dict[str, Callable[..., np.ndarray]] = {
@@ -82,6 +84,15 @@ class LimeResult:
     local_pred: float
     """The fit's prediction for the unperturbed image."""
     target: int
+    std_errors: np.ndarray | None = None
+    """float32 ``[n]``: each weight's standard error (:func:`~tasks.explain.lime_convergence.ridge_standard_errors`;
+    NaN for a superpixel the feature selection dropped)."""
+    samples_used: int = 0
+    """Perturbed samples (model evaluations) the fit used."""
+    rounds: int = 1
+    """Refits: 1 for fixed-N LIME, the rounds drawn for adaptive LIME."""
+    stopped_early: bool = False
+    """Adaptive LIME met its stopping rule before the cap."""
 
     @property
     def saliency_map(self) -> np.ndarray:
@@ -252,13 +263,19 @@ def fit_explanation(
 ) -> LimeResult:
     """lime's explanation model on a neighbourhood: kernel-weighted ridge fit for ``target``."""
     distances = sklearn.metrics.pairwise_distances(data, data[0].reshape(1, -1), metric=distance_metric).ravel()
-    base = LimeBase(partial(_lime_kernel, kernel_width=float(kernel_width)), verbose=False, random_state=random_state)
+    kernel = partial(_lime_kernel, kernel_width=float(kernel_width))
+    base = LimeBase(kernel, verbose=False, random_state=random_state)
     intercept, explanation, score, local_pred = base.explain_instance_with_data(
         data, probabilities, distances, target, num_features
     )
     weights = np.zeros(data.shape[1], dtype=np.float32)
     for feature, weight in explanation:
         weights[feature] = weight
+    used = np.array([feature for feature, _ in explanation], dtype=np.int64)
+    std_errors = np.full(data.shape[1], np.nan, dtype=np.float32)
+    std_errors[used] = ridge_standard_errors(  # LimeBase's Ridge(alpha=1) on the same rows, labels and kernel
+        data[:, used], probabilities[:, target], kernel(distances), np.array([w for _, w in explanation])
+    )
     return LimeResult(
         segments=segments,
         weights=weights,
@@ -266,6 +283,8 @@ def fit_explanation(
         score=float(score),
         local_pred=float(np.ravel(local_pred)[0]),
         target=int(target),
+        std_errors=std_errors,
+        samples_used=len(data),
     )
 
 
@@ -286,6 +305,7 @@ def explain_lime(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     cache: SegmentationCache | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> list[LimeResult]:
     """LIME explanations of a batch of images, one per (image, target).
 
@@ -304,6 +324,8 @@ def explain_lime(
         device: where perturbations are built and the model runs (default: the model's device).
         amp_dtype: autocast dtype for the model calls, or None.
         cache: reuse segmentations across calls (parameter search, seeds).
+        adaptive: draw the samples in rounds and stop once the top-k superpixels settle
+            (:mod:`tasks.explain.lime_convergence`); ``num_samples`` is then the cap. None: stock's fixed N.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(targets)} targets for {len(images)} images")
@@ -330,6 +352,7 @@ def explain_lime(
                 distance_metric=distance_metric,
                 device=device,
                 amp_dtype=amp_dtype,
+                adaptive=adaptive,
             )
         )
     return results
@@ -483,25 +506,69 @@ def _explain_one(
     distance_metric,
     device,
     amp_dtype,
+    adaptive: AdaptiveSettings | None = None,
 ) -> LimeResult:
     n_segments = int(segments.max()) + 1
     data = perturbation_matrix(n_segments, num_samples, seed)
     hidden = hidden_image(image, segments, hide_color)
-    probabilities = neighborhood_probabilities(
-        model_fn, image, hidden, segments, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype
-    )
-    if not 0 <= target < probabilities.shape[1]:
-        raise ValueError(f"target {target} outside the model's {probabilities.shape[1]} classes")
-    return fit_explanation(
+    fit = partial(
+        fit_explanation,
         segments,
-        data,
-        probabilities,
-        target,
         kernel_width=kernel_width,
         num_features=num_features,
         distance_metric=distance_metric,
-        random_state=np.random.RandomState(seed),
     )
+    probabilities = partial(
+        neighborhood_probabilities,
+        model_fn,
+        image,
+        hidden,
+        segments,
+        batch_size=batch_size or default_batch_size(device, amp_dtype),
+        device=device,
+        amp_dtype=amp_dtype,
+    )
+    if adaptive is None:
+        outputs = _checked(probabilities(data), target)
+        return fit(data, outputs, target, random_state=np.random.RandomState(seed))
+    return _explain_adaptive(data, probabilities, fit, target, seed, adaptive, probabilities.keywords["batch_size"])
+
+
+def _explain_adaptive(
+    data: np.ndarray,
+    probabilities: Callable[[np.ndarray], np.ndarray],
+    fit: Callable[..., LimeResult],
+    target: int,
+    seed: int,
+    rule: AdaptiveSettings,
+    batch_size: int,
+) -> LimeResult:
+    """Adaptive LIME: the fixed-N path's rows of ``data`` in rounds, lime's ridge refitted after each,
+    until :func:`~tasks.explain.lime_convergence.converged` or every row is used.
+
+    A round ends on a whole forward batch (``round_size`` rounded up to a multiple of the batch
+    size), so every forward batch is one the fixed-N path runs: a run that reaches the cap
+    returns the fixed-N explanation exactly.
+    """
+    step = -(-rule.round_size // batch_size) * batch_size
+    outputs: list[np.ndarray] = []
+    history: list[frozenset[int]] = []
+    used = 0
+    while True:
+        end = min(used + step, len(data))
+        outputs.append(_checked(probabilities(data[used:end]), target))
+        used = end
+        result = fit(data[:used], np.concatenate(outputs), target, random_state=np.random.RandomState(seed))
+        history.append(top_set(result.weights, rule.top_k))
+        done = converged(history, result.weights, result.std_errors, rule)
+        if done or used == len(data):
+            return replace(result, rounds=len(history), stopped_early=done and used < len(data))
+
+
+def _checked(probabilities: np.ndarray, target: int) -> np.ndarray:
+    if not 0 <= target < probabilities.shape[1]:
+        raise ValueError(f"target {target} outside the model's {probabilities.shape[1]} classes")
+    return probabilities
 
 
 def _lime_kernel(distances: np.ndarray, kernel_width: float) -> np.ndarray:
@@ -574,6 +641,10 @@ class LimeExplainer(Explainer):
         cache = SegmentationCache(max_entries=max(1, len(pixels)))
         batch_size = configured_batch_size(settings.batch_size)
         maps = np.full((len(pixels), *pixels[0].shape[:2]), np.nan, dtype=np.float32)
+        adaptive = (
+            AdaptiveSettings(**settings.adaptive.model_dump(exclude={"enabled"})) if settings.adaptive.enabled else None
+        )
+        results: dict[int, LimeResult] = {}
         trials: list[dict] = []
         failed: dict[int, ItemError] = {}
         for index, (image, target) in enumerate(zip(pixels, targets)):
@@ -593,6 +664,7 @@ class LimeExplainer(Explainer):
                     batch_size=batch_size,
                     amp_dtype=context.amp_dtype,
                     cache=cache,
+                    adaptive=adaptive,
                 )
                 search = (
                     None
@@ -615,6 +687,7 @@ class LimeExplainer(Explainer):
                 failed[index] = ItemError(image_id, error.message, error.error_type)
                 continue
             maps[index] = result.saliency_map
+            results[index] = result
             if search is not None:
                 trials += [
                     {
@@ -631,4 +704,26 @@ class LimeExplainer(Explainer):
         scale = np.abs(maps).reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
         maps = np.divide(maps, scale, out=np.full_like(maps, np.nan), where=scale > 0)
         maps[(scale == 0).ravel()] = 0.0
-        return Explanations({"lime": maps}, failed, {"lime_trials": trials})
+        uncertainty = [
+            uncertainty_row(context.model.name, context.image_ids[index], result, float(scale.ravel()[index]))
+            | {"num_samples": settings.num_samples, "adaptive": adaptive is not None}
+            for index, result in results.items()
+        ]
+        return Explanations({"lime": maps}, failed, {"lime_trials": trials, "lime_uncertainty": uncertainty})
+
+
+def uncertainty_row(model: str, image_id: str, result: LimeResult, scale: float) -> dict[str, Any]:
+    """A ``lime_uncertainty`` row: the samples a map used and its weights' standard errors, per superpixel
+    (raw) and per pixel (divided by ``scale``, the map's largest absolute weight, as the stored map is)."""
+    std_errors = result.std_errors if result.std_errors is not None else np.full_like(result.weights, np.nan)
+    per_pixel = std_errors[result.segments] / scale if scale > 0 else np.zeros(result.segments.shape, np.float32)
+    return {
+        "model": model,
+        "image_id": image_id,
+        "samples_used": result.samples_used,
+        "rounds": result.rounds,
+        "stopped_early": result.stopped_early,
+        "weights": result.weights.tolist(),
+        "std_errors": std_errors.tolist(),
+        **encode_map(np.nan_to_num(per_pixel, nan=0.0)),
+    }

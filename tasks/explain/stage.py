@@ -44,6 +44,7 @@ EXPLAIN_TABLES = (
     "localization",
     "faithfulness",
     "lime_trials",
+    "lime_uncertainty",
     "scores",
     "unit_contributions",
     "concept_attribution",

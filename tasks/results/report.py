@@ -217,6 +217,8 @@ class _ImagePage:
     concepts: pd.DataFrame = field(default_factory=pd.DataFrame)
     target_figures: list[Path] = field(default_factory=list)
     """The maps of the image's further targets (explain.target topk or class names), one figure per class."""
+    lime: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """The image's ``lime_uncertainty`` rows: samples each LIME map used and its mean standard error."""
 
 
 class _Report:
@@ -403,6 +405,9 @@ class _Report:
         classes = summary["summary_classes"]
         if not classes.empty:
             parts += ["<h3>Classes by agreement (best first)</h3>", _table(classes)]
+        samples = summary.get("summary_lime_samples")
+        if samples is not None and not samples.empty:
+            parts += ["<h3>LIME: model evaluations and uncertainty</h3>", _table(samples)]
         lime = summary["summary_lime_params"]
         if not lime.empty:
             parts += [
@@ -545,6 +550,7 @@ class _Report:
             "faithfulness", ["model", "image_id", "target", "method", "deletion_auc", "insertion_auc"], where
         )
         attribution = self.raw("concept_attribution", ATTRIBUTION_COLUMNS, where)
+        uncertainty = self.raw("lime_uncertainty", LIME_UNCERTAINTY_COLUMNS, where)
         paths = image_paths(self.config, set(ids))
         model_configs = {model.name: model for model in self.config.models} if self.config else {}
         summary_images = self.summary["summary_images"].set_index(["model", "image_id", "target"])
@@ -553,6 +559,7 @@ class _Report:
         for number, ((model, image_id), tags) in enumerate(sorted(chosen.items())):
             page = _ImagePage(model, image_id, f"images/{safe_name(model)}-{number:04d}.html", tags=tags)
             image_maps = _of_image(saliency, model, image_id)
+            page.lime = _of_image(uncertainty, model, image_id)
             side = int(image_maps["height"].iloc[0]) if not image_maps.empty else 0
             picture = None
             if side and image_id in paths and model in model_configs:
@@ -567,7 +574,8 @@ class _Report:
                     {
                         row["method"]: decode_map(row)
                         for row in image_maps[image_maps["target"] == target].to_dict("records")
-                    },
+                    }
+                    | lime_uncertainty_panel(page.lime, target),
                     _of_image(agreement, model, image_id).query("target == @target"),
                     summary_images.loc[(model, image_id, target)]
                     if (model, image_id, target) in summary_images.index
@@ -627,6 +635,8 @@ class _Report:
             for method in maps
         }
         subtitles = {method: f"IoU w/ others {value:.2f}" for method, value in with_others.items() if pd.notna(value)}
+        if LIME_UNCERTAINTY_PANEL in maps:
+            subtitles[LIME_UNCERTAINTY_PANEL] = "std error (map units)"
         title = f"{model} · {image_id} · class {class_name}"
         if known is not None:
             title += f" · mean IoU {known['iou_mean']:.2f} · rank {known['rank']}"
@@ -673,6 +683,8 @@ class _Report:
             "<h2>Faithfulness</h2>",
             _table(faithfulness.drop(columns=["model", "image_id"])),
         ]
+        if not page.lime.empty:
+            body += ["<h2>LIME: samples and uncertainty</h2>", _table(lime_uncertainty_table(page.lime))]
         if page.concept_figure is not None:
             concept_rows = page.concepts.drop(
                 columns=["model", "image_id", "heatmap", "heatmap_height", "heatmap_width"]
@@ -684,6 +696,46 @@ class _Report:
                 _table(concept_rows),
             ]
         path.write_text(_page(f"{page.model} {page.image_id}", "\n".join(body), "../style.css"))
+
+
+LIME_UNCERTAINTY_COLUMNS = [
+    "model",
+    "image_id",
+    "target",
+    "samples_used",
+    "num_samples",
+    "adaptive",
+    "rounds",
+    "stopped_early",
+    "std_errors",
+    "height",
+    "width",
+    "map",
+]
+LIME_UNCERTAINTY_PANEL = "lime ± std error"
+"""The panel beside LIME's map: each pixel's superpixel standard error, in the map's units."""
+
+
+def lime_uncertainty_panel(rows: pd.DataFrame, target: int) -> dict[str, np.ndarray]:
+    """The uncertainty map of ``target``'s LIME map as a figure panel (none if the run stored none)."""
+    rows = rows[rows["target"] == target]
+    return {} if rows.empty else {LIME_UNCERTAINTY_PANEL: decode_map(rows.iloc[0])}
+
+
+def lime_uncertainty_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per LIME map of an image: the model evaluations it used (of the cap) and its weights' uncertainty."""
+    return pd.DataFrame(
+        {
+            "target": rows["target"],
+            "samples used": rows["samples_used"],
+            "cap": rows["num_samples"],
+            "adaptive": rows["adaptive"],
+            "rounds": rows["rounds"],
+            "stopped early": rows["stopped_early"],
+            "mean std error": [float(np.nanmean(errors)) if len(errors) else np.nan for errors in rows["std_errors"]],
+            "max std error": [float(np.nanmax(errors)) if len(errors) else np.nan for errors in rows["std_errors"]],
+        }
+    )
 
 
 def _replace_folder(staging: Path, final: Path) -> None:

@@ -70,6 +70,16 @@ INPUT_COLUMNS = {
     "localization": ["model", "image_id", "method", "pointing_hit", "iou_gt", "energy_in_gt", "target"],
     "faithfulness": ["model", "image_id", "method", "deletion_auc", "insertion_auc", "road", "target"],
     "lime_trials": ["model", "image_id", "params_json", "objective", "seconds", "components_json", "best", "target"],
+    "lime_uncertainty": [
+        "model",
+        "image_id",
+        "target",
+        "samples_used",
+        "num_samples",
+        "adaptive",
+        "stopped_early",
+        "std_errors",
+    ],
     "scores": ["model", "image_id", "method", "metric", "value", "target"],
     "unit_contributions": ["model", "image_id", "target", "layer"],
     "sanity": ["model", "method", "test", "step", "layer", "image_id", "spearman", "ssim", "iou", "entropy"],
@@ -510,6 +520,30 @@ def lime_best(trials: pd.DataFrame) -> pd.DataFrame:
     return _columns("summary_lime_best", _with_components(best).sort_values(["model", "image_id"]))
 
 
+def lime_samples(uncertainty: pd.DataFrame) -> pd.DataFrame:
+    """``summary_lime_samples``: per model, the samples its LIME maps used and their weights' mean standard error."""
+    if uncertainty.empty:
+        return empty_frame("summary_lime_samples")
+    frame = uncertainty.assign(
+        std_error=[float(np.nanmean(errors)) if len(errors) else np.nan for errors in uncertainty["std_errors"]],
+        early=uncertainty["stopped_early"].eq(True),
+    )
+    frame = (
+        frame.groupby("model")
+        .agg(
+            maps=("image_id", "size"),
+            adaptive=("adaptive", "max"),
+            num_samples=("num_samples", "max"),
+            samples_used_mean=("samples_used", "mean"),
+            samples_used_max=("samples_used", "max"),
+            stopped_early_share=("early", "mean"),
+            std_error_mean=("std_error", "mean"),
+        )
+        .reset_index()
+    )
+    return _columns("summary_lime_samples", frame.sort_values("model"))
+
+
 def class_concepts(attribution: pd.DataFrame, contributions: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
     """``summary_class_concepts``: the class x concept matrix, mean shares over each class's images."""
     if attribution.empty:
@@ -710,6 +744,7 @@ def summary_tables(inputs: Mapping[str, pd.DataFrame], top_n: int = TOP_CONCEPTS
         "summary_concept_ablation": concept_ablation(attribution),
         "summary_lime_params": lime_parameters(inputs["lime_trials"]),
         "summary_lime_best": lime_best(inputs["lime_trials"]),
+        "summary_lime_samples": lime_samples(_input(inputs, "lime_uncertainty")),
     }
 
 
