@@ -62,6 +62,13 @@ def test_digest_numbers_are_the_summary_tables(runs):
     pointing = [float(line.split(": ")[1].split(" / ")[0]) for line in shown]
     assert pointing == sorted(pointing, reverse=True)  # best first
 
+    (lime,) = store.read("summary_lime_samples", run_id).itertuples()
+    uncertainty = store.read("lime_uncertainty", run_id)
+    assert line_starting(lines, "  LIME (fixed): ") == (
+        f"  LIME (fixed): {number(uncertainty.samples_used.mean())} model evaluations per map of at most 40, "
+        f"superpixel weights' std error {number(lime.std_error_mean)}"
+    )
+
     images = store.read("summary_images", run_id).sort_values("rank")
     line = line_starting(lines, "  image the methods agree on most: ")
     assert images.iloc[0].image_id in line and number(images.iloc[0].iou_mean) in line

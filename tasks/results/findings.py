@@ -87,6 +87,7 @@ def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
                 f"    {row['method']}{method_marks(row)}: " + " / ".join(number(row[column]) for column in columns)
             )
     lines += _sanity_lines(model, summary)
+    lines += _lime_lines(model, summary)
     lines += _concept_lines(model, summary)
     for table, what in (("summary_images", "image"), ("summary_classes", "class")):
         ranked = summary[table]
@@ -146,6 +147,21 @@ def _sanity_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
         for metric, rows in flags.groupby("metric", sort=False):
             pairs = ", ".join(f"{r.control} > {r.method}" for r in rows.itertuples())
             lines.append(f"  a control beats a real method on {metric} ({pairs}): it cannot tell good maps from bad")
+    return lines
+
+
+def _lime_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
+    """What LIME's maps cost and how sure their weights are (adaptive LIME stops before the cap)."""
+    samples = summary.get("summary_lime_samples")
+    if samples is None or samples.empty:
+        return []
+    lines = []
+    for row in samples[samples["model"] == model].itertuples():
+        stopping = f"adaptive, {number(row.stopped_early_share)} stopped early" if row.adaptive else "fixed"
+        lines.append(
+            f"  LIME ({stopping}): {number(row.samples_used_mean)} model evaluations per map of at most "
+            f"{int(row.num_samples)}, superpixel weights' std error {number(row.std_error_mean)}"
+        )
     return lines
 
 
