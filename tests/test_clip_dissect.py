@@ -259,6 +259,27 @@ def test_clip_features_are_unit_norm_and_batching_does_not_matter(tiny_clip):
     torch.testing.assert_close(cd.image_concept_matrix(3 * feats, 0.5 * text), matrix)  # norms do not matter
 
 
+def test_text_features_leave_out_the_padding_and_equal_open_clips_encode_text(tiny_clip):
+    """open_clip's ``CLIP.encode_text`` runs every prompt at the full context length; the causal
+    mask and end-token pooling mean the positions after the batch's last end token change nothing.
+    The trimmed tower must see fewer positions and give open_clip's own features."""
+    model, _, tokenizer = tiny_clip
+    prompts = ["red", "a striped circle", "a very very big red striped dotted thing"]
+    tokens = tokenizer(prompts)
+    seen: list[int] = []
+    hook = model.transformer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    with torch.inference_mode():
+        full = model.encode_text(tokens)
+        trimmed = cd.encode_text_trimmed(model, tokens)
+        short = cd.encode_text_trimmed(model, tokens[:2])
+    hook.remove()
+    ends = tokens.argmax(dim=-1)  # the end token has the highest id
+    assert seen == [tokens.shape[1], int(ends.max()) + 1, int(ends[:2].max()) + 1]
+    assert seen[2] < seen[1] < tokens.shape[1]
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, full[:2], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("template", ["no placeholder", "{} and {}", "{0} {x}"])
 def test_bad_prompt_template_is_a_config_error(tiny_clip, template):
     model, _, tokenizer = tiny_clip

@@ -402,8 +402,39 @@ def clip_text_features(
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+            feats.append(F.normalize(encode_text_trimmed(model, tokens).float(), dim=-1).cpu())
     return torch.cat(feats)
+
+
+def encode_text_trimmed(model: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """``model.encode_text(tokens)`` with the padding after the batch's last end token left out.
+
+    The tokenizer pads every prompt to the context length (77 for CLIP), while concept prompts
+    need a handful of tokens. In open_clip's ``CLIP`` text tower attention is causal and the
+    embedding is read at the end token, so no position up to it sees the padding: cutting the
+    sequence after the latest end token of the batch gives the same features (up to float
+    rounding of the shorter matrix products) for a fraction of the work. Text towers this does
+    not hold for (no causal mask, other pooling, custom/HF towers) take ``encode_text`` as is.
+    """
+    import open_clip  # imported already by whoever built ``model``; kept off this module's import
+
+    pooling = getattr(model, "text_pool_type", None)
+    causal = getattr(model, "attn_mask", None)
+    if not isinstance(model, open_clip.model.CLIP) or causal is None or pooling not in ("argmax", "eos"):
+        return model.encode_text(tokens)
+    if pooling == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    length = int(ends.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=causal[:length, :length]))
+    x = open_clip.transformer.text_global_pool(x, tokens, pooling, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
 
 def image_concept_matrix(image_feats: Tensor, text_feats: Tensor) -> Tensor:
