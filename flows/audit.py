@@ -19,6 +19,7 @@ from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
 from tasks.compute.device import resolve_device
+from tasks.compute.precision import describe_precision
 from tasks.core.config import AuditConfig, ConfigErrors, load_config
 from tasks.data.image_sets import list_image_set
 from tasks.dissect.tasks import probe_task
@@ -110,6 +111,7 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
         record.status, record.finished_at, record.message = "running", None, None
         record.hostname, record.pid = socket.gethostname(), os.getpid()
         repair_run(store, record.run_id)  # unreadable files are set aside, so their units count as missing
+    record.precision = describe_precision(config.explain.precision, record.device, config.explain.methods)
     record.save(store)
     return record
 
@@ -126,7 +128,7 @@ def audit(
     store = ResultsStore(results)
     run = open_run(store, config, resume, new)
     logger = get_run_logger()
-    logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
+    logger.info("run %s (%s, %s, precision %s) -> %s", run.run_id, config.name, run.device, run.precision, results)
     try:
         prepare_world(config, stages)
         if "dissect" in stages and config.dissect.enabled:

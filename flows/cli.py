@@ -214,7 +214,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         return _check_runs(ResultsStore(_results_root(args)), args)
     frame = list_runs(ResultsStore(_results_root(args)))
     if not frame.empty and args.format == "table":
-        frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device"]]
+        frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device", "precision"]]
     _print_frame(frame, args.format, args.output)
     return EXIT_OK
 
