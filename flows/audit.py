@@ -14,7 +14,13 @@ from prefect import flow, get_run_logger
 
 from flows.dissect import dissect_model
 from flows.explain import explain_model
-from flows.runner import AuditThreadPoolTaskRunner, flow_task_runner, local_run_settings, subflow_task_runner
+from flows.runner import (
+    AuditThreadPoolTaskRunner,
+    flow_task_runner,
+    local_run_settings,
+    subflow_task_runner,
+    with_task_runner,
+)
 from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
@@ -135,15 +141,13 @@ def audit(
             started = time.perf_counter()
             probe_task(config, results, run.run_id)
             for model in config.models:
-                dissect_model.with_options(task_runner=subflow_task_runner(config))(
-                    config, model.name, results, run.run_id
-                )
+                with_task_runner(dissect_model, subflow_task_runner(config))(config, model.name, results, run.run_id)
             run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             n_chunks = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model.with_options(task_runner=subflow_task_runner(config))(
+                with_task_runner(explain_model, subflow_task_runner(config))(
                     config, model.name, n_chunks, results, run.run_id
                 )
             run.timings["explain"] = round(time.perf_counter() - started, 3)
@@ -168,7 +172,7 @@ def run_audit(
 ) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
     with local_run_settings():
-        return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, new)
+        return with_task_runner(audit, flow_task_runner(config))(config, results, tuple(stages), resume, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")
