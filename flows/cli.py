@@ -167,15 +167,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     config = _named_config(args.config)
-    from flows.audit import run_audit
-    from flows.preflight import check
-
-    check(config)
-    results = _results_root(args, config.results)
-    _writable_results(results)
     from flows.prefect_api import api_for_run
 
-    with _progress_to_stderr(), _stop_on_signals(), api_for_run():
+    with _progress_to_stderr(), _stop_on_signals(), api_for_run() as api_ready:  # the server starts meanwhile
+        from flows.audit import run_audit
+        from flows.preflight import check
+
+        check(config)
+        results = _results_root(args, config.results)
+        _writable_results(results)
+        api_ready()
         outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
     from storage.parquet import ResultsStore
     from tasks.results.findings import run_findings
