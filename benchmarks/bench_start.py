@@ -32,13 +32,17 @@ GOAL_S = 1.0
 BAD_CONFIGS = {"schema error": "seed: abc\n", "unknown method": "explain:\n  methods: [gradcam, telepathy]\n"}
 
 
-def cli_seconds(args: list[str], expected_code: int, rounds: int) -> list[float]:
-    """Wall seconds of ``python -m flows.cli ARGS`` in a fresh interpreter, ``rounds`` times."""
+def cli_seconds(args: list[str], expected_code: int, rounds: int, python: list[str] | None = None) -> list[float]:
+    """Wall seconds of ``python -m flows.cli ARGS`` (or ``python PYTHON``) in a fresh interpreter, ``rounds`` times."""
     seconds = []
     for _ in range(rounds):
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+            [sys.executable, *(python or ["-m", "flows.cli", *args])],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         seconds.append(time.perf_counter() - started)
         if done.returncode != expected_code:
@@ -46,7 +50,7 @@ def cli_seconds(args: list[str], expected_code: int, rounds: int) -> list[float]
     return seconds
 
 
-def _result(target: str, seconds: list[float], goal: float | None, note: str) -> Result:
+def _result(target: str, seconds: list[float], goal: float | None, note: str, **extra) -> Result:
     return Result(
         target,
         round(statistics.median(seconds), 2),
@@ -54,20 +58,27 @@ def _result(target: str, seconds: list[float], goal: float | None, note: str) ->
         "max",
         "s",
         note=f"{note}; median of {len(seconds)} fresh interpreters; load {[round(x, 2) for x in os.getloadavg()]}",
-        extra={"seconds": [round(s, 2) for s in seconds]},
+        extra={"seconds": [round(s, 2) for s in seconds], **extra},
     )
 
 
 def run(size: str) -> list[Result]:
     rounds = ROUNDS[size]
+    # what the same machine, at the same load, pays for an empty interpreter and for importing torch
+    reference = {
+        "bare_python_s": round(statistics.median(cli_seconds([], 0, rounds, ["-c", "pass"])), 2),
+        "import_torch_s": round(statistics.median(cli_seconds([], 0, rounds, ["-c", "import torch"])), 2),
+    }
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-start-") as folder:
         for kind, text in BAD_CONFIGS.items():
             path = Path(folder) / f"{kind.replace(' ', '-')}.yaml"
             path.write_text(text)
             seconds = cli_seconds(["validate", str(path)], 2, rounds)
-            results.append(_result(f"8 validate on a bad config ({kind})", seconds, GOAL_S, "exit 2 naming the field"))
-    results.append(_result("8 --help", cli_seconds(["--help"], 0, rounds), GOAL_S, "the command list"))
+            results.append(
+                _result(f"8 validate on a bad config ({kind})", seconds, GOAL_S, "exit 2 naming the field", **reference)
+            )
+    results.append(_result("8 --help", cli_seconds(["--help"], 0, rounds), GOAL_S, "the command list", **reference))
     valid = cli_seconds(["validate", str(REPO / "configs" / "demo.yaml")], 0, rounds)
     results.append(_result("8 validate on a valid config (demo)", valid, None, "models on the meta device, sets read"))
     return results
