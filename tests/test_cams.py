@@ -41,12 +41,15 @@ def images():
 
 @pytest.fixture(scope="module")
 def shared(model, images):
-    return forward_with_cams(model, model.layer3[-1], images, TARGETS, list(CAM_METHODS))
+    return forward_with_cams(model, model.layer3[-1], images, TARGETS, list(LIBRARY_CLASSES))
 
 
 def test_registry_covers_the_config_names():
-    assert set(CAM_METHODS) == set(LIBRARY_CLASSES)
+    # Group-CAM is ours (no library ships it): tests/test_groupcam.py checks it against the paper's equations
+    assert set(CAM_METHODS) - {"groupcam"} == set(LIBRARY_CLASSES)
     for name, cls in CAM_METHODS.items():
+        if name == "groupcam":
+            continue
         assert issubclass(cls, LIBRARY_CLASSES[name])
 
 

@@ -32,6 +32,14 @@ def test_empty_config_is_the_demo_default():
     assert config.images.kind == "world"
 
 
+def test_a_model_is_found_by_its_name_and_an_unknown_name_is_a_key_error():
+    config = parse_config({"models": [{"name": "first", "source": "demo"}, {"name": "second", "source": "demo"}]})
+    assert config.model("second") is config.models[1]
+    assert config.model("first") is config.models[0]
+    with pytest.raises(KeyError, match="third"):
+        config.model("third")
+
+
 @pytest.mark.parametrize(
     ("data", "field"),
     [

@@ -9,6 +9,7 @@ class names by accuracy and by CLIP text cosine (``utils.get_cos_similarity``).
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -140,3 +141,57 @@ def test_audit_writes_label_checks_p_values_and_their_summaries(prefect_harness,
     assert (layers["tested"], layers["significant"]) == (11, 10)
     digest = "\n".join(run_findings(store, outcome.run_id))
     assert "10/11 significant" in digest and "accuracy 1.000 (8/8" in digest
+
+
+def _cache_without_activations(monkeypatch, shared, folder) -> None:
+    """A cache in ``folder`` holding the ``shared`` cache's world, probe listings and CLIP features
+    (links) but no pooled activations, so every activation pass shows."""
+    folder.mkdir()
+    for entry in shared.iterdir():
+        if entry.is_dir() and entry.name != "activations":
+            (folder / entry.name).symlink_to(entry, target_is_directory=True)
+    monkeypatch.setenv("XAI_AUDIT_CACHE", str(folder))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check_first", [False, True])
+def test_the_final_layer_check_shares_clip_dissects_activation_pass(monkeypatch, tmp_path, check_first):
+    """CLIP-Dissect's labelling and the final-layer check of one model take one pass over the
+    probe set together, whichever runs first (the output layer joins the labelled layers), and
+    the check's rows are those of the check taking its own pass over the output layer alone."""
+    from tasks.core.cache import cache_root
+    from tasks.data.loaded_models import using_model
+    from tasks.dissect import activations
+    from tasks.dissect.labellers import labeller
+    from tasks.dissect.probe import open_probe
+    from tasks.dissect.stage import final_layer_check_rows
+
+    raw = _colour_config("planted_colour_classifier").model_dump()
+    raw["dissect"]["probe"]["limit"] = 100  # soft-WPMI averages over the 100 most activating images
+    config = parse_config(raw)
+    passes, one_pass, shared_cache = [], activations.pooled_activations, cache_root()
+
+    def counted_pass(module, layers, *args, **kwargs):
+        passes.append(list(layers))
+        return one_pass(module, layers, *args, **kwargs)
+
+    monkeypatch.setattr(activations, "pooled_activations", counted_pass)
+    _cache_without_activations(monkeypatch, shared_cache, tmp_path / "alone")
+    alone = _final_layer(config)
+    assert passes == [["head"]]
+
+    passes.clear()
+    _cache_without_activations(monkeypatch, shared_cache, tmp_path / "shared")
+    probe = open_probe(config)
+    with using_model(config, config.models[0]) as model:
+        label = lambda: labeller("clip_dissect").label(config, model, ["detectors"], ["detectors"], probe)  # noqa: E731
+        check = lambda: final_layer_check_rows(config, model, probe, ["detectors"])  # noqa: E731
+        if check_first:
+            shared = check()
+            labels = label()
+        else:
+            labels = label()
+            shared = check()
+    assert passes == [["detectors", "head"]]
+    assert list(labels.frames) == ["detectors"] and len(labels.frames["detectors"]) == 11
+    pd.testing.assert_frame_equal(shared, alone)

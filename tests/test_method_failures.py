@@ -80,3 +80,46 @@ def test_running_out_of_memory_is_not_a_method_failure_it_reaches_the_back_off()
     context = ExplainContext(None, torch.nn.Identity(), None, 0, None, ["a"])
     with pytest.raises(RuntimeError, match="out of memory"):
         list(explain_family(_OutOfMemory(), context, torch.zeros(1, 3, 4, 4), [0], ["toy-oom"]))
+
+
+def test_a_method_whose_map_of_an_image_is_not_finite_loses_that_image_alone(tmp_path):
+    """Grad-CAM's map of the white image is NaN (its CAM layer carries a NaN channel there, the
+    head never reads it, so the model's outputs stay finite); the Gaussian control's map of the same
+    image is finite and must keep its saliency, metric and prediction rows."""
+    folder = tmp_path / "images"
+    records = _records(folder, count=3)
+    white = folder / "white.png"
+    Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(white)
+    records.append({"image_id": white.name, "path": str(white)})
+    config = parse_config(
+        {
+            "device": "cpu",
+            "models": [
+                {
+                    "name": "poisoned",
+                    "source": "python",
+                    "callable": "tests.fixtures.tiny_models:nan_channel_cnn",
+                    "num_classes": 3,
+                    "cam_layer": "poison",
+                    "preprocess": {"resize": 64, "crop": 64},
+                }
+            ],
+            "images": {"kind": "folder", "root": str(folder)},
+            "dissect": {"enabled": False},
+            "explain": {"methods": ["gradcam", "control_gaussian"], "metrics": {"localization": False}},
+        }
+    )
+    model = load_model(config.models[0])
+    rows = explain_records(config, config.models[0], model, records)
+    maps = {(row["image_id"], row["method"]) for row in rows.tables["saliency"]}
+    noise_ids = [record["image_id"] for record in records[:3]]
+    assert maps == {(i, m) for i in noise_ids for m in ("gradcam", "control_gaussian")} | {
+        ("white.png", "control_gaussian")
+    }
+    faithfulness = {(row["image_id"], row["method"]) for row in rows.tables["faithfulness"]}
+    assert faithfulness == maps
+    assert {row["image_id"] for row in rows.tables["predictions"]} == {*noise_ids, "white.png"}
+    errors = {(row["item_id"], row["error_type"]) for row in rows.tables["errors"]}
+    assert errors == {("white.png", "NonFiniteMapError")}
+    assert rows.tables["errors"][0]["message"].startswith("gradcam: saliency map has 4096 NaN/Inf value(s)")
+    assert not [row for row in rows.tables["agreement"] if row["image_id"] == "white.png"]

@@ -86,7 +86,7 @@ def toy_run(prefect_harness, tmp_path_factory):
                 "images": {"kind": "world", "split": "val"},
                 "dissect": {"enabled": False},
                 "explain": {
-                    "methods": ["gradcam", "toy_centre"],
+                    "methods": ["gradcam", "toy_centre", "groupcam"],
                     "chunk_size": 2,
                     "batch_size": 2,
                     "metrics": {"steps": 4},
@@ -117,14 +117,14 @@ def test_the_toy_explainer_map_lands_in_saliency(toy_run):
         (32, 32),
     }
     # every built-in metric scored the toy method too (the stage never branches on a method name)
-    assert set(store.read("faithfulness", outcome.run_id)["method"]) == {"gradcam", "toy_centre"}
+    assert set(store.read("faithfulness", outcome.run_id)["method"]) == {"gradcam", "toy_centre", "groupcam"}
 
 
 def test_the_toy_metric_is_stored_recomputable_and_summarised(toy_run):
     store, outcome = toy_run
     scores = store.read("scores", outcome.run_id)
     saliency = store.read("saliency", outcome.run_id).set_index(["image_id", "method"])
-    assert len(scores) == N_IMAGES * 2 and set(scores["metric"]) == {"toy_peak_mass"}
+    assert len(scores) == N_IMAGES * 3 and set(scores["metric"]) == {"toy_peak_mass"}
     for row in scores.itertuples():
         saliency_map = decode_map(saliency.loc[(row.image_id, row.method)].to_dict())
         if np.isnan(row.value):  # a map without positive mass has no peak share
@@ -132,7 +132,7 @@ def test_the_toy_metric_is_stored_recomputable_and_summarised(toy_run):
         else:
             assert row.value == pytest.approx(peak_mass(saliency_map), abs=1e-9)
     methods = store.read("summary_methods", outcome.run_id).set_index("method")
-    for method in ("gradcam", "toy_centre"):
+    for method in ("gradcam", "toy_centre", "groupcam"):
         expected = scores.loc[scores["method"] == method, "value"].mean()  # pandas skips the nulls, as SQL's avg does
         assert dict(methods.loc[method, "scores"])["toy_peak_mass"] == pytest.approx(expected)
 
@@ -141,6 +141,7 @@ def test_the_report_shows_the_toy_method_and_metric_with_its_direction(toy_run):
     store, outcome = toy_run
     html = Path(outcome.report_path).read_text(encoding="utf-8")
     assert "toy_centre" in html
+    assert "groupcam" in html  # a built-in added the same way (tasks/explain/groupcam.py + one CAM_METHODS line)
     assert "peak mass ↑" in html or "toy_peak_mass ↑" in html
 
 

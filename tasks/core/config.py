@@ -515,6 +515,16 @@ class ExplainConfig(_Section):
     ablationcam_batch_size: PositiveInt = Field(
         128, description="Ablated channels per forward in AblationCAM (grad-cam uses 32; 128 is ~4x faster on CPU)."
     )
+    scorecam_channels: PositiveInt | None = Field(
+        None,
+        description=(
+            "ScoreCAM on a channel budget: score only the K channels of largest activation variance (Faster "
+            "Score-CAM), the rest weigh 0; null: every channel (exact ScoreCAM)."
+        ),
+    )
+    groupcam_groups: PositiveInt = Field(
+        32, description="Group-CAM: channel groups, one masked forward each (paper: 32)."
+    )
     lime: LimeConfig = Field(default_factory=LimeConfig, description="LIME.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
     concepts: ConceptAttributionConfig = Field(
@@ -593,6 +603,13 @@ class AuditConfig(_Section):
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {duplicates}")
         return self
+
+    def model(self, name: str) -> ModelConfig:
+        """The configured model called ``name`` (names are unique; KeyError when none is)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"no model named {name!r} in the config")
 
     def config_hash(self) -> str:
         """Stable hash of what decides the results: the validated config without ``runner``, so a

@@ -21,7 +21,17 @@ _CAMS, _LABELLERS, _SIMILARITY = "tasks.explain.cams:CamFamily", "tasks.dissect.
 EXPLAIN_METHODS: dict[str, str] = {
     **{
         name: _CAMS
-        for name in ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam")
+        for name in (
+            "gradcam",
+            "gradcam++",
+            "xgradcam",
+            "layercam",
+            "hirescam",
+            "eigencam",
+            "scorecam",
+            "ablationcam",
+            "groupcam",
+        )
     },
     "lime": "tasks.explain.lime:LimeExplainer",
     **{

@@ -13,6 +13,7 @@ from tasks.core.errors import ConfigError
 from tasks.dissect.base import Labeller, Labels
 from tasks.dissect.probe import Probe
 from tasks.dissect.stage import (
+    clip_dissect_pass_layers,
     clip_similarity,
     concept_set,
     finite_clip_dissect_rows,
@@ -30,7 +31,8 @@ class ClipDissect(Labeller):
     fan_out = "layer"
 
     def label(self, config: AuditConfig, model: Any, all_layers: list[str], layers: list[str], probe: Probe) -> Labels:
-        activations = pooled_layer_activations(config, model, all_layers, probe)
+        pass_layers = clip_dissect_pass_layers(config, model, all_layers)  # the final-layer check reads this pass
+        activations = pooled_layer_activations(config, model, pass_layers, probe)
         concepts, categories = concept_set(config, probe, model.class_names)
         similarity = clip_similarity(config, probe, concepts)
         labels = Labels({})

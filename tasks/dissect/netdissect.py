@@ -497,7 +497,9 @@ class IoUTally:
             repeated = (pixel_labels[:, layer : layer + 1] == pixel_labels[:, :layer]).any(dim=1)
             pixel_labels[:, layer].masked_fill_(repeated, 0)
         for category, stacks in by_category.items():
-            for label in torch.unique(torch.cat([t.reshape(-1) for t in stacks])).tolist():
+            # a linear bincount, not unique's sort of every pixel (a negative number is no label)
+            values = torch.cat([t.reshape(-1) for t in stacks]).clamp_min(0)
+            for label in torch.bincount(values).nonzero().flatten().tolist():
                 if label > 0:
                     self.seen_category.setdefault(label, category)
         pixel_labels = pixel_labels.to(self.device)

@@ -24,7 +24,7 @@ from storage.schemas import TABLES
 from tasks.compute.device import resolve_device
 from tasks.core.cache import cache_dir, content_key
 from tasks.core.config import AuditConfig, NetDissectConfig
-from tasks.core.errors import ItemError
+from tasks.core.errors import ConfigError, ItemError
 from tasks.core.progress import track
 from tasks.core.rows import error_row
 from tasks.data.models import default_cam_layer, resolve_layer
@@ -163,6 +163,19 @@ def pooled_layer_activations(config: AuditConfig, model, layers: list[str], prob
     )
 
 
+def clip_dissect_pass_layers(config: AuditConfig, model, layers: list[str]) -> list[str]:
+    """The layers of CLIP-Dissect's one activation pass over the probe set: ``layers`` plus, when
+    the final-layer check runs, the output layer. The pass stops after its deepest layer, so the
+    output layer costs a pooling and a linear layer, and the check reads its activations from
+    this pass's cache instead of taking a whole pass of its own."""
+    if not config.dissect.final_layer_check:
+        return list(layers)
+    try:
+        return list(dict.fromkeys([*layers, output_layer(model.module, len(model.class_names))]))
+    except ConfigError:  # no output layer: the check does not apply (label_check_task says so)
+        return list(layers)
+
+
 def clip_dissect_rows(
     config: AuditConfig,
     similarity_matrix: torch.Tensor,
@@ -193,12 +206,14 @@ def clip_dissect_rows(
     return frame
 
 
-def final_layer_check_rows(config: AuditConfig, model, probe: Probe) -> pd.DataFrame:
+def final_layer_check_rows(config: AuditConfig, model, probe: Probe, layers: list[str] = ()) -> pd.DataFrame:
     """``label_checks`` rows of the final-layer self-test (:mod:`tasks.dissect.label_checks`) of
     ``model``: CLIP-Dissect on its output units with the class names as concepts and, unless that
-    is the configured concept set, with the configured one too."""
+    is the configured concept set, with the configured one too. ``layers`` are the layers
+    CLIP-Dissect labels: whichever of the check and the labelling runs first takes the one pass
+    over the probe set for all of them (:func:`clip_dissect_pass_layers`)."""
     layer = output_layer(model.module, len(model.class_names))
-    activations = pooled_layer_activations(config, model, [layer], probe)[layer]
+    activations = pooled_layer_activations(config, model, [*layers, layer], probe)[layer]
     images, _ = finite_selection(activations)
     settings, device = config.dissect.clip, resolve_device(config.device)
     clip, _, tokenizer, identity = clip_model(config)

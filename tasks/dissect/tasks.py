@@ -20,14 +20,10 @@ from tasks.dissect.stage import (
 )
 
 
-def _model_config(config: AuditConfig, model_name: str):
-    return next(model for model in config.models if model.name == model_name)
-
-
 @task(name="dissect-layers", task_run_name="resolve layers of {model_name}")
 def layers_task(config: AuditConfig, model_name: str) -> list[str]:
     """The layers of ``model_name`` to label (checked against the model)."""
-    model_config = _model_config(config, model_name)
+    model_config = config.model(model_name)
     with using_model(config, model_config) as model:
         return model_layers(model, model_config.layers)
 
@@ -53,7 +49,7 @@ def label_task(
     The ``errors`` file is written first: a layer's ``neurons`` file marks its unit done.
     """
     probe = open_probe(config)
-    with using_model(config, _model_config(config, model_name)) as model:
+    with using_model(config, config.model(model_name)) as model:
         labels = labeller(method).label(config, model, all_layers, layers, probe)
     store = ResultsStore(results)
     store.write("errors", run_id, labelling_errors_unit(model_name, method, layers), labels.errors)
@@ -70,9 +66,10 @@ def label_check_task(config: AuditConfig, model_name: str, results: str, run_id:
     not a failed item: the test does not apply, and the log says why.
     """
     probe = open_probe(config)
+    model_config = config.model(model_name)
     try:
-        with using_model(config, _model_config(config, model_name)) as model:
-            rows = final_layer_check_rows(config, model, probe)
+        with using_model(config, model_config) as model:
+            rows = final_layer_check_rows(config, model, probe, model_layers(model, model_config.layers))
     except ConfigError as exc:
         get_run_logger().warning("%s: no final-layer self-test: %s", model_name, exc.message)
         return 0

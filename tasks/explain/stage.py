@@ -262,15 +262,18 @@ def explain_targets(
     concept_layers: ConceptLayers | None = None,
 ) -> np.ndarray:
     """One pass over the batch explaining ``targets`` (one class per image): its maps, metrics and
-    concept attributions into ``rows``; returns which images it explained (bool ``[B]``)."""
+    concept attributions into ``rows``; returns which images it explained (bool ``[B]``: at least one
+    finite map). A method whose map of an image is not finite, or whose family failed on it, loses
+    that image alone: its siblings' maps and metrics of the image are kept."""
     explain, model, image_ids = config.explain, context.model, list(context.image_ids)
     maps: dict[str, np.ndarray] = {}
-    failed: dict[int, ItemError] = {}
+    failed: dict[int, list[tuple[ItemError, frozenset[str]]]] = {}
     road_methods: set[str] = set()
     for family, methods in families(explain.methods):
         for explained, method_errors in explain_family(family, context, batch, targets, methods):
             maps.update(explained.maps)
-            failed.update(explained.failed)
+            for index, error in explained.failed.items():
+                failed.setdefault(index, []).append((error, frozenset(explained.maps)))
             road_methods.update(explained.maps if family.road else ())
             for table, table_rows in explained.rows.items():
                 rows.add(table, table_rows)
@@ -281,17 +284,20 @@ def explain_targets(
         for method in explain.methods
         if method in maps
     }
-    usable = finite.copy()
+    mapped = {method: np.zeros(len(image_ids), dtype=bool) for method in stored}
     for index in np.flatnonzero(finite):
-        try:
-            if index in failed:
-                raise failed[index]
-            for method in stored:
-                require_finite(stored[method][index], f"{image_ids[index]} ({method})")
-        except ItemError as error:
-            usable[index] = False
+        left_out: set[str] = set()
+        for error, family_methods in failed.get(index, ()):
             rows.add("errors", [error_row("explain", model.name, error, image_ids[index])])
-            continue
+            left_out |= family_methods
+        for method in stored.keys() - left_out:
+            try:
+                require_finite(stored[method][index], image_ids[index])
+            except ItemError as error:
+                named = ItemError(error.item_id, f"{method}: {error.message}", error.error_type)
+                rows.add("errors", [error_row("explain", model.name, named, image_ids[index])])
+            else:
+                mapped[method][index] = True
         rows.add(
             "saliency",
             [
@@ -303,8 +309,10 @@ def explain_targets(
                     **encode_map(stored[method][index]),
                 }
                 for method in stored
+                if mapped[method][index]
             ],
         )
+    usable = finite & np.logical_or.reduce(list(mapped.values())) if mapped else finite.copy()
     scored = ScoredBatch(
         model.name,
         model.module,
@@ -318,6 +326,7 @@ def explain_targets(
         config.seed,
         context.amp_dtype,
         frozenset(road_methods),
+        mapped,
     )
     for metric in METRICS.values():
         if metric.enabled(explain.metrics):

@@ -44,7 +44,7 @@ def explain_chunk(config: AuditConfig, model_name: str, chunk_index: int, result
     """Explain one chunk of the run's ``images`` table and write its files; returns the row count per table."""
     store = ResultsStore(results)
     records = read_image_chunk(store, run_id, chunk_index)
-    model_config = next(model for model in config.models if model.name == model_name)
+    model_config = config.model(model_name)
     with using_model(config, model_config) as model:
         labels = unit_labels(store, run_id, model_name) if config.explain.concepts.enabled else {}
         rows = explain_records(config, model_config, model, records, _logger(), labels)
@@ -76,7 +76,7 @@ def sanity_model(config: AuditConfig, model_name: str, n_chunks: int, results: s
     ``sanity`` and ``errors`` files; returns the row count per table."""
     store = ResultsStore(results)
     records = first_images(store, run_id, n_chunks, config.explain.sanity.images)
-    model_config = next(model for model in config.models if model.name == model_name)
+    model_config = config.model(model_name)
     with using_model(config, model_config) as model:
         rows = sanity_rows(config, model_config, model, records)
     unit = sanity_unit(model_name)

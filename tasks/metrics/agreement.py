@@ -20,7 +20,7 @@ class Agreement(Metric):
         settings = batch.settings
         rows = []
         for index in batch.usable.nonzero()[0]:
-            image_maps = {method: maps[index] for method, maps in batch.maps.items()}
+            image_maps = {method: maps[index] for method, maps in batch.maps.items() if batch.scored(method)[index]}
             rows += [
                 {"model": batch.model_name, "image_id": batch.image_ids[index], **row}
                 for row in agreement_rows(image_maps, settings.agreement_rule, settings.agreement_q)

@@ -56,12 +56,20 @@ class ScoredBatch:
     gt_masks: Sequence[np.ndarray | None]
     """Ground-truth object mask per image in model-input geometry, None when it has none."""
     usable: np.ndarray
-    """bool ``[B]``: images whose maps and outputs are all finite (only these are scored)."""
+    """bool ``[B]``: images whose outputs are finite and that have at least one finite map."""
     settings: MetricsConfig
     seed: int
     amp_dtype: torch.dtype | None
     road_methods: frozenset[str]
     """Methods whose explainer lets ROAD score its maps."""
+    mapped: dict[str, np.ndarray] | None = None
+    """``{method: bool [B]}``: the images each method has a finite map of (None: every usable image)."""
+
+    def scored(self, method: str) -> np.ndarray:
+        """bool ``[B]``: the images whose ``method`` map is scored (one method's broken map is not its siblings')."""
+        if self.mapped is None:
+            return self.usable
+        return self.usable & self.mapped[method]
 
 
 class Metric(ABC):

@@ -34,13 +34,13 @@ class Faithfulness(Metric):
 
     def rows(self, batch: ScoredBatch) -> dict[str, list[dict[str, Any]]]:
         settings = batch.settings
-        keep = np.flatnonzero(batch.usable)
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        if not len(keep):
-            return {self.table: rows, "errors": errors}
-        images, targets = batch.images[keep], [batch.targets[i] for i in keep]
         for method, method_maps in batch.maps.items():
+            keep = np.flatnonzero(batch.scored(method))
+            if not len(keep):
+                continue
+            images, targets = batch.images[keep], [batch.targets[i] for i in keep]
             deletion, insertion = deletion_insertion(
                 batch.module,
                 images,

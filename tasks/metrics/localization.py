@@ -40,5 +40,6 @@ class Localization(Metric):
                     **localization_row(maps[index], mask, tolerance, settings.agreement_rule, settings.agreement_q),
                 }
                 for method, maps in batch.maps.items()
+                if batch.scored(method)[index]
             ]
         return {self.table: rows}
