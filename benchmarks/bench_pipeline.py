@@ -210,7 +210,7 @@ def netdissect_results(size: str) -> list[Result]:
 def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
     from flows.explain import explain_model
-    from flows.runner import local_run_settings, subflow_task_runner
+    from flows.runner import local_run_settings, subflow_task_runner, with_task_runner
     from storage.parquet import ResultsStore
     from storage.runs import new_run_id
     from tasks.core.config import parse_config
@@ -220,6 +220,7 @@ def orchestration_result(size: str) -> Result:
     data = base_config(size)
     data["images"]["limit"] = SETTINGS[size]["explain_images"]
     data["explain"]["methods"] = ["gradcam"]
+    data["explain"]["sanity"] = {"enabled": False}  # the loop side runs the chunks only
     config = parse_config(data)
     model_name = config.models[0].name
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as results:
@@ -232,7 +233,7 @@ def orchestration_result(size: str) -> Result:
             run_id = new_run_id("flow")
             n_chunks = list_image_set(config, store, run_id)
             with local_run_settings():  # as `xai-audit run` does
-                return explain_model.with_options(task_runner=subflow_task_runner(config))(
+                return with_task_runner(explain_model, subflow_task_runner(config))(
                     config, model_name, n_chunks, results, run_id
                 )
 

@@ -14,11 +14,18 @@ from prefect import flow, get_run_logger
 
 from flows.dissect import dissect_model
 from flows.explain import explain_model
-from flows.runner import AuditThreadPoolTaskRunner, flow_task_runner, local_run_settings, subflow_task_runner
+from flows.runner import (
+    AuditThreadPoolTaskRunner,
+    flow_task_runner,
+    local_run_settings,
+    subflow_task_runner,
+    with_task_runner,
+)
 from storage.integrity import repair_run
 from storage.parquet import ResultsStore
 from storage.runs import RunRecord, list_runs, new_run_id
 from tasks.compute.device import resolve_device
+from tasks.compute.precision import describe_precision
 from tasks.core.config import AuditConfig, ConfigErrors, load_config
 from tasks.data.image_sets import list_image_set
 from tasks.dissect.tasks import probe_task
@@ -110,6 +117,7 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
         record.status, record.finished_at, record.message = "running", None, None
         record.hostname, record.pid = socket.gethostname(), os.getpid()
         repair_run(store, record.run_id)  # unreadable files are set aside, so their units count as missing
+    record.precision = describe_precision(config.explain.precision, record.device, config.explain.methods)
     record.save(store)
     return record
 
@@ -126,22 +134,20 @@ def audit(
     store = ResultsStore(results)
     run = open_run(store, config, resume, new)
     logger = get_run_logger()
-    logger.info("run %s (%s) -> %s", run.run_id, config.name, results)
+    logger.info("run %s (%s, %s, precision %s) -> %s", run.run_id, config.name, run.device, run.precision, results)
     try:
         prepare_world(config, stages)
         if "dissect" in stages and config.dissect.enabled:
             started = time.perf_counter()
             probe_task(config, results, run.run_id)
             for model in config.models:
-                dissect_model.with_options(task_runner=subflow_task_runner(config))(
-                    config, model.name, results, run.run_id
-                )
+                with_task_runner(dissect_model, subflow_task_runner(config))(config, model.name, results, run.run_id)
             run.timings["dissect"] = round(time.perf_counter() - started, 3)
         if "explain" in stages and config.explain.enabled:
             started = time.perf_counter()
             n_chunks = list_image_set(config, store, run.run_id)
             for model in config.models:
-                explain_model.with_options(task_runner=subflow_task_runner(config))(
+                with_task_runner(explain_model, subflow_task_runner(config))(
                     config, model.name, n_chunks, results, run.run_id
                 )
             run.timings["explain"] = round(time.perf_counter() - started, 3)
@@ -166,7 +172,7 @@ def run_audit(
 ) -> RunOutcome:
     """Run the audit flow in this process (used by the CLI); see :func:`open_run` for which run it continues."""
     with local_run_settings():
-        return audit.with_options(task_runner=flow_task_runner(config))(config, results, tuple(stages), resume, new)
+        return with_task_runner(audit, flow_task_runner(config))(config, results, tuple(stages), resume, new)
 
 
 @flow(name="xai-audit-deployment", flow_run_name="audit {config_path}")

@@ -143,10 +143,21 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from tasks.core.config import load_config
+def _named_config(path: str):
+    """The config at ``path`` with its registered names checked: schema and name errors come before
+    torch, Prefect or open_clip is imported (:mod:`tasks.core.names`), so a typo answers in well under a second."""
+    from tasks.core.config import ConfigErrors, load_config
+    from tasks.core.names import name_problems
 
-    config = load_config(args.config)  # schema errors come before torch is imported
+    config = load_config(path)
+    problems = list(name_problems(config))
+    if problems:
+        raise ConfigErrors(problems)
+    return config
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _named_config(args.config)
     from flows.preflight import check
 
     check(config)
@@ -155,17 +166,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
-    from flows.audit import run_audit
-    from flows.preflight import check
-    from tasks.core.config import load_config
-
-    config = load_config(args.config)
-    check(config)
-    results = _results_root(args, config.results)
-    _writable_results(results)
+    config = _named_config(args.config)
     from flows.prefect_api import api_for_run
 
-    with _progress_to_stderr(), _stop_on_signals(), api_for_run():
+    with _progress_to_stderr(), _stop_on_signals(), api_for_run() as api_ready:  # the server starts meanwhile
+        from flows.audit import run_audit
+        from flows.preflight import check
+
+        check(config)
+        results = _results_root(args, config.results)
+        _writable_results(results)
+        api_ready()
         outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
     from storage.parquet import ResultsStore
     from tasks.results.findings import run_findings
@@ -204,7 +215,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         return _check_runs(ResultsStore(_results_root(args)), args)
     frame = list_runs(ResultsStore(_results_root(args)))
     if not frame.empty and args.format == "table":
-        frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device"]]
+        frame = frame[["run_id", "config_name", "status", "started_at", "seconds", "n_errors", "device", "precision"]]
     _print_frame(frame, args.format, args.output)
     return EXIT_OK
 
@@ -351,11 +362,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _named_config(args.config)
     from flows.audit import audit_from_file
     from flows.preflight import check
-    from tasks.core.config import load_config
 
-    config = load_config(args.config)
     check(config)
     parameters = {"config_path": str(Path(args.config).resolve()), "results": _results_root(args, config.results)}
     audit_from_file.serve(name=args.name or f"serve-{config.name}", cron=args.cron, parameters=parameters)

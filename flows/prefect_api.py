@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -122,32 +122,42 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def api_for_run() -> Iterator[None]:
+def api_for_run() -> Iterator[Callable[[], None]]:
     """The API a CLI run uses: the configured one once checked, else a private server it owns
-    (``XAI_AUDIT_PRIVATE_API`` tells the runner it is private, like Prefect's ephemeral one)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    (``XAI_AUDIT_PRIVATE_API`` tells the runner it is private, like Prefect's ephemeral one).
 
-    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()  # a test harness sets only the latter
+    Yields ``ready``, which blocks until that API answers: the private server starts in the
+    background, so the caller's imports and preflight checks run while it comes up (seconds of
+    every run) instead of before it. Entered before Prefect is imported, the environment carries its URL.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if not url and "prefect" in sys.modules:  # a test harness sets only Prefect's setting
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
     if url:
         check_api(url)
-        yield
+        yield lambda: None
         return
 
     progress.step("Prefect: starting a private API server (home %s)", os.environ.get("PREFECT_HOME"))
-    with owned_api() as private_url:
+    with owned_api(wait=False) as (private_url, ready):  # started before Prefect is imported here
         os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"] = private_url, "1"
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         try:
             with temporary_settings(updates={PREFECT_API_URL: private_url}):
-                yield
+                yield ready
         finally:
             del os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"]
 
 
 @contextlib.contextmanager
-def owned_api() -> Iterator[str]:
-    """A private Prefect API server for this process's lifetime; yields its API URL.
+def owned_api(wait: bool = True) -> Iterator:
+    """A private Prefect API server for this process's lifetime; yields its API URL once it answers,
+    or with ``wait=False`` at once, as ``(url, ready)`` where ``ready()`` blocks until it answers.
 
-    Raises :class:`ApiUnavailable` with the server's last output if it does not come up.
+    Waiting raises :class:`ApiUnavailable` with the server's last output if it does not come up.
     """
     import httpx
 
@@ -163,7 +173,11 @@ def owned_api() -> Iterator[str]:
             cwd=Path(__file__).resolve().parents[1],
         )
     url = f"http://127.0.0.1:{port}/api"
-    try:
+    answered: list[bool] = []
+
+    def ready() -> None:
+        if answered:
+            return
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if process.poll() is not None:
@@ -180,7 +194,14 @@ def owned_api() -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise ApiUnavailable(f"the private Prefect API server did not answer within {STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.1)
-        yield url
+        answered.append(True)
+
+    try:
+        if wait:
+            ready()
+            yield url
+        else:
+            yield url, ready
     finally:
         _stop(process)
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import dask
 import distributed
-from prefect import Task
+from prefect import Flow, Task
 from prefect.client.orchestration import get_client
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
@@ -136,6 +136,28 @@ def subflow_task_runner(config: AuditConfig) -> TaskRunner:
     return flow_task_runner(config)
 
 
+_THREAD_FLOWS: dict[tuple[int, int], Flow] = {}
+
+
+def with_task_runner(flow: Flow, runner: TaskRunner) -> Flow:
+    """``flow`` running its tasks on ``runner``: what ``flow.with_options(task_runner=runner)`` gives.
+
+    ``with_options`` builds a new Flow, which re-derives the parameter schema from the signature:
+    ~0.1 s for a flow taking an AuditConfig, paid by every flow and subflow call of a run. A flow
+    run enters a duplicate of its runner, so a thread-pool variant is kept per flow and worker
+    count and reused; Dask runners carry a cluster address and are built each time.
+    """
+    if type(runner) is not AuditThreadPoolTaskRunner:
+        return flow.with_options(task_runner=runner)
+    key = (id(flow), runner._max_workers)
+    if key not in _THREAD_FLOWS:
+        _THREAD_FLOWS[key] = flow.with_options(task_runner=runner)
+    return _THREAD_FLOWS[key]
+
+
+_QUIET_SETTINGS: list = []  # [(settings, the same without heartbeats)]: the last copy made
+
+
 @contextmanager
 def local_run_settings() -> Iterator[None]:
     """Prefect settings for flows run in this process: no flow-run heartbeats on an ephemeral API.
@@ -149,7 +171,12 @@ def local_run_settings() -> Iterator[None]:
     if PREFECT_API_URL.value() and not os.environ.get("XAI_AUDIT_PRIVATE_API"):
         yield
         return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # what temporary_settings does, without re-validating every Prefect setting (~0.1 s) each time
+    context = get_settings_context()
+    if not _QUIET_SETTINGS or _QUIET_SETTINGS[0][0] is not context.settings:
+        quiet = context.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        _QUIET_SETTINGS[:] = [(context.settings, quiet)]
+    with SettingsContext(profile=context.profile, settings=_QUIET_SETTINGS[0][1]):
         yield
 
 
@@ -161,6 +188,7 @@ __all__ = [
     "gpu_limit_enforced",
     "local_run_settings",
     "subflow_task_runner",
+    "with_task_runner",
     "GPU_TAG",
     "GPU_RESOURCE",
 ]

@@ -53,6 +53,8 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     n_errors: int = 0
     message: str | None = None
+    precision: str | None = None
+    """The explain stage's autocast precision as resolved on this machine (``explain.precision: auto``)."""
 
     def save(self, store: ResultsStore) -> None:
         if self.status not in RUN_STATUSES:
@@ -71,6 +73,7 @@ class RunRecord:
             "timings_json": json.dumps(self.timings, sort_keys=True),
             "n_errors": self.n_errors,
             "message": self.message,
+            "precision": self.precision,
         }
         store.write("runs", self.run_id, "run", [row])
 
@@ -95,6 +98,7 @@ class RunRecord:
             timings=json.loads(row.timings_json or "{}"),
             n_errors=int(row.n_errors or 0),
             message=None if pd.isna(row.message) else row.message,
+            precision=row.get("precision") if isinstance(row.get("precision"), str) else None,
         )
 
 

@@ -51,6 +51,12 @@ TABLES: dict[str, pa.Schema] = {
             "JSON of package versions (torch, torchvision, grad-cam, lime, open_clip, prefect, xai-audit).",
         ),
         ("device", pa.string(), "Torch device the run used."),
+        (
+            "precision",
+            pa.string(),
+            "Autocast precision of the explain stage as resolved on the run's machine, with how it was chosen and "
+            "the methods kept in another one, e.g. 'bf16 (auto; ablationcam fp32)'.",
+        ),
         ("hostname", pa.string(), "Machine that ran it."),
         (
             "pid",

@@ -30,25 +30,46 @@ def test_every_command_has_help(command, capsys):
     assert "usage: xai-audit" in capsys.readouterr().out
 
 
-def test_help_and_a_schema_error_never_import_torch_or_prefect(tmp_path):
-    """`--help` and `validate` of a config the schema rejects answer before the heavy imports (a
-    fresh interpreter, so nothing earlier in the suite has imported them)."""
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("seed: abc\n")
+def test_help_and_config_errors_never_import_torch_prefect_or_open_clip(tmp_path):
+    """`--help` of every command and `validate` of a config the schema rejects, or that names an
+    unknown method, source or similarity, answer before the heavy imports (a fresh interpreter, so
+    nothing earlier in the suite has imported them); the registered names come from tasks.core.names."""
+    from flows.cli import build_parser
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("seed: abc\n")
+    names = tmp_path / "names.yaml"
+    names.write_text(
+        "models: [{name: m, source: hub}]\n"
+        "explain: {methods: [gradcam, telepathy]}\n"
+        "dissect: {clip: {similarity: cos}}\n"
+    )
+    commands = [name for name in build_parser()._subparsers._group_actions[0].choices if name != "world"]
     probe = (
-        "import sys\nfrom flows.cli import main\n"
+        "import sys, json\nfrom flows.cli import main\n"
         "codes = []\n"
-        "for argv in (['--help'], ['validate', '--help'], ['validate', sys.argv[1]]):\n"
+        "for argv in json.loads(sys.argv[1]):\n"
         "    try:\n        codes.append(main(argv))\n"
         "    except SystemExit as exit:\n        codes.append(exit.code)\n"
         "heavy = sorted(name for name in ('torch', 'prefect', 'open_clip', 'torchvision') if name in sys.modules)\n"
         "print(codes, heavy, file=sys.stderr)\n"
     )
+    argvs = [["--help"], ["world", "--help"], ["world", "make", "--help"], *([name, "--help"] for name in commands)]
+    argvs += [["validate", str(schema)], ["validate", str(names)]]
     finished = subprocess.run(
-        [sys.executable, "-c", probe, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
-    assert finished.stderr.strip().splitlines()[-1] == "[0, 0, 2] []", finished.stderr
-    assert "seed:" in finished.stdout + finished.stderr
+    expected = [0] * (len(argvs) - 2) + [2, 2]
+    assert finished.stderr.strip().splitlines()[-1] == f"{expected} []", finished.stderr
+    assert "seed:" in finished.stderr
+    for field, valid in (
+        ("explain.methods", "scorecam"),
+        ("models.0.source", "torchvision"),
+        ("dissect.clip.similarity", "soft_wpmi"),
+    ):
+        assert any(line.strip().startswith(f"{field}:") and valid in line for line in finished.stderr.splitlines()), (
+            field
+        )
 
 
 def test_unknown_command_is_a_usage_error(capsys):

@@ -35,6 +35,7 @@ def explained(prefect_harness, tmp_path_factory):
             "dissect": {"enabled": False},
             "explain": {
                 "methods": METHODS,
+                "precision": "fp32",  # the metrics are recomputed below in fp32
                 "chunk_size": 4,
                 "batch_size": 3,
                 "lime": {

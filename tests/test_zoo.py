@@ -81,6 +81,7 @@ def _config(family: str):
             "explain": {
                 "methods": CAMS + ["lime"],
                 "batch_size": N_IMAGES,
+                "precision": "fp32",  # compared with grad-cam's classes, which run in fp32
                 "lime": {"num_samples": 24, "batch_size": 24},
                 "metrics": {"steps": 2, "batch_size": 8, "road": False, "localization": False},
             },

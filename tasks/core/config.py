@@ -519,8 +519,13 @@ class ExplainConfig(_Section):
             "tables key every map and metric by its target."
         ),
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact); auto: bf16 "
+            "where the hardware computes in it (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), fp32 elsewhere, "
+            "AblationCAM fp32 on CPUs; the runs table records what it resolved to."
+        ),
     )
     scorecam_batch_size: PositiveIntOrAuto = Field(
         "auto",

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
 from tasks.compute.inference import inference_model
 from tasks.compute.memory_format import channels_last_weights
-from tasks.compute.precision import autocast_context
+from tasks.compute.precision import FP32_ON_CPU, amp_dtype, autocast_context
 from tasks.core.errors import ConfigError
 from tasks.explain.base import ExplainContext, Explainer, Explanations
 from tasks.explain.groupcam import GroupCAM
@@ -481,17 +481,24 @@ class CamFamily(Explainer):
     ) -> Explanations:
         settings = context.settings
         reshape_transform = context.layout.reshape_transform if context.layout is not None else None
-        maps = compute_cams(
-            context.model.module,
-            context.layer,
-            images,
-            targets,
-            methods,
-            amp_dtype=context.amp_dtype,
-            reshape_transform=reshape_transform,
-            scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
-            ablationcam_batch_size=settings.ablationcam_batch_size,
-            scorecam_channels=settings.scorecam_channels,
-            groupcam_groups=settings.groupcam_groups,
-        )
-        return Explanations(maps)
+        device = next(context.model.module.parameters()).device
+        by_dtype: dict[torch.dtype | None, list[str]] = {}
+        for method in methods:  # `auto` keeps some methods in fp32 on CPUs (tasks.compute.precision.FP32_ON_CPU)
+            dtype = context.amp_dtype if method not in FP32_ON_CPU else amp_dtype(settings.precision, device, method)
+            by_dtype.setdefault(dtype, []).append(method)
+        maps: dict[str, np.ndarray] = {}
+        for dtype, group in by_dtype.items():
+            maps |= compute_cams(
+                context.model.module,
+                context.layer,
+                images,
+                targets,
+                group,
+                amp_dtype=dtype,
+                reshape_transform=reshape_transform,
+                scorecam_batch_size=configured_batch_size(settings.scorecam_batch_size),
+                ablationcam_batch_size=settings.ablationcam_batch_size,
+                scorecam_channels=settings.scorecam_channels,
+                groupcam_groups=settings.groupcam_groups,
+            )
+        return Explanations({method: maps[method] for method in methods})

@@ -37,7 +37,7 @@ from torch import nn
 
 from storage.maps import decode_map, encode_map
 from storage.parquet import safe_name
-from tasks.compute.precision import PRECISIONS
+from tasks.compute.precision import amp_dtype as precision_dtype
 from tasks.core.config import AuditConfig, ModelConfig, SanityConfig
 from tasks.core.errors import ItemError
 from tasks.core.progress import step as progress_step
@@ -197,7 +197,7 @@ class _Checked:
         that raises gets an ``errors`` row and no maps."""
         model = dataclasses.replace(self.model, module=module)
         layer = module.get_submodule(self.layer_name)
-        amp_dtype = PRECISIONS[self.config.explain.precision]
+        amp_dtype = precision_dtype(self.config.explain.precision, next(module.parameters()).device)
         images = self.images if images is None else images
         targets = self.targets if targets is None else targets
         batch_size = self.config.explain.batch_size
@@ -285,7 +285,7 @@ def sanity_rows(
     device = next(model.module.parameters()).device
     images = torch.stack([item.pixels for item in inputs]).to(device)
     model.module.eval()
-    logits = predict(model.module, images, PRECISIONS[explain.precision])
+    logits = predict(model.module, images, precision_dtype(explain.precision, device))
     label_targets = [item.true_label for item in inputs] if explain.target == "label" else None
     checked = _Checked(
         config,

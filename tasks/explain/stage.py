@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from storage.maps import decode_map, encode_map
 from storage.parquet import safe_name
 from tasks.compute.oom import is_out_of_memory, run_with_backoff
-from tasks.compute.precision import PRECISIONS, autocast_context
+from tasks.compute.precision import amp_dtype as precision_dtype
+from tasks.compute.precision import autocast_context
 from tasks.core.config import AuditConfig, ModelConfig
 from tasks.core.errors import ConfigError, ItemError
 from tasks.core.rows import error_row
@@ -181,8 +182,8 @@ def explain_batch(
     targets (``explain.target``), and the concept attributions of those targets at ``concept_layers``;
     ``layout``: how ``layer`` (called ``layer_name``) becomes maps (None: NCHW)."""
     explain = config.explain
-    amp_dtype = PRECISIONS[explain.precision]
     device = next(model.module.parameters()).device
+    amp_dtype = precision_dtype(explain.precision, device)
     batch = torch.stack([item.pixels for item in inputs]).to(device)
     model.module.eval()
     probabilities = torch.softmax(predict(model.module, batch, amp_dtype), dim=-1)

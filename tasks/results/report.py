@@ -265,6 +265,7 @@ class _Report:
             "started": record.started_at,
             "finished": finished or "–",
             "device": record.device,
+            "precision": record.precision or "–",
             "models": models,
             "failed items": counts.get("errors", 0),
         }
