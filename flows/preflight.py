@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
 from tasks.core.errors import ConfigError, XaiAuditError
+from tasks.core.names import method_problems
 from tasks.data.image_sets import iter_image_set
 from tasks.data.sources.registry import model_source
 from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
@@ -113,19 +114,9 @@ def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
 
 
 def registry_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
-    """Method names the registries do not know: explainers, labellers, CLIP-Dissect similarities."""
-    for field, names, registry in (
-        ("explain.methods", config.explain.methods, EXPLAINERS),
-        ("dissect.methods", config.dissect.methods, LABELLERS),
-    ):
-        unknown = [name for name in names if name not in registry]
-        if unknown:
-            yield field, f"unknown method(s) {unknown}; valid: {sorted(registry)}"
-    if config.dissect.clip.similarity not in SIMILARITY_FUNCTIONS:
-        yield (
-            "dissect.clip.similarity",
-            f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}",
-        )
+    """Method names the loaded registries do not know: explainers, labellers, CLIP-Dissect similarities
+    (members registered at run time included, which the light tables of :mod:`tasks.core.names` cannot hold)."""
+    return method_problems(config, EXPLAINERS, LABELLERS, SIMILARITY_FUNCTIONS)
 
 
 def concept_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:

@@ -12,7 +12,7 @@ means one module plus one line here.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from tasks.core.config import AuditConfig
 
@@ -66,21 +66,32 @@ def resolve(path: str) -> object:
     return getattr(importlib.import_module(module), attr)
 
 
-def name_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
-    """(field path, message) for every name in ``config`` that no registry knows, as the full
-    preflight words it (:func:`flows.preflight.registry_problems`, :func:`~flows.preflight.model_problems`)."""
+def method_problems(
+    config: AuditConfig,
+    explainers: Collection[str] = EXPLAIN_METHODS,
+    labellers: Collection[str] = LABELLERS,
+    similarities: Collection[str] = SIMILARITY_FUNCTIONS,
+) -> Iterator[tuple[str, str]]:
+    """(field path, message) for every method name in ``config`` that its table does not hold: these
+    light tables by default, the loaded registries in the full preflight (:func:`flows.preflight.check`)."""
     for field, names, table in (
-        ("explain.methods", config.explain.methods, EXPLAIN_METHODS),
-        ("dissect.methods", config.dissect.methods, LABELLERS),
+        ("explain.methods", config.explain.methods, explainers),
+        ("dissect.methods", config.dissect.methods, labellers),
     ):
         unknown = [name for name in names if name not in table]
         if unknown:
             yield field, f"unknown method(s) {unknown}; valid: {sorted(table)}"
-    if config.dissect.clip.similarity not in SIMILARITY_FUNCTIONS:
+    if config.dissect.clip.similarity not in similarities:
         yield (
             "dissect.clip.similarity",
-            f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(SIMILARITY_FUNCTIONS)}",
+            f"unknown similarity function {config.dissect.clip.similarity!r}; valid: {sorted(similarities)}",
         )
+
+
+def name_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """(field path, message) for every name in ``config`` that no registry knows, as the full
+    preflight words it (:func:`method_problems`, :func:`flows.preflight.model_problems`)."""
+    yield from method_problems(config)
     for index, model in enumerate(config.models):
         if model.source not in MODEL_SOURCES:
             yield (
