@@ -46,6 +46,7 @@ def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch, supported, expected
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: supported)
     assert amp_dtype("auto", "cuda") is expected
     assert amp_dtype("auto", "cuda", "ablationcam") is expected  # fp32 is forced on CPUs only
+    assert amp_dtype("auto", "cuda", "xgradcam") is None  # ... and XGradCAM's everywhere
     assert amp_dtype("auto", "mps") is None
 
 
@@ -59,6 +60,14 @@ def test_auto_keeps_ablationcam_in_fp32_on_a_bf16_cpu_and_says_so(monkeypatch):
     assert describe_precision("bf16", "cpu", methods) == "bf16"
     _with_flags(monkeypatch, OLD_FLAGS)
     assert describe_precision("auto", "cpu", methods) == "fp32 (auto)"
+
+
+def test_auto_keeps_xgradcam_in_fp32_on_a_bf16_cpu_and_says_so(monkeypatch):
+    _with_flags(monkeypatch, EPYC_FLAGS)
+    assert amp_dtype("auto", "cpu", "xgradcam") is None
+    assert amp_dtype("bf16", "cpu", "xgradcam") is torch.bfloat16  # an explicit bf16 is the user's call
+    methods = ["gradcam", "xgradcam", "ablationcam"]
+    assert describe_precision("auto", "cpu", methods) == "bf16 (auto; ablationcam fp32; xgradcam fp32)"
 
 
 def test_the_cam_family_under_auto_computes_ablationcam_in_fp32_and_the_rest_in_bf16(monkeypatch):

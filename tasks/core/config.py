@@ -524,7 +524,7 @@ class ExplainConfig(_Section):
         description=(
             "Autocast precision of model forwards (see benchmarks/RESULTS.md for its accuracy impact); auto: bf16 "
             "where the hardware computes in it (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), fp32 elsewhere, "
-            "AblationCAM fp32 on CPUs; the runs table records what it resolved to."
+            "AblationCAM fp32 on CPUs, XGradCAM fp32 everywhere; the runs table records what it resolved to."
         ),
     )
     scorecam_batch_size: PositiveIntOrAuto = Field(

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
 from tasks.compute.inference import inference_model
 from tasks.compute.memory_format import channels_last_weights
-from tasks.compute.precision import FP32_ON_CPU, amp_dtype, autocast_context
+from tasks.compute.precision import FP32_ON_CPU, FP32_UNDER_AUTO, amp_dtype, autocast_context
 from tasks.core.errors import ConfigError
 from tasks.explain.base import ExplainContext, Explainer, Explanations
 from tasks.explain.groupcam import GroupCAM
@@ -483,8 +483,9 @@ class CamFamily(Explainer):
         reshape_transform = context.layout.reshape_transform if context.layout is not None else None
         device = next(context.model.module.parameters()).device
         by_dtype: dict[torch.dtype | None, list[str]] = {}
-        for method in methods:  # `auto` keeps some methods in fp32 on CPUs (tasks.compute.precision.FP32_ON_CPU)
-            dtype = context.amp_dtype if method not in FP32_ON_CPU else amp_dtype(settings.precision, device, method)
+        for method in methods:  # `auto` keeps some methods in fp32 (tasks.compute.precision)
+            kept = method in FP32_ON_CPU or method in FP32_UNDER_AUTO
+            dtype = amp_dtype(settings.precision, device, method) if kept else context.amp_dtype
             by_dtype.setdefault(dtype, []).append(method)
         maps: dict[str, np.ndarray] = {}
         for dtype, group in by_dtype.items():
