@@ -26,7 +26,16 @@ from storage.maps import decode_map
 from tasks.core.config import ConfigErrors, parse_config
 from tasks.data.models import PixelModel
 from tasks.explain.base import ExplainContext
-from tasks.explain.lime import LimeExplainer, explain_lime, fit_explanation, perturbation_matrix, segment
+from tasks.explain.lime import (
+    UNCERTAINTY_CAP,
+    LimeExplainer,
+    LimeResult,
+    explain_lime,
+    fit_explanation,
+    perturbation_matrix,
+    segment,
+    uncertainty_row,
+)
 from tasks.explain.lime_convergence import AdaptiveSettings, ridge_standard_errors
 from tasks.results.summary import lime_samples
 
@@ -247,3 +256,17 @@ def test_the_summary_averages_samples_used_per_model():
     assert summary.loc["a", "stopped_early_share"] == 1.0 and summary.loc["b", "stopped_early_share"] == 0.0
     np.testing.assert_allclose(summary.loc["a", "std_error_mean"], (0.2 + 0.2) / 2)
     assert summary.loc["b", "maps"] == 1 and not summary.loc["b", "adaptive"]
+
+
+def test_an_uncertainty_that_dwarfs_the_map_is_stored_capped_not_overflowed():
+    """A near-flat map (largest weight 1e-6) with unit standard errors, and a fit on one sample
+    (infinite errors): the per-pixel uncertainty is error / largest weight, capped at float16's largest."""
+    segments = np.repeat(np.arange(4, dtype=np.int32), 4).reshape(4, 4)
+    weights = np.array([1e-6, 0.0, -5e-7, 0.0], dtype=np.float32)
+    std_errors = np.array([1e-7, 1.0, np.inf, np.nan], dtype=np.float32)
+    result = LimeResult(segments, weights, 0.0, 0.0, 0.0, 0, std_errors=std_errors, samples_used=1)
+    with np.errstate(over="raise"):  # the float16 cast would overflow without the cap
+        row = uncertainty_row("m", "a.png", result, scale=1e-6)
+    stored = decode_map(row)
+    assert np.isfinite(stored).all()
+    np.testing.assert_allclose(stored[:, 0], [0.1, UNCERTAINTY_CAP, UNCERTAINTY_CAP, 0.0], rtol=1e-3)

@@ -712,11 +712,18 @@ class LimeExplainer(Explainer):
         return Explanations({"lime": maps}, failed, {"lime_trials": trials, "lime_uncertainty": uncertainty})
 
 
+UNCERTAINTY_CAP = float(np.finfo(np.float16).max)
+"""The largest stored per-pixel uncertainty (float16's largest value): an error that many times the
+map's largest weight (or an infinite one, from a fit on a single sample) says the same: noise."""
+
+
 def uncertainty_row(model: str, image_id: str, result: LimeResult, scale: float) -> dict[str, Any]:
     """A ``lime_uncertainty`` row: the samples a map used and its weights' standard errors, per superpixel
-    (raw) and per pixel (divided by ``scale``, the map's largest absolute weight, as the stored map is)."""
+    (raw) and per pixel (divided by ``scale``, the map's largest absolute weight, as the stored map is;
+    capped at :data:`UNCERTAINTY_CAP` so the float16 map stays finite)."""
     std_errors = result.std_errors if result.std_errors is not None else np.full_like(result.weights, np.nan)
     per_pixel = std_errors[result.segments] / scale if scale > 0 else np.zeros(result.segments.shape, np.float32)
+    per_pixel = np.minimum(np.nan_to_num(per_pixel, nan=0.0, posinf=UNCERTAINTY_CAP), UNCERTAINTY_CAP)
     return {
         "model": model,
         "image_id": image_id,
@@ -725,5 +732,5 @@ def uncertainty_row(model: str, image_id: str, result: LimeResult, scale: float)
         "stopped_early": result.stopped_early,
         "weights": result.weights.tolist(),
         "std_errors": std_errors.tolist(),
-        **encode_map(np.nan_to_num(per_pixel, nan=0.0)),
+        **encode_map(per_pixel),
     }
