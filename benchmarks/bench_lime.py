@@ -79,6 +79,22 @@ def permuting_classifier(model: nn.Module, device: torch.device):
     return batch_predict
 
 
+def stock_lime(image: np.ndarray, classify, segments: np.ndarray, target: int, num_samples: int, seed: int) -> dict:
+    """Stock lime_image's weights ``{superpixel: weight}`` of ``target`` on our superpixels."""
+    from lime import lime_image
+
+    explanation = lime_image.LimeImageExplainer(random_state=seed).explain_instance(
+        image,
+        classify,
+        labels=(target,),
+        top_labels=None,
+        num_samples=num_samples,
+        batch_size=STOCK_BATCH_SIZE,
+        segmentation_fn=lambda _: segments,
+    )
+    return dict(explanation.local_exp[target])
+
+
 def top5(weights: dict[int, float] | np.ndarray) -> set[int]:
     """The (at most) five superpixels with the largest positive weights."""
     pairs = weights.items() if isinstance(weights, dict) else enumerate(weights)
@@ -92,7 +108,6 @@ def jaccard(a: set[int], b: set[int]) -> float:
 
 def run(size: str) -> list[Result]:
     import torchvision
-    from lime import lime_image
 
     from tasks.compute.precision import autocast_context
     from tasks.data.models import PixelModel
@@ -124,16 +139,7 @@ def run(size: str) -> list[Result]:
     seed = 0
 
     def stock(classifier=classify):
-        explanation = lime_image.LimeImageExplainer(random_state=seed).explain_instance(
-            image,
-            classifier,
-            labels=(target,),
-            top_labels=None,
-            num_samples=s["num_samples"],
-            batch_size=STOCK_BATCH_SIZE,
-            segmentation_fn=lambda _: segments,
-        )
-        return dict(explanation.local_exp[target])
+        return stock_lime(image, classifier, segments, target, s["num_samples"], seed)
 
     def ours(amp):
         return lambda: (
@@ -428,8 +434,6 @@ def adaptive_results(size: str) -> list[Result]:
 
 def _adaptive_case(s, rule, device, amp_dtype, cache, model, mean, std, image) -> tuple[dict[str, list], dict]:
     """One image: each side's seconds (one round: stock at 1,000 samples is the slow side) and the top-5 Jaccards."""
-    from lime import lime_image
-
     from tasks.data.models import PixelModel
     from tasks.explain.lime import default_batch_size, explain_lime
 
@@ -453,16 +457,7 @@ def _adaptive_case(s, rule, device, amp_dtype, cache, model, mean, std, image) -
         )[0]
 
     def stock():
-        explanation = lime_image.LimeImageExplainer(random_state=0).explain_instance(
-            image,
-            classify,
-            labels=(target,),
-            top_labels=None,
-            num_samples=s["cap"],
-            batch_size=STOCK_BATCH_SIZE,
-            segmentation_fn=lambda _: segments,
-        )
-        return dict(explanation.local_exp[target])
+        return stock_lime(image, classify, segments, target, s["cap"], 0)
 
     reference = top5(ours(None, s["reference"], REFERENCE_SEED, None).weights)
     for amp in (None, amp_dtype):  # warm each path on one batch

@@ -123,8 +123,8 @@ def budget_channels(activations: np.ndarray, channels: int | None) -> Tensor | N
     if channels is None or channels >= activations.shape[0]:
         return None
     variance = torch.from_numpy(activations).reshape(activations.shape[0], -1).double().var(dim=1)
-    order = sorted(range(len(variance)), key=lambda channel: (-float(variance[channel]), channel))
-    return torch.as_tensor(sorted(order[:channels]))
+    order = torch.sort(-variance, stable=True).indices  # a stable sort keeps tied channels in index order
+    return order[:channels].sort().values
 
 
 class BatchedAblationCAM(AblationCAM):
