@@ -690,7 +690,7 @@ def dissect_layers(
     for ``threshold="histogram"``, usually two for ``"exact"``), then one for the tallies. Returns,
     per layer, one row per unit (see :func:`unit_labels`) plus ``threshold`` and ``top_images``
     (the images with the highest peak activation, when batches carry ids). With ``permutations``
-    one more pass gives each unit's label a permutation ``p_value``
+    the tally pass also keeps what gives each unit's label a permutation ``p_value``
     (:class:`tasks.dissect.significance.ShuffledIntersections`, seeded by ``seed``).
     """
     if not 0 <= iou_threshold <= 1:
@@ -733,15 +733,14 @@ def dissect_layers(
         )
         for layer, t in found.items()
     }
+    # the permutation test keeps what it needs from the same pass as the tallies (thresholds are known by now)
+    shuffled = {layer: ShuffledIntersections(found[layer], categories) for layer in found} if permutations else {}
     for item in batches_factory():
         batch = _as_batch(item)
         for layer, acts in batch.acts.items():
             tallies[layer].update(acts, batch.masks, batch.image_labels, batch.image_ids)
-    shuffled = {layer: ShuffledIntersections(found[layer], categories) for layer in found} if permutations else {}
-    for item in batches_factory() if shuffled else ():
-        batch = _as_batch(item)
-        for layer, acts in batch.acts.items():
-            shuffled[layer].update(acts, batch.masks, batch.image_labels)
+            if shuffled:
+                shuffled[layer].update(acts, batch.masks, batch.image_labels)
     results = {}
     for layer, tally in tallies.items():
         label_numbers, label_cats, iou, _, _ = tally.scores()

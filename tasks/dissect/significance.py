@@ -128,6 +128,7 @@ class ShuffledIntersections:
         self.categories = set(categories) if categories is not None else None
         self.masks: list[Tensor] = []  # per image [k, H, W]
         self.whole: list[set[int]] = []  # per image, its image-level labels
+        self.present: list[set[int]] = []  # per image, the labels of its pixel masks
         self._pairs: list[tuple[Tensor, Tensor, Tensor]] = []  # (image index, unit, native map)
 
     def update(
@@ -147,6 +148,7 @@ class ShuffledIntersections:
             ]
             mask = np.concatenate(stack) if stack else np.zeros((1, *acts.shape[-2:]), dtype=np.int64)
             self.masks.append(torch.from_numpy(mask.astype(np.int16 if mask.max() < 2**15 else np.int32)))
+            self.present.append({int(label) for label in np.unique(mask) if label > 0})
             labels = (image_labels or [{}] * acts.shape[0])[i]
             self.whole.append(
                 {
@@ -160,13 +162,15 @@ class ShuffledIntersections:
         image, unit = (acts.amax(dim=(2, 3)) > self.thresholds[None, :]).nonzero(as_tuple=True)
         self._pairs.append((image + start, unit, acts[image, unit]))
 
-    def _label_masks(self, label: int, stack: Tensor, members: list[int]) -> Tensor:
-        """``[len(members), H·W]`` float32: where ``label`` lies in each member image (``stack``
-        holds the members' masks, ``[members, k, H, W]``)."""
-        where = (stack == label).any(dim=1).flatten(1).float()
-        whole = torch.tensor([label in self.whole[i] for i in members])
+    def _label_masks(self, label: int, stack: Tensor, members: list[int]) -> tuple[Tensor, Tensor]:
+        """``(columns, masks)``: the member images that hold ``label`` (image numbers) and
+        ``[H·W, len(columns)]`` float32, where it lies in each (``stack`` holds the members' masks,
+        ``[members, k, H, W]``). Images without it would add 0 to every count and are left out."""
+        rows = [pos for pos, i in enumerate(members) if label in self.present[i] or label in self.whole[i]]
+        where = (stack[rows] == label).any(dim=1).flatten(1).float()
+        whole = torch.tensor([label in self.whole[members[pos]] for pos in rows], dtype=torch.bool)
         where[whole] = 1.0
-        return where
+        return torch.tensor(members, dtype=torch.int64)[rows], where.T.contiguous()
 
     def _stack(self, members: list[int]) -> Tensor:
         """The members' masks as one ``[members, k, H, W]`` tensor (fewer layers padded with 0)."""
@@ -198,12 +202,18 @@ class ShuffledIntersections:
                 continue
             counts = torch.zeros(chosen.numel(), n_images)  # M[pair, image]
             for size, (members, stack) in stacks.items():
-                label_masks = self._label_masks(int(label), stack, members).T  # [H·W, members]
+                columns, label_masks = self._label_masks(int(label), stack, members)
+                if columns.numel() == 0:
+                    continue
                 for start in range(0, chosen.numel(), PAIR_CHUNK):
                     pairs = chosen[start : start + PAIR_CHUNK]
                     shifted = maps[pairs][:, None] - self.thresholds[unit[pairs], None, None, None]
                     active = F.interpolate(shifted, size=size, mode="bilinear", align_corners=False) > 0
-                    counts[start : start + pairs.numel(), members] = active.flatten(1).float() @ label_masks
+                    # ~1 % of a thresholded map's pixels are active: sum the label rows of those
+                    # pixels (exact integer counts in float32) instead of a dense [pairs, H·W] product
+                    pair, pixel = active.flatten(1).nonzero(as_tuple=True)
+                    block = torch.zeros(pairs.numel(), columns.numel()).index_add_(0, pair, label_masks[pixel])
+                    counts[start : start + pairs.numel(), columns] = block
             pair_unit, pair_image = unit[chosen], image[chosen]
             for u in units.tolist():
                 rows = torch.nonzero(pair_unit == u).flatten()
