@@ -113,13 +113,14 @@ def clip_dissect_p_values(
 
 
 class ShuffledIntersections:
-    """One more pass over the probe set for the Network Dissection permutation test of one layer.
+    """The Network Dissection permutation test of one layer, fed by the IoU pass over the probe set.
 
     :meth:`update` keeps each image's label masks (int16/int32 at segmentation size) and, for
     every (image, unit) whose native map peaks above the unit's threshold, that native map (the
     others have no active pixel, as in :class:`tasks.dissect.netdissect.IoUTally`).
     :meth:`p_values` upsamples those maps to every image's mask size, thresholds them as the
-    tally does (``up(a − T) > 0``) and counts ``M[j, i] = |A_j ∩ L_i|`` for the unit's label.
+    tally does (``up(a − T) > 0``) and counts ``M[j, i] = |A_j ∩ L_i|`` for the unit's label,
+    over the images that hold it (the others add 0) and from the active pixels only.
     Memory: the probe set's masks plus the active units' native maps.
     """
 
