@@ -214,8 +214,8 @@ def netdissect_results(size: str) -> list[Result]:
             "max",
             "s",
             note=f"{permutations} permutations (the config's dissect.significance), cached thresholds; peak-RSS "
-            f"growth {with_test['growth_mib']:.0f} MiB at {with_test['images']} images vs {large['growth_mib']:.0f} MiB "
-            "without the test (it keeps every probe image's masks and active maps)",
+            f"growth {with_test['growth_mib']:.0f} MiB at {with_test['images']} images vs {large['growth_mib']:.0f}"
+            " MiB without the test (it keeps every probe image's masks and active maps)",
             extra={
                 "permutations": permutations,
                 "warm_seconds": with_test["warm_seconds"],
