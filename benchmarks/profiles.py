@@ -51,9 +51,8 @@ def _share(label: str, fn, timed: _Timed) -> None:
 
 def profile_lime(samples: int = 200) -> None:
     import torchvision
-    from lime import lime_image
 
-    from benchmarks.bench_lime import MEAN, STD, STOCK_BATCH_SIZE, stock_classifier, test_image
+    from benchmarks.bench_lime import MEAN, STD, STOCK_BATCH_SIZE, stock_classifier, stock_lime, test_image
     from tasks.data.models import PixelModel
     from tasks.explain.lime import explain_lime, segment
 
@@ -69,15 +68,7 @@ def profile_lime(samples: int = 200) -> None:
         return explain_lime(model_fn, [image], [target], num_samples=samples, batch_size=256, amp_dtype=amp)
 
     def stock():
-        lime_image.LimeImageExplainer(random_state=0).explain_instance(
-            image,
-            classify,
-            labels=(target,),
-            top_labels=None,
-            num_samples=samples,
-            batch_size=STOCK_BATCH_SIZE,
-            segmentation_fn=lambda _: segments,
-        )
+        stock_lime(image, classify, segments, target, samples, seed=0)
 
     ours()
     _share(f"stock lime_image, {samples} samples, batch {STOCK_BATCH_SIZE}", stock, timed)
