@@ -34,7 +34,7 @@ bench-gpu: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu.sh
 
 docs: $(STAMP)
-	$(PY) -m flows.docs README.md
+	$(PY) -m xai_audit.flows.docs README.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,7 +3,7 @@
 Stock side: one grad-cam object per method (``ScoreCAM(model, target_layers=[layer])`` etc.,
 default inner batch sizes), called on the image batch with ``ClassifierOutputTarget`` targets;
 each object is created and released inside the timed call, so its hooks never touch the other
-side's forwards. Ours: :func:`tasks.explain.cams.forward_with_cams` with the pipeline's defaults, which
+side's forwards. Ours: :func:`xai_audit.tasks.explain.cams.forward_with_cams` with the pipeline's defaults, which
 also returns the logits. Both sides use the same model object, inputs and targets.
 """
 
@@ -67,7 +67,7 @@ def run(size: str) -> list[Result]:
     import torchvision
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.explain.cams import forward_with_cams
+    from xai_audit.tasks.explain.cams import forward_with_cams
 
     s = SETTINGS[size]
     device = device_for(size)
@@ -173,14 +173,14 @@ def run(size: str) -> list[Result]:
 
 def trained_rows(size: str, device: torch.device) -> list[Result]:
     """Channel budget vs full ScoreCAM (speed, Spearman) and Group-CAM's deletion/insertion, on a trained model."""
-    from tasks.core.config import MetricsConfig
-    from tasks.explain.cams import forward_with_cams
-    from tasks.metrics.maps import deletion_insertion, spearman
+    from xai_audit.tasks.core.config import MetricsConfig
+    from xai_audit.tasks.explain.cams import forward_with_cams
+    from xai_audit.tasks.metrics.maps import deletion_insertion, spearman
 
     t = TRAINED[size]
     if t["trained"]:
-        from tasks.world.demo_model import ensure_demo_model, load_demo_model, load_images, normalize
-        from tasks.world.synthetic import ensure_world
+        from xai_audit.tasks.world.demo_model import ensure_demo_model, load_demo_model, load_images, normalize
+        from xai_audit.tasks.world.synthetic import ensure_world
 
         model = load_demo_model(ensure_demo_model())[0].to(device)
         images = normalize(load_images(ensure_world(), "val")[0][: t["images"]]).to(device)
@@ -241,8 +241,8 @@ def trained_rows(size: str, device: torch.device) -> list[Result]:
             "min",
             " AUC",
             note=(
-                f"mean deletion/insertion AUC (tasks.metrics.maps, {settings.steps} steps, {settings.baseline} "
-                f"baseline): "
+                f"mean deletion/insertion AUC (xai_audit.tasks.metrics.maps, {settings.steps} steps, "
+                f"{settings.baseline} baseline): "
                 + ", ".join(f"{m} {d:.3f}/{i:.3f}" for m, (d, i) in scores.items())
                 + f"; {setting}; {PAPER_GROUPCAM}"
             ),

@@ -4,7 +4,7 @@ The stock side below follows the structure of the reference implementation (Oika
 ``similarity.py``): a softmax over concepts, each unit's top images by ``topk``, then a Python
 loop over units that gathers the unit's top rows, forms ``1 + p_r (p(c|x) - 1)`` and sums
 ``log(. + min_prob)`` over ranks; finally ``log p(c)`` by logsumexp over units. It is written
-here, independently of :mod:`tasks.dissect.clip_dissect`, as ground truth. Both sides get the same
+here, independently of :mod:`xai_audit.tasks.dissect.clip_dissect`, as ground truth. Both sides get the same
 image-concept matrix of cosines ``P = I @ Tᵀ`` (random unit-norm features of CLIP's 512
 dimensions; the reference's ``utils.get_similarity_from_activations`` passes plain cosines) and
 the same activations. "Identical to 1e-4" is judged against the same loop in float64:
@@ -91,12 +91,12 @@ def run(size: str) -> list[Result]:
 
 
 def feature_result(size: str) -> Result:
-    """Images per second of :func:`tasks.dissect.clip_dissect.clip_image_features` (reported, no goal)."""
+    """Images per second of :func:`xai_audit.tasks.dissect.clip_dissect.clip_image_features` (reported, no goal)."""
     try:
         import open_clip
 
-        from tasks.dissect.clip_dissect import clip_image_features
-        from tasks.world.toy_clip import register_toy_clip
+        from xai_audit.tasks.dissect.clip_dissect import clip_image_features
+        from xai_audit.tasks.world.toy_clip import register_toy_clip
     except ImportError as error:
         return Result.skipped(TARGETS[2], f"missing library: {error}")
     s = FEATURE_SETTINGS[size]
@@ -122,7 +122,7 @@ def feature_result(size: str) -> Result:
 
 def similarity_results(size: str) -> list[Result]:
     """Targets 4's speed-up and peak RSS of soft_wpmi against the per-unit reference loop."""
-    from tasks.dissect.clip_dissect import soft_wpmi
+    from xai_audit.tasks.dissect.clip_dissect import soft_wpmi
 
     s = SETTINGS[size]
     device = device_for(size)
@@ -201,7 +201,7 @@ def fresh_process_peak(size: str) -> dict[str, float]:
 
 
 def _measure_alone(size: str) -> None:
-    from tasks.dissect.clip_dissect import soft_wpmi
+    from xai_audit.tasks.dissect.clip_dissect import soft_wpmi
 
     s = SETTINGS[size]
     clip_feats, target_feats = inputs(s["images"], s["concepts"], s["units"], torch.device("cpu"))

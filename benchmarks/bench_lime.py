@@ -6,7 +6,7 @@ Pytorch.ipynb``: each uint8 ``[H, W, 3]`` image through ``ToTensor`` and ``Norma
 ``torch.stack``, softmax), the model as torchvision builds it (NCHW, fp32). A second stock
 classifier, reported beside the target, permutes the whole uint8 batch instead: its tensor is
 channels-last by stride, so torch runs the unchanged model channels-last (how much of our
-speed-up is layout alone). Ours: :func:`tasks.explain.lime.explain_lime` as the pipeline calls
+speed-up is layout alone). Ours: :func:`xai_audit.tasks.explain.lime.explain_lime` as the pipeline calls
 it (the model's inference copy: BatchNorm folded, channels-last, packed weights; normalisation
 applied once per image; batches of the config's default size for the device and precision).
 One model object serves every side. All get the same image, the same quickshift segmentation
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from benchmarks.harness import Result, Timing, device_for, interleave
-from tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.inference import inference_model
 
 TARGETS = (
     "1 LIME fp32 speed-up",
@@ -109,9 +109,9 @@ def jaccard(a: set[int], b: set[int]) -> float:
 def run(size: str) -> list[Result]:
     import torchvision
 
-    from tasks.compute.precision import autocast_context
-    from tasks.data.models import PixelModel
-    from tasks.explain.lime import (
+    from xai_audit.tasks.compute.precision import autocast_context
+    from xai_audit.tasks.data.models import PixelModel
+    from xai_audit.tasks.explain.lime import (
         SegmentationCache,
         default_batch_size,
         explain_lime,
@@ -320,8 +320,8 @@ def adaptive_cases(size: str, device: torch.device) -> list[tuple[str, str, nn.M
     import torchvision
     from PIL import Image
 
-    from tasks.core.config import WorldConfig
-    from tasks.world.synthetic import render, sample_scene
+    from xai_audit.tasks.core.config import WorldConfig
+    from xai_audit.tasks.world.synthetic import render, sample_scene
 
     s = ADAPTIVE_SETTINGS[size]
     side = (s["pixels"], s["pixels"])
@@ -336,11 +336,11 @@ def adaptive_cases(size: str, device: torch.device) -> list[tuple[str, str, nn.M
             ("world", "rendered scene", model, MEAN, STD, world),
             ("photos", "astronaut", model, MEAN, STD, test_image(s["pixels"])),
         ]
-    from examples.real_photos import efficientnet_lite0, photo
-    from tasks.world.demo_model import MEAN as DEMO_MEAN
-    from tasks.world.demo_model import STD as DEMO_STD
-    from tasks.world.demo_model import ensure_demo_model, load_demo_model
-    from tasks.world.synthetic import ensure_world, read_attributes
+    from xai_audit.examples.real_photos import efficientnet_lite0, photo
+    from xai_audit.tasks.world.demo_model import MEAN as DEMO_MEAN
+    from xai_audit.tasks.world.demo_model import STD as DEMO_STD
+    from xai_audit.tasks.world.demo_model import ensure_demo_model, load_demo_model
+    from xai_audit.tasks.world.synthetic import ensure_world, read_attributes
 
     demo, _ = load_demo_model(ensure_demo_model())
     root = ensure_world()
@@ -358,9 +358,9 @@ def adaptive_results(size: str) -> list[Result]:
     """Per image kind: adaptive LIME (the config's defaults, fp32 and mixed) and stock ``lime_image`` at 1,000
     samples, side by side; both top-5 sets against our fixed-N fp32 LIME at 5,000 samples (which equals stock
     lime's explanation for the same perturbations: tests/test_lime_explain.py)."""
-    from tasks.core.config import AdaptiveLimeConfig
-    from tasks.explain.lime import SegmentationCache
-    from tasks.explain.lime_convergence import AdaptiveSettings
+    from xai_audit.tasks.core.config import AdaptiveLimeConfig
+    from xai_audit.tasks.explain.lime import SegmentationCache
+    from xai_audit.tasks.explain.lime_convergence import AdaptiveSettings
 
     s = ADAPTIVE_SETTINGS[size]
     device = device_for(size)
@@ -434,8 +434,8 @@ def adaptive_results(size: str) -> list[Result]:
 
 def _adaptive_case(s, rule, device, amp_dtype, cache, model, mean, std, image) -> tuple[dict[str, list], dict]:
     """One image: each side's seconds (one round: stock at 1,000 samples is the slow side) and the top-5 Jaccards."""
-    from tasks.data.models import PixelModel
-    from tasks.explain.lime import default_batch_size, explain_lime
+    from xai_audit.tasks.data.models import PixelModel
+    from xai_audit.tasks.explain.lime import default_batch_size, explain_lime
 
     model_fn = PixelModel(model, mean, std)
     classify = stock_classifier(model, device, mean, std)

@@ -8,7 +8,7 @@ our probe reader (the reference gets each layer as a float64 ``[images, units, h
 thread (the reference is single-threaded numpy and Pillow), each side computes its own thresholds
 and then the IoUs of every unit and label of the four layers:
 
-* ours: :func:`tasks.dissect.netdissect.dissect_layers` as the pipeline calls it (exact
+* ours: :func:`xai_audit.tasks.dissect.netdissect.dissect_layers` as the pipeline calls it (exact
   thresholds: three passes; then the tally with top images; no permutation test);
 * reference: ``quantile_threshold`` (its quantile sketch) then ``tally`` (per image, per unit:
   Pillow-bilinear upsampling, threshold, bincounts).
@@ -44,10 +44,10 @@ GOAL = 3.0
 
 def probe_inputs(size: str) -> dict[str, Any]:
     """The shared inputs: per batch our ``DissectBatch``; per layer the stacked activations; labels."""
-    from tasks.core.config import parse_config
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect.probe import dissect_batches, open_probe
-    from tasks.dissect.stage import model_layers
+    from xai_audit.tasks.core.config import parse_config
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect.probe import dissect_batches, open_probe
+    from xai_audit.tasks.dissect.stage import model_layers
 
     data = json.loads(json.dumps(base_config(size)))
     data["device"] = "cpu"
@@ -82,8 +82,8 @@ def probe_inputs(size: str) -> dict[str, Any]:
 
 
 def ours(inputs: dict[str, Any], thresholds: dict[str, torch.Tensor] | None = None) -> dict:
-    """Our dissection of every layer, as :func:`tasks.dissect.stage.netdissect_rows` runs it."""
-    from tasks.dissect.netdissect import dissect_layers
+    """Our dissection of every layer, as :func:`xai_audit.tasks.dissect.stage.netdissect_rows` runs it."""
+    from xai_audit.tasks.dissect.netdissect import dissect_layers
 
     config = inputs["config"]
     settings = config.dissect.netdissect
@@ -117,7 +117,7 @@ def stock(inputs: dict[str, Any], thresholds: dict[str, np.ndarray] | None = Non
 
 def our_tallies(inputs: dict[str, Any], thresholds: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Per layer ``(labels, iou, intersection, union)`` of our :class:`IoUTally` with ``thresholds``."""
-    from tasks.dissect.netdissect import IoUTally
+    from xai_audit.tasks.dissect.netdissect import IoUTally
 
     tallies = {
         layer: IoUTally(

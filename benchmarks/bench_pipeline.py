@@ -1,11 +1,12 @@
 """Targets 5-7: Network Dissection's memory and speed, Prefect's overhead, the demo end to end.
 
-5. Network Dissection of layer1-layer4 through the pipeline's own path (:func:`tasks.dissect.stage.netdissect_rows`)
-   on N and 4N world probe images, each in a fresh subprocess: the growth of the resident-set
-   high-water mark (VmHWM) over the process's RSS just before the dissection (model loaded,
-   imports done), so import-time peaks cannot hide growth; and seconds per 1,000 probe images.
+5. Network Dissection of layer1-layer4 through the pipeline's own path
+   (:func:`xai_audit.tasks.dissect.stage.netdissect_rows`) on N and 4N world probe images, each in a fresh
+   subprocess: the growth of the resident-set high-water mark (VmHWM) over the process's RSS just
+   before the dissection (model loaded, imports done), so import-time peaks cannot hide growth; and
+   seconds per 1,000 probe images.
 6. The explain stage on 64 world images (gradcam) as the Prefect flow the audit runs
-   (:func:`flows.explain.explain_model`, one task per chunk) against the same task functions
+   (:func:`xai_audit.flows.explain.explain_model`, one task per chunk) against the same task functions
    called in a plain loop, alternating, after a warm-up round (which pays the one-time start of
    Prefect's API); overhead = median over rounds of flow / loop (goal <= 1.15, i.e. 15 %).
 7. ``xai-audit run configs/demo.yaml`` in a subprocess: warm (the cache of ``$XAI_AUDIT_CACHE``, after
@@ -115,11 +116,11 @@ def _load() -> list[float]:
 def netdissect_measurement(config_data: dict, n_images: int) -> dict[str, Any]:
     """Network Dissection of the first model's layers on ``n_images`` probe images, in this process:
     seconds, RSS before, peak and growth (MiB). Meant to run in a fresh process per size."""
-    from tasks.compute.device import resolve_device
-    from tasks.core.config import parse_config
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect.probe import open_probe
-    from tasks.dissect.stage import model_layers, netdissect_rows, threshold_files
+    from xai_audit.tasks.compute.device import resolve_device
+    from xai_audit.tasks.core.config import parse_config
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect.probe import open_probe
+    from xai_audit.tasks.dissect.stage import model_layers, netdissect_rows, threshold_files
 
     data = json.loads(json.dumps(config_data))
     data["dissect"]["probe"]["limit"] = n_images
@@ -233,13 +234,13 @@ def netdissect_results(size: str) -> list[Result]:
 
 def orchestration_result(size: str) -> Result:
     """Target 6: the explain stage as a Prefect flow vs the same task functions in a plain loop."""
-    from flows.explain import explain_model
-    from flows.runner import local_run_settings, subflow_task_runner, with_task_runner
-    from storage.parquet import ResultsStore
-    from storage.runs import new_run_id
-    from tasks.core.config import parse_config
-    from tasks.data.image_sets import list_image_set
-    from tasks.explain.tasks import explain_chunk
+    from xai_audit.flows.explain import explain_model
+    from xai_audit.flows.runner import local_run_settings, subflow_task_runner, with_task_runner
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.storage.runs import new_run_id
+    from xai_audit.tasks.core.config import parse_config
+    from xai_audit.tasks.data.image_sets import list_image_set
+    from xai_audit.tasks.explain.tasks import explain_chunk
 
     data = base_config(size)
     data["images"]["limit"] = SETTINGS[size]["explain_images"]
@@ -300,8 +301,8 @@ def orchestration_result(size: str) -> Result:
 
 def demo_run(config_path: Path, results: Path, env: dict[str, str]) -> dict[str, Any]:
     """One ``xai-audit run CONFIG --new`` in a subprocess: wall seconds, load, and the run's stage timings."""
-    from storage.parquet import ResultsStore
-    from storage.runs import RunRecord
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.storage.runs import RunRecord
 
     command = [
         str(Path(sys.executable).with_name("xai-audit")),
@@ -312,7 +313,7 @@ def demo_run(config_path: Path, results: Path, env: dict[str, str]) -> dict[str,
         "--new",
     ]
     if not Path(command[0]).exists():
-        command = [sys.executable, "-m", "flows.cli", *command[1:]]
+        command = [sys.executable, "-m", "xai_audit.flows.cli", *command[1:]]
     load = _load()
     cpu_before = _children_cpu_s()
     started = time.perf_counter()

@@ -1,8 +1,8 @@
 """Target 8: how fast the command line answers before any work.
 
 ``xai-audit --help`` and ``xai-audit validate`` of a config with a schema error and of one naming
-an unknown method, each in a fresh interpreter (``python -m flows.cli``, wall seconds, median of
-the rounds): they import neither torch, Prefect nor open_clip (tasks.core.names), so the goal is
+an unknown method, each in a fresh interpreter (``python -m xai_audit.flows.cli``, wall seconds, median of
+the rounds): they import neither torch, Prefect nor open_clip (xai_audit.tasks.core.names), so the goal is
 under 1 s. ``validate`` of the valid demo config is reported too: it builds the models on the meta
 device and reads the sets, so it pays the heavy imports.
 """
@@ -33,12 +33,13 @@ BAD_CONFIGS = {"schema error": "seed: abc\n", "unknown method": "explain:\n  met
 
 
 def cli_seconds(args: list[str], expected_code: int, rounds: int, python: list[str] | None = None) -> list[float]:
-    """Wall seconds of ``python -m flows.cli ARGS`` (or ``python PYTHON``) in a fresh interpreter, ``rounds`` times."""
+    """Wall seconds of ``python -m xai_audit.flows.cli ARGS`` (or ``python PYTHON``) in a fresh interpreter,
+    ``rounds`` times."""
     seconds = []
     for _ in range(rounds):
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, *(python or ["-m", "flows.cli", *args])],
+            [sys.executable, *(python or ["-m", "xai_audit.flows.cli", *args])],
             cwd=REPO,
             capture_output=True,
             text=True,

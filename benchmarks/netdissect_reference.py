@@ -42,7 +42,7 @@ Deviations, all without effect on the numbers:
 
 Our pipeline differs from this in one rule, which the benchmark reports rather than hides: our
 union counts a unit's active area over the images that *annotate* a label's category
-(``tasks.dissect.netdissect.IoUTally``); NetDissect-Lite counts it over the images where the unit's
+(``xai_audit.tasks.dissect.netdissect.IoUTally``); NetDissect-Lite counts it over the images where the unit's
 *active pixels touch* some label of that category (``tally_units_cat``). On a probe set where every
 pixel category labels every pixel the two agree; elsewhere the reference's IoU is the larger.
 :func:`tally` therefore also returns ``tally_units`` (every image's area), from which the paper's

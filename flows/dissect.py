@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from storage.parquet import ResultsStore
-from tasks.core.config import AuditConfig
-from tasks.core.progress import step
-from tasks.dissect.labellers import labeller
-from tasks.dissect.stage import label_checks_unit, neurons_unit
-from tasks.dissect.tasks import label_check_task, label_task, layers_task
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.progress import step
+from xai_audit.tasks.dissect.labellers import labeller
+from xai_audit.tasks.dissect.stage import label_checks_unit, neurons_unit
+from xai_audit.tasks.dissect.tasks import label_check_task, label_task, layers_task
 
 
 @flow(name="dissect-model", flow_run_name="dissect {model_name}")
 def dissect_model(config: AuditConfig, model_name: str, results: str, run_id: str) -> int:
     """Label every configured layer of ``model_name``; returns how many work units ran now.
 
-    Each labeller says how its work is cut (:class:`tasks.dissect.base.Labeller`): one unit per
+    Each labeller says how its work is cut (:class:`xai_audit.tasks.dissect.base.Labeller`): one unit per
     missing layer, or all missing layers of the model in one unit.
     """
     store = ResultsStore(results)

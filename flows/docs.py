@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from storage.schemas import describe_tables
-from tasks.core.config import AuditConfig
+from xai_audit.storage.schemas import describe_tables
+from xai_audit.tasks.core.config import AuditConfig
 
 
 def _nested_model(annotation: typing.Any) -> type[BaseModel] | None:
@@ -99,11 +99,11 @@ def _first_line(obj: object) -> str:
 
 def registries_reference() -> str:
     """Markdown of every registered name a config may use: explainers, metrics, labellers, sources."""
-    from tasks.data.sources.registry import SOURCES
-    from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
-    from tasks.dissect.labellers import LABELLERS
-    from tasks.explain.registry import EXPLAINERS
-    from tasks.metrics.registry import METRICS
+    from xai_audit.tasks.data.sources.registry import SOURCES
+    from xai_audit.tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
+    from xai_audit.tasks.dissect.labellers import LABELLERS
+    from xai_audit.tasks.explain.registry import EXPLAINERS
+    from xai_audit.tasks.metrics.registry import METRICS
 
     families: dict[int, tuple[object, list[str]]] = {}
     for method, family in EXPLAINERS.items():

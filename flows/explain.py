@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from storage.parquet import ResultsStore
-from tasks.core.config import AuditConfig
-from tasks.core.progress import step, track
-from tasks.explain.sanity import SANITY_TABLES, sanity_unit
-from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
-from tasks.explain.tasks import explain_chunk, sanity_model
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.progress import step, track
+from xai_audit.tasks.explain.sanity import SANITY_TABLES, sanity_unit
+from xai_audit.tasks.explain.stage import EXPLAIN_TABLES, chunk_unit
+from xai_audit.tasks.explain.tasks import explain_chunk, sanity_model
 
 
 def chunk_done(store: ResultsStore, run_id: str, model: str, index: int) -> bool:

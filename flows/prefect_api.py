@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from tasks.core import progress
-from tasks.core.cache import cache_root
+from xai_audit.tasks.core import progress
+from xai_audit.tasks.core.cache import cache_root
 
 try:
     import tomllib
@@ -166,11 +166,10 @@ def owned_api(wait: bool = True) -> Iterator:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.prefect_api", str(port), str(os.getpid())],
+            [sys.executable, "-m", "xai_audit.flows.prefect_api", str(port), str(os.getpid())],
             env={**os.environ, **SERVER_ENV},
             stdout=log,
             stderr=log,
-            cwd=Path(__file__).resolve().parents[1],
         )
     url = f"http://127.0.0.1:{port}/api"
     answered: list[bool] = []

@@ -11,16 +11,16 @@ import difflib
 import inspect
 from collections.abc import Iterator
 
-from tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
-from tasks.core.errors import ConfigError, XaiAuditError
-from tasks.core.names import method_problems
-from tasks.data.image_sets import iter_image_set
-from tasks.data.sources.registry import model_source
-from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
-from tasks.dissect.labellers import LABELLERS
-from tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
-from tasks.explain.registry import EXPLAINERS
-from tasks.explain.targets import unknown_class_names
+from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
+from xai_audit.tasks.core.errors import ConfigError, XaiAuditError
+from xai_audit.tasks.core.names import method_problems
+from xai_audit.tasks.data.image_sets import iter_image_set
+from xai_audit.tasks.data.sources.registry import model_source
+from xai_audit.tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
+from xai_audit.tasks.dissect.labellers import LABELLERS
+from xai_audit.tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
+from xai_audit.tasks.explain.registry import EXPLAINERS
+from xai_audit.tasks.explain.targets import unknown_class_names
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -115,7 +115,8 @@ def probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
 
 def registry_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Method names the loaded registries do not know: explainers, labellers, CLIP-Dissect similarities
-    (members registered at run time included, which the light tables of :mod:`tasks.core.names` cannot hold)."""
+    (members registered at run time included, which the light tables of :mod:`xai_audit.tasks.core.names`
+    cannot hold)."""
     return method_problems(config, EXPLAINERS, LABELLERS, SIMILARITY_FUNCTIONS)
 
 

@@ -30,7 +30,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from tasks.core.config import AuditConfig
+from xai_audit.tasks.core.config import AuditConfig
 
 GPU_TAG = "gpu"
 GPU_RESOURCE = "GPU"
@@ -166,7 +166,7 @@ def local_run_settings() -> Iterator[None]:
     API stops with this process, so nobody reads them. Their thread sleeps in 1 s steps and is
     joined when each flow run ends, which costs up to 1 s per flow run (Prefect 3.9,
     ``flow_engine._send_heartbeats``). Against a configured ``PREFECT_API_URL`` nothing changes;
-    the private server a CLI run owns (``flows.prefect_api``) counts as ephemeral.
+    the private server a CLI run owns (``xai_audit.flows.prefect_api``) counts as ephemeral.
     """
     if PREFECT_API_URL.value() and not os.environ.get("XAI_AUDIT_PRIVATE_API"):
         yield

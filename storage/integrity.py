@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from storage.parquet import ResultsStore, StorageError, file_schema
-from storage.schemas import ALL_TABLES
+from xai_audit.storage.parquet import ResultsStore, StorageError, file_schema
+from xai_audit.storage.schemas import ALL_TABLES
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.schemas import SCHEMA_VERSION, schema_of
-from tasks.core.errors import XaiAuditError
+from xai_audit.storage.schemas import SCHEMA_VERSION, schema_of
+from xai_audit.tasks.core.errors import XaiAuditError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
@@ -151,7 +151,7 @@ class ResultsStore:
 
     def read_unit(self, table: str, run_id: str, unit: str) -> list[dict[str, Any]]:
         """One work unit's rows as plain Python values (``run_id`` lives in the path, not the file)."""
-        from storage.integrity import unreadable_files_named
+        from xai_audit.storage.integrity import unreadable_files_named
 
         with unreadable_files_named(self):
             return pq.read_table(
@@ -159,8 +159,9 @@ class ResultsStore:
             ).to_pylist()
 
     def read(self, table: str, run_id: str | None = None) -> pd.DataFrame:
-        """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see storage.integrity)."""
-        from storage.integrity import unreadable_files_named
+        """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see
+        xai_audit.storage.integrity)."""
+        from xai_audit.storage.integrity import unreadable_files_named
 
         with unreadable_files_named(self):
             return self.dataset(table, run_id).to_table().to_pandas()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import duckdb
 
-from storage.integrity import unreadable_files_named
-from storage.parquet import ResultsStore
-from storage.schemas import ALL_TABLES
+from xai_audit.storage.integrity import unreadable_files_named
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.schemas import ALL_TABLES
 
 
 def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
@@ -23,7 +23,7 @@ def connect(store: ResultsStore) -> duckdb.DuckDBPyConnection:
 def run_query(store: ResultsStore, sql: str):
     """Run ``sql`` against the results and return the answer as a pandas DataFrame.
 
-    A query that meets an unreadable file fails with a :class:`~storage.parquet.StorageError` naming it.
+    A query that meets an unreadable file fails with a :class:`~xai_audit.storage.parquet.StorageError` naming it.
     """
     with unreadable_files_named(store, (duckdb.Error,)):
         return connect(store).execute(sql).fetch_df()

@@ -12,7 +12,7 @@ from importlib import metadata
 
 import pandas as pd
 
-from storage.parquet import ResultsStore, safe_name
+from xai_audit.storage.parquet import ResultsStore, safe_name
 
 RUN_STATUSES = ("running", "completed", "partial", "failed")
 _PACKAGES = ("xai-audit", "torch", "torchvision", "grad-cam", "lime", "open_clip_torch", "prefect", "pyarrow")

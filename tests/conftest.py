@@ -13,7 +13,7 @@ os.environ.setdefault("XAI_AUDIT_CACHE", str(REPO / ".cache" / "test-cache"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from flows.prefect_api import own_prefect_home  # noqa: E402
+from xai_audit.flows.prefect_api import own_prefect_home  # noqa: E402
 
 # Never ~/.prefect: another Prefect version there can migrate its database under the suite.
 os.environ.setdefault("PREFECT_HOME", str(own_prefect_home()))

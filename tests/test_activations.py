@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.core.errors import ConfigError
-from tasks.dissect import activations as act
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect import activations as act
 
 
 class Tiny(nn.Module):

@@ -8,8 +8,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from tasks.results.artifacts import KEYS
 from tests.fixtures.audit_runs import NAME, two_audited_runs
+from xai_audit.tasks.results.artifacts import KEYS
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torchvision
 
-from tasks.compute.batch_sizes import CPU_BATCH_SIZES, perturbation_batch_size
-from tasks.explain.cams import compute_cams
-from tasks.explain.lime import GPU_BATCH_SIZE, default_batch_size
+from xai_audit.tasks.compute.batch_sizes import CPU_BATCH_SIZES, perturbation_batch_size
+from xai_audit.tasks.explain.cams import compute_cams
+from xai_audit.tasks.explain.lime import GPU_BATCH_SIZE, default_batch_size
 
 
 def test_cpu_sizes_depend_on_precision_and_accelerators_get_the_callers_size():

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tasks.core.errors import ConfigError, ItemError, PathEscapeError
-from tasks.data.images import BrodenItem, BrodenProbeSet, decode_label_mask
+from xai_audit.tasks.core.errors import ConfigError, ItemError, PathEscapeError
+from xai_audit.tasks.data.images import BrodenItem, BrodenProbeSet, decode_label_mask
 
 INDEX_HEADER = "image,split,ih,iw,sh,sw,color,object,part,material,scene,texture"
 LABELS = """number,name,category,frequency,coverage,syns
@@ -245,7 +245,7 @@ def test_any_index_file_loads_or_raises_only_project_errors(content):
 
 
 def test_reader_agrees_with_the_generated_worlds_ground_truth(tmp_path):
-    synthetic = pytest.importorskip("tasks.world.synthetic")
+    synthetic = pytest.importorskip("xai_audit.tasks.world.synthetic")
     root = synthetic.generate_world(tmp_path / "world", synthetic.WorldConfig(n_train=3, n_val=2, image_size=32))
     truth = {row["image"]: row for row in synthetic.read_attributes(root)}
     probe = BrodenProbeSet(root, split="val")

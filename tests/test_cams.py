@@ -10,9 +10,9 @@ import torchvision
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from tasks.compute.inference import inference_model
-from tasks.core.errors import ConfigError
-from tasks.explain.cams import CAM_METHODS, compute_cams, forward_with_cams
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.explain.cams import CAM_METHODS, compute_cams, forward_with_cams
 
 LIBRARY_CLASSES = {
     "gradcam": library.GradCAM,
@@ -160,12 +160,12 @@ def test_ablationcam_checks_its_shortcut_once_per_model_and_falls_back_where_it_
     """A forward that flattens with the input's batch size (EfficientNet-Lite0's does) breaks the
     one-copy shortcut: the check sees it on the first call, logs it, and the maps then equal stock
     grad-cam's AblationCAM. On a ResNet the shortcut is exact and taken."""
-    from tasks.explain import cams
     from tests.fixtures.tiny_models import batch_bound_cnn
+    from xai_audit.tasks.explain import cams
 
     bound = batch_bound_cnn().eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with caplog.at_level("WARNING", logger="tasks.explain.cams"):
+    with caplog.at_level("WARNING", logger="xai_audit.tasks.explain.cams"):
         ours = compute_cams(bound, bound.features[2], images, [0, 1], ["ablationcam"])["ablationcam"]
     assert "not exact here" in caplog.text and "RuntimeError" in caplog.text
     with library.AblationCAM(model=bound, target_layers=[bound.features[2]]) as cam:

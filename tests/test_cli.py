@@ -14,9 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.cli import build_parser, main
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
+from xai_audit.flows.cli import build_parser, main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
@@ -33,8 +33,8 @@ def test_every_command_has_help(command, capsys):
 def test_help_and_config_errors_never_import_torch_prefect_or_open_clip(tmp_path):
     """`--help` of every command and `validate` of a config the schema rejects, or that names an
     unknown method, source or similarity, answer before the heavy imports (a fresh interpreter, so
-    nothing earlier in the suite has imported them); the registered names come from tasks.core.names."""
-    from flows.cli import build_parser
+    nothing earlier in the suite has imported them); the registered names come from xai_audit.tasks.core.names."""
+    from xai_audit.flows.cli import build_parser
 
     schema = tmp_path / "schema.yaml"
     schema.write_text("seed: abc\n")
@@ -46,7 +46,7 @@ def test_help_and_config_errors_never_import_torch_prefect_or_open_clip(tmp_path
     )
     commands = [name for name in build_parser()._subparsers._group_actions[0].choices if name != "world"]
     probe = (
-        "import sys, json\nfrom flows.cli import main\n"
+        "import sys, json\nfrom xai_audit.flows.cli import main\n"
         "codes = []\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    try:\n        codes.append(main(argv))\n"
@@ -188,7 +188,7 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "flows.cli", "run", str(config), "--results", str(results)]
+    command = [sys.executable, "-m", "xai_audit.flows.cli", "run", str(config), "--results", str(results)]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 3, finished.stderr
     for noise in ("Traceback", "ERROR", "Error flushing", "telemetry", "Exception"):
@@ -199,7 +199,7 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "xai_audit.flows.cli",
             "query",
             "--results",
             str(results),

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from storage.parquet import ResultsStore
+from xai_audit.storage.parquet import ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def tiny_run(tmp_path: Path, n_images: int = 3, lime: bool = False) -> tuple[lis
     env |= {"HOME": str(tmp_path / "home"), "XAI_AUDIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
     (tmp_path / "home").mkdir()
     results = tmp_path / "results"
-    return [sys.executable, "-m", "flows.cli", "run", str(config), "--results", str(results)], env, results
+    return [sys.executable, "-m", "xai_audit.flows.cli", "run", str(config), "--results", str(results)], env, results
 
 
 def alembic_revision(database: Path) -> str:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from tasks.core.errors import ConfigError
-from tasks.dissect import clip_dissect as cd
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect import clip_dissect as cd
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.compare_tables import compare
-from storage.parquet import ResultsStore
+from xai_audit.storage.parquet import ResultsStore
 
 
 def _write(root, iou: float, run_id: str) -> None:

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from storage.maps import decode_heatmap
-from tasks.core.config import parse_config
-from tasks.explain.concepts import UnitLabel, concept_scores, random_units, unit_contributions
-from tasks.results.drift import class_concept_deltas
-from tasks.results.figures import upsampled
-from tasks.world.synthetic import COLORS, ensure_world, read_attributes
 from tests.fixtures.planted_models import LAYER, model_config
+from xai_audit.storage.maps import decode_heatmap
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.explain.concepts import UnitLabel, concept_scores, random_units, unit_contributions
+from xai_audit.tasks.results.drift import class_concept_deltas
+from xai_audit.tasks.results.figures import upsampled
+from xai_audit.tasks.world.synthetic import COLORS, ensure_world, read_attributes
 
 # ---------------------------------------------------------------------------------------------
 # the formula and the grouping, on constructed inputs
@@ -113,8 +113,8 @@ def test_class_concept_drift_reports_changed_shares_and_absent_concepts_as_zero(
 @pytest.fixture(scope="module")
 def planted_run(prefect_harness, tmp_path_factory):
     """A dissect + explain audit of the planted model over a small world: (config, store, run id)."""
-    from flows.audit import run_audit
-    from storage.parquet import ResultsStore
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.storage.parquet import ResultsStore
 
     config = parse_config(
         {
@@ -183,8 +183,8 @@ def test_stored_concept_attributions_recompute_from_unit_contributions_and_label
 
 @pytest.mark.slow
 def test_the_summary_and_digest_name_the_planted_concept_behind_its_class(planted_run):
-    from tasks.results.findings import run_findings
-    from tasks.results.summary import load_summary
+    from xai_audit.tasks.results.findings import run_findings
+    from xai_audit.tasks.results.summary import load_summary
 
     _, store, run_id = planted_run
     summary = load_summary(store, run_id)
@@ -201,7 +201,7 @@ def test_the_summary_and_digest_name_the_planted_concept_behind_its_class(plante
 def test_the_report_shows_the_class_concept_matrix_and_each_pages_concepts(planted_run):
     from pathlib import Path
 
-    from tasks.results.report import report_folder
+    from xai_audit.tasks.results.report import report_folder
 
     _, store, run_id = planted_run
     folder = Path(report_folder(store, run_id))
@@ -220,8 +220,8 @@ def test_the_report_shows_the_class_concept_matrix_and_each_pages_concepts(plant
 @pytest.fixture(scope="module")
 def world_run(prefect_harness, tmp_path_factory):
     """Labels from 500 training images, attributions of 200 held-out ones (Grad-CAM only)."""
-    from flows.audit import run_audit
-    from storage.parquet import ResultsStore
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.storage.parquet import ResultsStore
 
     config = parse_config(
         {

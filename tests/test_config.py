@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.docs import GENERATED_BLOCKS, block_text, iter_options
-from tasks.core.config import AuditConfig, ConfigErrors, load_config, parse_config
+from xai_audit.flows.cli import main
+from xai_audit.flows.docs import GENERATED_BLOCKS, block_text, iter_options
+from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_invalid_option_is_reported_with_its_field_path(data, field):
     ],
 )
 def test_unknown_registry_names_are_reported_before_any_work(data, field, valid_name):
-    from flows.preflight import registry_problems
+    from xai_audit.flows.preflight import registry_problems
 
     problems = dict(registry_problems(parse_config(data)))
     assert set(problems) == {field} and valid_name in problems[field]
@@ -158,7 +158,7 @@ def test_defaults_validate_themselves():
     ],
 )
 def test_preflight_names_unknown_models_weights_and_layers(model, field, hint):
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     with pytest.raises(ConfigErrors) as caught:
         check(parse_config({"models": [{"name": "m", **model}]}))
@@ -182,7 +182,7 @@ def test_preflight_rejects_empty_image_and_concept_sets(tmp_path, capsys):
 
 
 def test_preflight_accepts_a_valid_real_model_config():
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     check(
         parse_config(
@@ -216,7 +216,7 @@ def test_preflight_rejects_a_probe_limit_below_the_similarity_functions_top_k(si
 
     Fewer fail at once, not mid-run.
     """
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     config = parse_config(
         {"dissect": {"methods": ["clip_dissect"], "probe": {"limit": limit}, "clip": {"similarity": similarity}}}
@@ -232,7 +232,7 @@ def test_preflight_rejects_a_probe_limit_below_the_similarity_functions_top_k(si
 @pytest.mark.parametrize(("layers", "rejected"), [(["layer3"], False), (["layer3", "fc"], True), (None, False)])
 def test_preflight_rejects_concept_layers_no_model_dissects(layers, rejected):
     """A concept-attribution layer outside every model's models.layers would get no rows: exit 2 first."""
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     demo = {"name": "demo-resnet18", "source": "demo", "layers": ["layer3", "layer4"]}
     config = parse_config({"models": [demo], "explain": {"concepts": {"layers": layers}}})

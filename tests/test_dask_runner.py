@@ -10,11 +10,11 @@ import torch
 from distributed.worker import thread_state
 from prefect import flow, task
 
-from flows.audit import run_audit
-from flows.runner import GpuDaskTaskRunner, flow_task_runner
-from storage.parquet import ResultsStore
-from storage.schemas import ALL_TABLES
-from tasks.core.config import ConfigErrors, parse_config
+from xai_audit.flows.audit import run_audit
+from xai_audit.flows.runner import GpuDaskTaskRunner, flow_task_runner
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.schemas import ALL_TABLES
+from xai_audit.tasks.core.config import ConfigErrors, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 

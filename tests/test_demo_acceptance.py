@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.core.config import load_config, parse_config
-from tasks.data.image_sets import iter_image_set, record_row
-from tasks.data.images import load_rgb
-from tasks.data.loaded_models import using_model
-from tasks.explain.cams import forward_with_cams
-from tasks.explain.stage import ground_truth_mask
-from tasks.metrics.maps import deletion_insertion, energy_in_gt, pointing_hit, scaled_tolerance
+from xai_audit.tasks.core.config import load_config, parse_config
+from xai_audit.tasks.data.image_sets import iter_image_set, record_row
+from xai_audit.tasks.data.images import load_rgb
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.explain.cams import forward_with_cams
+from xai_audit.tasks.explain.stage import ground_truth_mask
+from xai_audit.tasks.metrics.maps import deletion_insertion, energy_in_gt, pointing_hit, scaled_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_gradcam_beats_a_noise_map_on_localization_and_deletion(demo, gradcam):
 def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
     from lime import lime_image
 
-    from tasks.explain.lime import explain_lime, segment
+    from xai_audit.tasks.explain.lime import explain_lime, segment
 
     model, pixels, _, labels, images = demo
     model_fn = model.pixel_model

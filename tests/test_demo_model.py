@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from tasks.core.config import WorldConfig
-from tasks.core.errors import CheckpointError
-from tasks.world import demo_model
-from tasks.world.demo_model import DemoTrainSpec, ensure_demo_model, load_demo_model
-from tasks.world.synthetic import SHAPES, ensure_world
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.core.errors import CheckpointError
+from xai_audit.tasks.world import demo_model
+from xai_audit.tasks.world.demo_model import DemoTrainSpec, ensure_demo_model, load_demo_model
+from xai_audit.tasks.world.synthetic import SHAPES, ensure_world
 
 TINY_WORLD = WorldConfig(seed=7, n_train=16, n_val=8)
 TINY_TRAIN = DemoTrainSpec(epochs=1, batch_size=8)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -145,7 +145,7 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
             start_new_session=True,
         )
         background.append(worker)
-        cli(sys.executable, "-m", "flows.cli", "deploy")
+        cli(sys.executable, "-m", "xai_audit.flows.cli", "deploy")
         run_deployed_audit(cli, config, results)
         store = ResultsStore(results)
         (run_id,) = store.run_ids()
@@ -158,7 +158,7 @@ def test_deployed_audit_runs_on_a_worker_and_the_nightly_schedule_is_registered(
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "xai_audit.flows.cli",
                 "serve",
                 str(config),
                 "--cron",

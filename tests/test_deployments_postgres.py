@@ -29,8 +29,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
 from tests.fixtures.debian import debian_tool
 from tests.test_deployments import (
     BIN,
@@ -41,6 +39,8 @@ from tests.test_deployments import (
     stop,
     wait_healthy,
 )
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 8
@@ -150,7 +150,7 @@ def deployed_audit(tmp_path: Path, database_url: str) -> dict:
         background.append(
             subprocess.Popen([prefect, "worker", "start", "--pool", "xai-gpu"], cwd=tmp_path, env=env, **quiet)
         )
-        cli(sys.executable, "-m", "flows.cli", "deploy")
+        cli(sys.executable, "-m", "xai_audit.flows.cli", "deploy")
         run_deployed_audit(cli, config, results)
         store = ResultsStore(results)
         (run_id,) = store.run_ids()

@@ -3,7 +3,7 @@
 The planted model (``tests/fixtures/planted_models.py``) has one unit per world colour, a
 striped-texture unit, a circle-interior unit and a constant unit in its layer ``detectors``. Both
 labelling methods run through the project's wiring (config → probe → model registry →
-``tasks.dissect.tasks`` → flow → ``neurons`` table), so these tests protect the whole path, not only the
+``xai_audit.tasks.dissect.tasks`` → flow → ``neurons`` table), so these tests protect the whole path, not only the
 numerics (which have their own tests).
 """
 
@@ -20,19 +20,19 @@ import torch
 import yaml
 from PIL import Image
 
-from tasks.core.config import AuditConfig, parse_config
-from tasks.data.loaded_models import using_model
-from tasks.dissect.probe import open_probe
-from tasks.dissect.stage import (
+from tests.fixtures.label_references import reference_netdissect
+from tests.fixtures.planted_models import LAYER, PLANTED_CONCEPTS, UNITS, model_config, planted_detectors
+from xai_audit.tasks.core.config import AuditConfig, parse_config
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.dissect.probe import open_probe
+from xai_audit.tasks.dissect.stage import (
     clip_dissect_rows,
     clip_similarity,
     concept_set,
     netdissect_rows,
     pooled_layer_activations,
 )
-from tasks.world.synthetic import COLORS, encode_segmentation
-from tests.fixtures.label_references import reference_netdissect
-from tests.fixtures.planted_models import LAYER, PLANTED_CONCEPTS, UNITS, model_config, planted_detectors
+from xai_audit.tasks.world.synthetic import COLORS, encode_segmentation
 
 # 201 images: enough pixels for stable IoUs, a second to generate.
 SMALL_WORLD = {"n_train": 1, "n_val": 200}
@@ -160,8 +160,8 @@ KEY = ["model", "layer", "unit", "method"]
 def dissected(prefect_harness, tmp_path_factory):
     """One dissect-only audit of the planted model and a random ResNet18 (layers 1-4) over the
     default world's validation split: (config, results root, run id, its ``neurons`` table)."""
-    from flows.audit import run_audit
-    from storage.parquet import ResultsStore
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.storage.parquet import ResultsStore
 
     config = parse_config({"device": "cpu", "models": [model_config(), TINY_RESNET]})
     results = str(tmp_path_factory.mktemp("planted-results"))
@@ -203,9 +203,9 @@ def test_dissect_flow_rows_carry_the_planted_concepts(dissected):
 def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(dissected):
     """Resuming the finished run rewrites no ``neurons`` file; after one work unit's file is
     deleted, a resume writes that file alone, and the table again holds each key once."""
-    from flows.audit import run_audit
-    from storage.parquet import ResultsStore
-    from tasks.dissect.stage import neurons_unit
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.dissect.stage import neurons_unit
 
     config, results, run_id, neurons = dissected
     store = ResultsStore(results)
@@ -229,7 +229,7 @@ def test_methods_agree_on_the_planted_detectors_and_rarely_on_random_units(disse
     planted layer the red, striped and circle detectors get the same label from both methods, and
     the layer agrees more often than any layer of the random ResNet, whose units mean nothing.
     The run's ``summary_label_agreement`` table reports the same rates."""
-    from storage.parquet import ResultsStore
+    from xai_audit.storage.parquet import ResultsStore
 
     _, results, run_id, neurons = dissected
     label_sets = neurons.assign(labels=[{c, *t} for c, t in zip(neurons["concept"], neurons["tied_with"])])
@@ -317,8 +317,8 @@ def test_cli_labels_planted_units_with_the_exact_iou_and_reports_an_exact_tie(pr
     pipeline (tests/fixtures/label_references.py) computes from the same activations, and the
     circle unit — whose IoU with ``circle`` and with its twin label ``round`` is the same number —
     is reported as a tie (``tied_with``) in ``neurons`` and counted in ``summary_layers``."""
-    from flows.cli import main
-    from storage.parquet import ResultsStore
+    from xai_audit.flows.cli import main
+    from xai_audit.storage.parquet import ResultsStore
 
     world = Path(open_probe(planted_config(SMALL_WORLD, probe={"split": None})).root)
     root, _ = broden_with_a_twin_label(world, tmp_path / "broden")

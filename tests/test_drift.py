@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.cli import main
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
-from tasks.results.drift import previous_run
 from tests.fixtures.audit_runs import two_audited_runs
+from xai_audit.flows.cli import main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
+from xai_audit.tasks.results.drift import previous_run
 
 
 @pytest.fixture(scope="module")

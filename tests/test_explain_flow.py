@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.audit import run_audit
-from storage.maps import decode_map
-from storage.parquet import ResultsStore
-from tasks.core.config import parse_config
-from tasks.metrics.maps import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
-from tasks.metrics.road import road_scores
+from xai_audit.flows.audit import run_audit
+from xai_audit.storage.maps import decode_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.metrics.maps import agreement_rows, deletion_insertion, localization_row, scaled_tolerance
+from xai_audit.tasks.metrics.road import road_scores
 
 METHODS = ["gradcam", "gradcam++", "eigencam", "lime"]
 
@@ -74,10 +74,10 @@ def test_every_explain_table_has_one_row_per_key(explained):
 def test_metrics_recompute_from_the_saliency_table(explained):
     """The saliency table alone (plus the image and its mask) reproduces every stored metric."""
     config, store, run_id = explained
-    from tasks.data.image_sets import iter_image_set, record_row
-    from tasks.data.images import load_rgb
-    from tasks.data.loaded_models import using_model
-    from tasks.explain.stage import ground_truth_mask
+    from xai_audit.tasks.data.image_sets import iter_image_set, record_row
+    from xai_audit.tasks.data.images import load_rgb
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.explain.stage import ground_truth_mask
 
     saliency = store.read("saliency", run_id)
     agreement = store.read("agreement", run_id).set_index(["image_id", "method_a", "method_b"])
@@ -120,8 +120,8 @@ def test_ground_truth_mask_follows_the_model_geometry():
     """A box drawn on a 200x100 image lands where resize-256 + crop-224 puts it."""
     from types import SimpleNamespace
 
-    from tasks.data.sources.base import standard_preprocess
-    from tasks.explain.stage import ground_truth_mask
+    from xai_audit.tasks.data.sources.base import standard_preprocess
+    from xai_audit.tasks.explain.stage import ground_truth_mask
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     model = SimpleNamespace(preprocess=standard_preprocess(256, 224, mean, std), mean=mean, std=std)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks.results.artifacts import summary_markdown
-from tasks.results.drift import read_drift
-from tasks.results.findings import number, run_findings
-from tasks.results.summary import load_summary, raw_counts
 from tests.fixtures.audit_runs import METHODS, two_audited_runs
+from xai_audit.flows.cli import main
+from xai_audit.tasks.results.artifacts import summary_markdown
+from xai_audit.tasks.results.drift import read_drift
+from xai_audit.tasks.results.findings import number, run_findings
+from xai_audit.tasks.results.summary import load_summary, raw_counts
 
 pytestmark = pytest.mark.slow
 

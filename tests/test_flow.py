@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.audit import run_audit
-from storage.maps import decode_map
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
-from tasks.core.config import parse_config
+from xai_audit.flows.audit import run_audit
+from xai_audit.storage.maps import decode_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
+from xai_audit.tasks.core.config import parse_config
 
 CLASSES = ["a", "b", "c"]
 
@@ -83,7 +83,7 @@ def test_resuming_a_run_redoes_only_missing_chunks_without_duplicates(prefect_ha
 
 
 def test_resume_refuses_a_different_config(prefect_harness, image_folder, tmp_path):
-    from tasks.core.config import ConfigErrors
+    from xai_audit.tasks.core.config import ConfigErrors
 
     results = str(tmp_path / "results")
     first = run_audit(tiny_config(image_folder), results)

@@ -23,9 +23,9 @@ import torchvision
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from tasks.compute.inference import inference_model
-from tasks.explain.cams import BatchedScoreCAM, compute_cams
 from tests.fixtures import two_regions
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.explain.cams import BatchedScoreCAM, compute_cams
 
 
 def reference_groupcam(model: nn.Module, layer: nn.Module, image: torch.Tensor, target: int, groups: int):

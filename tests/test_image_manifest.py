@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from storage.parquet import ResultsStore
-from tasks.core.config import parse_config
-from tasks.data.image_sets import image_chunk_unit, iter_image_set, list_image_set, read_image_chunk, record_row
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.image_sets import (
+    image_chunk_unit,
+    iter_image_set,
+    list_image_set,
+    read_image_chunk,
+    record_row,
+)
 
 
 def _folder(root, names):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.core.errors import ConfigError, ItemError, PathEscapeError
-from tasks.data.images import ImageRecord, iter_image_folder, iter_image_list, load_rgb, safe_join
+from xai_audit.tasks.core.errors import ConfigError, ItemError, PathEscapeError
+from xai_audit.tasks.data.images import ImageRecord, iter_image_folder, iter_image_list, load_rgb, safe_join
 
 
 def _png(path: Path, color=(255, 0, 0), size=(4, 4)) -> Path:

@@ -8,7 +8,7 @@ import torchvision
 from pytorch_grad_cam import GradCAM
 from torch import nn
 
-from tasks.compute.inference import conv_bn_pairs, fold_batchnorm, inference_model
+from xai_audit.tasks.compute.inference import conv_bn_pairs, fold_batchnorm, inference_model
 
 
 def _with_running_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -206,7 +206,7 @@ def test_non_modules_pass_through():
 
 
 def test_channels_last_scope_gives_back_the_original_storage_so_the_cached_copy_survives():
-    from tasks.compute.memory_format import channels_last_weights
+    from xai_audit.tasks.compute.memory_format import channels_last_weights
 
     model = _with_running_stats(torchvision.models.resnet18(num_classes=4))
     fast = inference_model(model)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.core.config import parse_config
-from tasks.core.errors import ConfigError
-from tasks.dissect.label_checks import final_layer_accuracy, final_layer_rows, output_layer
-from tasks.world.synthetic import COLORS
 from tests.fixtures.planted_models import PREPROCESS
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect.label_checks import final_layer_accuracy, final_layer_rows, output_layer
+from xai_audit.tasks.world.synthetic import COLORS
 
 
 def test_final_layer_rows_score_labels_against_class_names():
@@ -64,9 +64,9 @@ def _colour_config(callable_name: str):
 
 
 def _final_layer(config):
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect.probe import open_probe
-    from tasks.dissect.stage import final_layer_check_rows
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect.probe import open_probe
+    from xai_audit.tasks.dissect.stage import final_layer_check_rows
 
     with using_model(config, config.models[0]) as model:
         return final_layer_check_rows(config, model, open_probe(config))
@@ -121,9 +121,9 @@ def test_audit_writes_label_checks_p_values_and_their_summaries(prefect_harness,
     holds one row per output unit and concept set, ``summary_label_checks`` accuracy 1 for the
     class names, every ``neurons`` row a p-value, ``summary_layers`` counts the ten planted
     detectors (of 11 units; the constant unit is p = 1) as significant, and the digest says so."""
-    from flows.audit import run_audit
-    from storage.parquet import ResultsStore
-    from tasks.results.findings import run_findings
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.results.findings import run_findings
 
     config = _colour_config("planted_colour_classifier").model_dump()
     config["models"][0]["layers"] = ["detectors"]
@@ -159,12 +159,12 @@ def test_the_final_layer_check_shares_clip_dissects_activation_pass(monkeypatch,
     """CLIP-Dissect's labelling and the final-layer check of one model take one pass over the
     probe set together, whichever runs first (the output layer joins the labelled layers), and
     the check's rows are those of the check taking its own pass over the output layer alone."""
-    from tasks.core.cache import cache_root
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect import activations
-    from tasks.dissect.labellers import labeller
-    from tasks.dissect.probe import open_probe
-    from tasks.dissect.stage import final_layer_check_rows
+    from xai_audit.tasks.core.cache import cache_root
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect import activations
+    from xai_audit.tasks.dissect.labellers import labeller
+    from xai_audit.tasks.dissect.probe import open_probe
+    from xai_audit.tasks.dissect.stage import final_layer_check_rows
 
     raw = _colour_config("planted_colour_classifier").model_dump()
     raw["dissect"]["probe"]["limit"] = 100  # soft-WPMI averages over the 100 most activating images

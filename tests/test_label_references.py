@@ -17,13 +17,13 @@ import pytest
 import torch
 from scipy.special import logsumexp, softmax
 
-from tasks.core.config import parse_config
-from tasks.dissect import netdissect as nd
-from tasks.dissect.clip_dissect import image_concept_matrix
-from tasks.dissect.probe import Probe
-from tasks.dissect.stage import clip_dissect_rows
 from tests.fixtures.label_references import reference_netdissect
 from tests.fixtures.planted_models import model_config
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.dissect import netdissect as nd
+from xai_audit.tasks.dissect.clip_dissect import image_concept_matrix
+from xai_audit.tasks.dissect.probe import Probe
+from xai_audit.tasks.dissect.stage import clip_dissect_rows
 
 # --------------------------------------------------------------------------------------------
 # CLIP-Dissect (Oikarinen & Weng, ICLR 2023)

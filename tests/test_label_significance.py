@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.dissect.clip_dissect import similarity_function
-from tasks.dissect.netdissect import DissectBatch, dissect_layers
-from tasks.dissect.significance import (
+from tests.fixtures.planted_models import LAYER, UNITS
+from xai_audit.tasks.dissect.clip_dissect import similarity_function
+from xai_audit.tasks.dissect.netdissect import DissectBatch, dissect_layers
+from xai_audit.tasks.dissect.significance import (
     ShuffledIntersections,
     benjamini_hochberg,
     clip_dissect_p_values,
     monte_carlo_p_values,
 )
-from tests.fixtures.planted_models import LAYER, UNITS
 
 PLANTED = [UNITS.index(unit) for unit in UNITS if unit != "constant"]
 CONSTANT = UNITS.index("constant")
@@ -121,8 +121,8 @@ def _noise_maps(n_images: int, height: int, width: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def planted_probe():
     """The planted model's config and probe (first 200 images of the default world's val split)."""
-    from tasks.dissect.probe import open_probe
     from tests.test_dissect_planted import planted_config
+    from xai_audit.tasks.dissect.probe import open_probe
 
     config = planted_config(probe={"limit": 200}, significance={"permutations": 1000})
     return config, open_probe(config)
@@ -133,8 +133,8 @@ def test_network_dissection_p_values_separate_planted_detectors_from_constant_an
     """Through Network Dissection's own passes (``dissect_layers``, default quantile): every planted
     detector p < 0.001, the constant unit p = 1, three seeded-noise units p ≥ 0.05; the test makes
     no pass over the probe set beyond those of a run without it."""
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect.probe import dissect_batches
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect.probe import dissect_batches
 
     config, probe = planted_probe
     with using_model(config, config.models[0]) as model:
@@ -179,8 +179,8 @@ def test_clip_dissect_p_values_separate_planted_detectors_from_constant_and_nois
     """With the toy CLIP and the paper's soft-WPMI: every planted detector p < 0.001, the constant
     unit p = 1, three seeded-noise units p ≥ 0.05; the same seed gives the same p-values and
     ``clip_dissect_rows`` writes them next to the labels."""
-    from tasks.data.loaded_models import using_model
-    from tasks.dissect.stage import clip_dissect_rows, clip_similarity, concept_set, pooled_layer_activations
+    from xai_audit.tasks.data.loaded_models import using_model
+    from xai_audit.tasks.dissect.stage import clip_dissect_rows, clip_similarity, concept_set, pooled_layer_activations
 
     config, probe = planted_probe
     with using_model(config, config.models[0]) as model:
@@ -206,7 +206,7 @@ def test_summary_layers_count_units_significant_after_benjamini_hochberg():
     5·0.05/10); a layer labelled without p-values has none counted (null, not 0)."""
     import pandas as pd
 
-    from tasks.results.summary import layer_units
+    from xai_audit.tasks.results.summary import layer_units
 
     strong, chance = [0.001, 0.001, 0.002, 0.004], [0.3, 0.5, 0.6, 0.8, 0.9, 1.0]
     rows = [

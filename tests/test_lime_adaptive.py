@@ -22,11 +22,11 @@ import torch
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from storage.maps import decode_map
-from tasks.core.config import ConfigErrors, parse_config
-from tasks.data.models import PixelModel
-from tasks.explain.base import ExplainContext
-from tasks.explain.lime import (
+from xai_audit.storage.maps import decode_map
+from xai_audit.tasks.core.config import ConfigErrors, parse_config
+from xai_audit.tasks.data.models import PixelModel
+from xai_audit.tasks.explain.base import ExplainContext
+from xai_audit.tasks.explain.lime import (
     UNCERTAINTY_CAP,
     LimeExplainer,
     LimeResult,
@@ -36,8 +36,8 @@ from tasks.explain.lime import (
     segment,
     uncertainty_row,
 )
-from tasks.explain.lime_convergence import AdaptiveSettings, ridge_standard_errors
-from tasks.results.summary import lime_samples
+from xai_audit.tasks.explain.lime_convergence import AdaptiveSettings, ridge_standard_errors
+from xai_audit.tasks.results.summary import lime_samples
 
 BLOCK, GRID = 16, 4
 SIDE = BLOCK * GRID

@@ -9,10 +9,10 @@ from lime import lime_image
 from scipy import ndimage
 from torch import nn
 
-from tasks.compute.batch_sizes import CPU_BATCH_SIZES
-from tasks.core.errors import ConfigError
-from tasks.data.models import PixelModel
-from tasks.explain.lime import (
+from xai_audit.tasks.compute.batch_sizes import CPU_BATCH_SIZES
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.models import PixelModel
+from xai_audit.tasks.explain.lime import (
     LimeResult,
     SegmentationCache,
     default_objective,
@@ -278,7 +278,7 @@ def test_default_batch_on_cpu_is_cache_sized_for_the_precision(model, amp_dtype,
 
 
 def test_nonfinite_model_outputs_stop_lime_before_the_fit(model):
-    from tasks.core.errors import NonFiniteError
+    from xai_audit.tasks.core.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="not finite"):
         explain_lime(lambda batch: model(batch) * float("nan"), [make_image(8)], [0], num_samples=20, seed=0)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.core.config import parse_config
-from tasks.data.models import load_model
-from tasks.explain.base import ExplainContext, Explainer, Explanations
-from tasks.explain.stage import explain_family, explain_records
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.models import load_model
+from xai_audit.tasks.explain.base import ExplainContext, Explainer, Explanations
+from xai_audit.tasks.explain.stage import explain_family, explain_records
 
 METHODS = ["gradcam", "gradcam++", "ablationcam"]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.core.errors import ConfigError, ItemError
-from tasks.metrics.maps import (
+from xai_audit.tasks.core.errors import ConfigError, ItemError
+from xai_audit.tasks.metrics.maps import (
     NonFiniteMapError,
     agreement_rows,
     binarize,

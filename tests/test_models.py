@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
-from tasks.core.errors import CheckpointError, ConfigError
-from tasks.data.models import default_cam_layer, load_model, resolve_layer, weights_identity
-from tasks.data.sources import base, places365
+from xai_audit.tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
+from xai_audit.tasks.core.errors import CheckpointError, ConfigError
+from xai_audit.tasks.data.models import default_cam_layer, load_model, resolve_layer, weights_identity
+from xai_audit.tasks.data.sources import base, places365
 
 
 def _random_resnet18(num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -129,7 +129,7 @@ def test_unknown_arch_and_weights_list_the_valid_names():
     ],
 )
 def test_an_entry_without_a_field_its_source_needs_is_refused_before_loading(source, fields, missing):
-    from flows.preflight import model_problems
+    from xai_audit.flows.preflight import model_problems
 
     entry = ModelConfig(name="m", source=source, **fields)
     assert list(model_problems(3, entry)) == [("models.3", f"source '{source}' needs {missing}")]
@@ -358,7 +358,7 @@ def test_python_callable_string_is_imported_never_evaluated(tmp_path):
 
 
 def test_demo_source_builds_preprocessing_from_meta(tmp_path, monkeypatch):
-    from tasks.world import demo_model
+    from xai_audit.tasks.world import demo_model
 
     folder = tmp_path / "demo"
     folder.mkdir()

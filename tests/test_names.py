@@ -1,17 +1,17 @@
-"""The light name tables (tasks.core.names) against the registries they stand in for: same names,
+"""The light name tables (xai_audit.tasks.core.names) against the registries they stand in for: same names,
 each entry resolving to what the registry actually holds, and the same problems found."""
 
 from __future__ import annotations
 
 import pytest
 
-from flows.preflight import model_problems, registry_problems
-from tasks.core import names
-from tasks.core.config import parse_config
-from tasks.data.sources.registry import SOURCES
-from tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
-from tasks.dissect.labellers import LABELLERS
-from tasks.explain.registry import EXPLAINERS
+from xai_audit.flows.preflight import model_problems, registry_problems
+from xai_audit.tasks.core import names
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.sources.registry import SOURCES
+from xai_audit.tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS
+from xai_audit.tasks.dissect.labellers import LABELLERS
+from xai_audit.tasks.explain.registry import EXPLAINERS
 
 
 @pytest.mark.parametrize(

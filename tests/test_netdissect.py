@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.core.errors import ConfigError
-from tasks.dissect import netdissect as nd
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect import netdissect as nd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np, torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
-    from tasks.dissect.netdissect import DissectBatch, dissect_layer
+    from xai_audit.tasks.dissect.netdissect import DissectBatch, dissect_layer
 
     n_images, naive = int(sys.argv[1]), sys.argv[2] == "naive"
     units, low, size, batch = 64, 8, 32, 32

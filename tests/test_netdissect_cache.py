@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tasks.dissect.netdissect as nd
-from tasks.core.config import parse_config
-from tasks.data.loaded_models import using_model
-from tasks.dissect.probe import open_probe
-from tasks.dissect.stage import model_layers, netdissect_rows
+import xai_audit.tasks.dissect.netdissect as nd
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.dissect.probe import open_probe
+from xai_audit.tasks.dissect.stage import model_layers, netdissect_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +81,8 @@ def test_another_quantile_computes_its_own_thresholds(quantile_passes):
 
 
 def test_a_resume_over_fewer_layers_keeps_the_earlier_netdissect_error_rows(tmp_path):
-    from storage.parquet import ResultsStore
-    from tasks.dissect.stage import labelling_errors_unit
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.dissect.stage import labelling_errors_unit
 
     store = ResultsStore(str(tmp_path))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import netdissect_reference as reference
-from tasks.dissect import netdissect as nd
+from xai_audit.tasks.dissect import netdissect as nd
 
 NAMES = {1: "disk", 2: "ground", 3: "rough", 4: "smooth", 5: "indoor", 6: "outdoor"}
 CATEGORY = {1: "object", 2: "object", 3: "texture", 4: "texture", 5: "scene", 6: "scene"}

@@ -17,16 +17,16 @@ import torch
 import yaml
 from PIL import Image
 
-import flows.explain
-import tasks.explain.stage
-import tasks.explain.tasks
-from flows.audit import interrupted_run, open_run, run_audit
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
-from tasks.compute.oom import is_out_of_memory, run_with_backoff
-from tasks.core.config import parse_config
-from tasks.explain.stage import EXPLAIN_TABLES
+import xai_audit.flows.explain
+import xai_audit.tasks.explain.stage
+import xai_audit.tasks.explain.tasks
 from tests.fixtures.audit_runs import kill_when_written
+from xai_audit.flows.audit import interrupted_run, open_run, run_audit
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
+from xai_audit.tasks.compute.oom import is_out_of_memory, run_with_backoff
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.explain.stage import EXPLAIN_TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -49,7 +49,7 @@ def fits_up_to(
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_item(caplog):
     function, seen = fits_up_to(3)
-    with caplog.at_level(logging.WARNING, logger="tasks.compute.oom"):
+    with caplog.at_level(logging.WARNING, logger="xai_audit.tasks.compute.oom"):
         batches = run_with_backoff(function, list(range(10)), 8)
     assert [item for batch in batches for item in batch] == list(range(10))
     assert seen == [8, 4, 2, 2, 2, 2, 2]
@@ -114,7 +114,7 @@ def tiny_config(image_folder, name="orchestration", **explain):
 def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(
     prefect_harness, image_folder, tmp_path, monkeypatch
 ):
-    real, sizes = tasks.explain.stage.explain_batch, []
+    real, sizes = xai_audit.tasks.explain.stage.explain_batch, []
 
     def explain_batch(config, model, layer, inputs, *concept_layers):
         sizes.append(len(inputs))
@@ -122,7 +122,7 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(config, model, layer, inputs, *concept_layers)
 
-    monkeypatch.setattr(tasks.explain.stage, "explain_batch", explain_batch)
+    monkeypatch.setattr(xai_audit.tasks.explain.stage, "explain_batch", explain_batch)
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
     predictions = ResultsStore(results).read("predictions", outcome.run_id)
@@ -134,7 +134,7 @@ def test_explain_chunk_backs_off_on_out_of_memory_and_writes_full_tables(
 def test_a_transient_task_failure_is_retried_and_the_run_completes(
     prefect_harness, image_folder, tmp_path, monkeypatch
 ):
-    real, calls = tasks.explain.tasks.explain_records, []
+    real, calls = xai_audit.tasks.explain.tasks.explain_records, []
 
     def explain_records(*args, **kwargs):
         calls.append(1)
@@ -142,10 +142,12 @@ def test_a_transient_task_failure_is_retried_and_the_run_completes(
             raise ConnectionError("flaky storage (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.explain.tasks, "explain_records", explain_records)
+    monkeypatch.setattr(xai_audit.tasks.explain.tasks, "explain_records", explain_records)
     # same task, no wait between attempts
     monkeypatch.setattr(
-        flows.explain, "explain_chunk", tasks.explain.tasks.explain_chunk.with_options(retry_delay_seconds=0)
+        xai_audit.flows.explain,
+        "explain_chunk",
+        xai_audit.tasks.explain.tasks.explain_chunk.with_options(retry_delay_seconds=0),
     )
     results = str(tmp_path / "results")
     outcome = run_audit(tiny_config(image_folder), results)
@@ -246,7 +248,7 @@ def _cli_env(tmp_path: Path, home: str) -> dict:
 
 
 def _cli(config: Path, results: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(config), "--results", str(results), *extra]
+    return [sys.executable, "-m", "xai_audit.flows.cli", "run", str(config), "--results", str(results), *extra]
 
 
 def _tables(store: ResultsStore, run_id: str) -> dict[str, pd.DataFrame]:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from tasks.compute.inference import inference_model
-from tasks.compute.packed_conv import PACKED_DTYPES, PackedConv2d, pack_convolutions, packable
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.packed_conv import PACKED_DTYPES, PackedConv2d, pack_convolutions, packable
 
 CONFIGS = [
     dict(in_channels=3, out_channels=8, kernel_size=7, stride=2, padding=3, bias=False),

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compute import precision
-from tasks.compute.precision import amp_dtype, cpu_flags, describe_precision, resolve_precision
-from tasks.core.config import ExplainConfig
-from tasks.explain.base import ExplainContext
-from tasks.explain.cams import CamFamily, compute_cams
+from xai_audit.tasks.compute import precision
+from xai_audit.tasks.compute.precision import amp_dtype, cpu_flags, describe_precision, resolve_precision
+from xai_audit.tasks.core.config import ExplainConfig
+from xai_audit.tasks.explain.base import ExplainContext
+from xai_audit.tasks.explain.cams import CamFamily, compute_cams
 
 EPYC_FLAGS = "fpu vme avx2 avx512f avx512bw avx512_bf16 avx512_vnni"  # this machine's, abridged
 OLD_FLAGS = "fpu vme sse4_2 avx avx2 fma"  # a Haswell-era CPU: no bf16 arithmetic

@@ -16,9 +16,15 @@ from prefect.settings import (
     temporary_settings,
 )
 
-import flows.runner as runner
-from flows.runner import GPU_TAG, AuditThreadPoolTaskRunner, flow_task_runner, gpu_limit_enforced, local_run_settings
-from tasks.core.config import parse_config
+import xai_audit.flows.runner as runner
+from xai_audit.flows.runner import (
+    GPU_TAG,
+    AuditThreadPoolTaskRunner,
+    flow_task_runner,
+    gpu_limit_enforced,
+    local_run_settings,
+)
+from xai_audit.tasks.core.config import parse_config
 
 
 @task(tags=[GPU_TAG, "probe"])
@@ -77,8 +83,8 @@ PREFECT_CHOICES = ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"
 
 def test_the_api_url_of_the_active_prefect_profile_is_used(tmp_path, monkeypatch):
     """A user whose Prefect profile points at a server keeps it: only without any configured API
-    does a run take xai-audit's own Prefect home (flows.prefect_api)."""
-    from flows import prefect_api
+    does a run take xai-audit's own Prefect home (xai_audit.flows.prefect_api)."""
+    from xai_audit.flows import prefect_api
 
     home = tmp_path / "home"
     home.mkdir()
@@ -110,7 +116,7 @@ def test_a_prefect_server_of_another_major_version_is_refused_in_one_line(versio
     import json
     import threading
 
-    from flows.prefect_api import ApiUnavailable, check_api
+    from xai_audit.flows.prefect_api import ApiUnavailable, check_api
 
     class Server(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's hook name

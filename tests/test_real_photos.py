@@ -4,7 +4,7 @@ photographs (scikit-image's bundled ones), offline, through the shipped config a
 Ground truth: ImageNet's own labels for what the photos show (an espresso, a cat), the object
 outlines drawn by hand in ``configs/real-photos/objects.json`` (vertices read off each photo at
 full size, then checked by overlaying the rasterised mask on the photo: ``python -m
-examples.real_photos --overlay``), and grad-cam's own AblationCAM as the reference for ours.
+xai_audit.examples.real_photos --overlay``), and grad-cam's own AblationCAM as the reference for ours.
 
 Costs on 2 cores: EfficientNet-Lite0 takes ~50-250 ms per 224-px image (idle to loaded machine),
 and ScoreCAM and AblationCAM run one forward per channel of the CAM layer (1,280 at ``_conv_head``).
@@ -25,12 +25,12 @@ import yaml
 from pytorch_grad_cam import AblationCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from examples import real_photos
-from tasks.core.config import load_config
-from tasks.data.images import load_rgb
-from tasks.data.models import load_model
-from tasks.explain.cams import _SHORTCUT_EXACT, BatchedAblationCAM
-from tasks.explain.stage import explain_records, ground_truth_mask
+from xai_audit.examples import real_photos
+from xai_audit.tasks.core.config import load_config
+from xai_audit.tasks.data.images import load_rgb
+from xai_audit.tasks.data.models import load_model
+from xai_audit.tasks.explain.cams import _SHORTCUT_EXACT, BatchedAblationCAM
+from xai_audit.tasks.explain.stage import explain_records, ground_truth_mask
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "example-real-photos.yaml"
@@ -81,7 +81,7 @@ def _records(example: Path, names) -> list[dict]:
 
 
 def test_the_shipped_config_validates_once_the_adapter_wrote_the_photos(example, capsys):
-    from flows.cli import main
+    from xai_audit.flows.cli import main
 
     shutil.copy(CONFIG, example / CONFIG.name)
     assert main(["validate", str(example / CONFIG.name)]) == 0, capsys.readouterr().err

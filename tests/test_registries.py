@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.audit import run_audit
-from storage.maps import decode_map
-from storage.parquet import ResultsStore
-from tasks.core.config import parse_config
-from tasks.explain import registry as explainers
-from tasks.explain.base import Explainer, Explanations
-from tasks.metrics import registry as metrics
-from tasks.metrics.base import Metric, Score
+from xai_audit.flows.audit import run_audit
+from xai_audit.storage.maps import decode_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.explain import registry as explainers
+from xai_audit.tasks.explain.base import Explainer, Explanations
+from xai_audit.tasks.metrics import registry as metrics
+from xai_audit.tasks.metrics.base import Metric, Score
 
 N_IMAGES = 4
 
@@ -93,7 +93,7 @@ def toy_run(prefect_harness, tmp_path_factory):
                 },
             }
         )
-        from flows.preflight import registry_problems
+        from xai_audit.flows.preflight import registry_problems
 
         assert not list(registry_problems(config))
         outcome = run_audit(config, results)
@@ -153,7 +153,7 @@ def test_a_taken_name_cannot_be_registered_twice():
 
 
 def test_an_unknown_method_names_the_registered_ones():
-    from tasks.core.errors import ConfigError
+    from xai_audit.tasks.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="scorecam"):
         explainers.explainer("telepathycam")

@@ -15,16 +15,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.cli import main
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
-from tasks.results import figures
-from tasks.results import report as report_module
-from tasks.results import tasks as results_tasks
-from tasks.results.report import write_report
-from tasks.results.summary import empty_frame
 from tests.fixtures.audit_runs import METHODS, N_IMAGES, two_audited_runs
 from tests.fixtures.debian import debian_tool
+from xai_audit.flows.cli import main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
+from xai_audit.tasks.results import figures
+from xai_audit.tasks.results import report as report_module
+from xai_audit.tasks.results import tasks as results_tasks
+from xai_audit.tasks.results.report import write_report
+from xai_audit.tasks.results.summary import empty_frame
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -276,8 +276,8 @@ def test_reports_go_to_object_store_roots_too():
 
 def test_a_failing_report_becomes_an_error_row_and_keeps_the_tables(prefect_harness, tmp_path, monkeypatch):
     """The run's tables outlive a report bug: status partial, an errors row of stage report."""
-    from flows.audit import run_audit
-    from tasks.core.config import parse_config
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.tasks.core.config import parse_config
 
     images = tmp_path / "images"
     images.mkdir()

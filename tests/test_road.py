@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.metrics.road import road_scores
+from xai_audit.tasks.metrics.road import road_scores
 
 
 class LeftHalfBrightness(nn.Module):

@@ -10,8 +10,8 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.explain import explain_model
-from flows.runner import AuditThreadPoolTaskRunner, local_run_settings, with_task_runner
+from xai_audit.flows.explain import explain_model
+from xai_audit.flows.runner import AuditThreadPoolTaskRunner, local_run_settings, with_task_runner
 
 
 def test_thread_runner_flows_are_built_once_per_worker_count():

@@ -20,12 +20,12 @@ import yaml
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from flows.cli import main
-from storage.parquet import ResultsStore
-from storage.query import run_query
-from storage.runs import RunRecord, list_runs
-from tasks.explain.stage import EXPLAIN_TABLES
 from tests.fixtures.audit_runs import kill_when_written
+from xai_audit.flows.cli import main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.query import run_query
+from xai_audit.storage.runs import RunRecord, list_runs
+from xai_audit.tasks.explain.stage import EXPLAIN_TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -149,7 +149,7 @@ def test_a_run_killed_while_writing_to_s3_resumes_there_and_is_queried(s3, tmp_p
     store = ResultsStore(root)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env |= s3.env | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "flows.cli", "run", str(config), "--results", root]
+    command = [sys.executable, "-m", "xai_audit.flows.cli", "run", str(config), "--results", root]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -21,22 +21,22 @@ from PIL import Image
 from scipy import stats
 from skimage.metrics import structural_similarity
 
-from storage.maps import decode_map
-from storage.parquet import ResultsStore
-from storage.schemas import SUMMARY_TABLES
-from tasks.core.config import parse_config
-from tasks.data.image_sets import iter_image_set, record_row
-from tasks.data.images import load_rgb
-from tasks.data.loaded_models import using_model
-from tasks.explain.base import ExplainContext
-from tasks.explain.cams import forward_with_cams
-from tasks.explain.controls import ControlFamily, centred_gaussian
-from tasks.explain.registry import control_methods
-from tasks.explain.sanity import cascade, fully_randomised, randomisation_blocks, sanity_rows, similarities
-from tasks.explain.stage import ground_truth_mask
-from tasks.metrics.maps import deletion_insertion, localization_row, map_iou, pointing_hit, scaled_tolerance
-from tasks.results.findings import findings
-from tasks.results.summary import (
+from xai_audit.storage.maps import decode_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.schemas import SUMMARY_TABLES
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.image_sets import iter_image_set, record_row
+from xai_audit.tasks.data.images import load_rgb
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.explain.base import ExplainContext
+from xai_audit.tasks.explain.cams import forward_with_cams
+from xai_audit.tasks.explain.controls import ControlFamily, centred_gaussian
+from xai_audit.tasks.explain.registry import control_methods
+from xai_audit.tasks.explain.sanity import cascade, fully_randomised, randomisation_blocks, sanity_rows, similarities
+from xai_audit.tasks.explain.stage import ground_truth_mask
+from xai_audit.tasks.metrics.maps import deletion_insertion, localization_row, map_iou, pointing_hit, scaled_tolerance
+from xai_audit.tasks.results.findings import findings
+from xai_audit.tasks.results.summary import (
     SANITY_PASS_BELOW,
     empty_frame,
     method_leaderboard,
@@ -252,8 +252,8 @@ def test_control_maps_ignore_the_model(demo_maps):
 
 @pytest.mark.slow
 def test_the_audit_flow_writes_the_sanity_table_and_names_failing_methods(prefect_harness, tmp_path):
-    from flows.audit import run_audit
-    from tasks.results.findings import run_findings
+    from xai_audit.flows.audit import run_audit
+    from xai_audit.tasks.results.findings import run_findings
 
     rng = np.random.default_rng(0)
     for index in range(4):

@@ -40,11 +40,11 @@ import torchvision
 import yaml
 from PIL import Image
 
-from flows.cli import main
-from storage.parquet import ResultsStore
-from tasks.core.config import WorldConfig
-from tasks.data.sources import places365
-from tasks.world.synthetic import generate_world
+from xai_audit.flows.cli import main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.data.sources import places365
+from xai_audit.tasks.world.synthetic import generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 DISSECT = "seed-dissect-resnet18-imagenet-vs-places365.yaml"

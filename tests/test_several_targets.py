@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import main
-from storage.maps import decode_map
-from tasks.core.config import ConfigErrors, parse_config
-from tasks.data.models import load_model
-from tasks.explain.stage import explain_records
-from tasks.results.summary import image_agreement
 from tests.fixtures import two_regions
 from tests.fixtures.two_regions import BLUE_BOX, CLASS_NAMES, RED_BOX, box_mask
+from xai_audit.flows.cli import main
+from xai_audit.storage.maps import decode_map
+from xai_audit.tasks.core.config import ConfigErrors, parse_config
+from xai_audit.tasks.data.models import load_model
+from xai_audit.tasks.explain.stage import explain_records
+from xai_audit.tasks.results.summary import image_agreement
 
 METHODS = ["gradcam", "scorecam", "ablationcam", "lime"]
 RED, BLUE = CLASS_NAMES.index("red"), CLASS_NAMES.index("blue")
@@ -143,7 +143,7 @@ def test_the_default_target_is_the_top1_class_one_row_per_image_and_method(image
 def test_an_unknown_class_name_is_a_config_error_naming_the_field_before_any_work(images, tmp_path, capsys):
     import yaml
 
-    from flows.preflight import check
+    from xai_audit.flows.preflight import check
 
     config = parse_config(_config(images[0], ["blue", "purple"]))
     with pytest.raises(ConfigErrors) as caught:
@@ -167,10 +167,10 @@ def test_the_report_page_of_an_image_shows_the_maps_of_each_target(top2, images,
     import re
     from pathlib import Path
 
-    from storage.parquet import ResultsStore
-    from storage.runs import RunRecord
-    from tasks.results.report import write_report
-    from tasks.results.summary import summarize_run
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.storage.runs import RunRecord
+    from xai_audit.tasks.results.report import write_report
+    from xai_audit.tasks.results.summary import summarize_run
 
     store = ResultsStore(tmp_path / "results")
     config = parse_config(_config(images[0], {"topk": 2}))

@@ -9,11 +9,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from storage.maps import decode_map, encode_heatmap, encode_map
-from storage.parquet import ResultsStore, StorageError, file_schema_version
-from storage.query import run_query
-from storage.runs import RunRecord, list_runs, new_run_id
-from storage.schemas import SCHEMA_VERSION, TABLES
+from xai_audit.storage.maps import decode_map, encode_heatmap, encode_map
+from xai_audit.storage.parquet import ResultsStore, StorageError, file_schema_version
+from xai_audit.storage.query import run_query
+from xai_audit.storage.runs import RunRecord, list_runs, new_run_id
+from xai_audit.storage.schemas import SCHEMA_VERSION, TABLES
 
 ERROR_ROW = {"stage": "explain", "item_id": "a.jpg", "error_type": "ImageDecodeError", "message": "truncated"}
 

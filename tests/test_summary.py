@@ -10,16 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.cli import main
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
-from storage.schemas import SUMMARY_TABLES
-from tasks.metrics.base import Metric, Score
-from tasks.metrics.registry import register, unregister
-from tasks.results import figures
-from tasks.results.report import leaderboard_table, write_report
-from tasks.results.summary import RUN_SUMMARY_TABLES, method_leaderboard, score_map, summarize_run, summary_tables
 from tests.fixtures.audit_runs import LAYERS, METHODS, N_IMAGES, two_audited_runs
+from xai_audit.flows.cli import main
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
+from xai_audit.storage.schemas import SUMMARY_TABLES
+from xai_audit.tasks.metrics.base import Metric, Score
+from xai_audit.tasks.metrics.registry import register, unregister
+from xai_audit.tasks.results import figures
+from xai_audit.tasks.results.report import leaderboard_table, write_report
+from xai_audit.tasks.results.summary import (
+    RUN_SUMMARY_TABLES,
+    method_leaderboard,
+    score_map,
+    summarize_run,
+    summary_tables,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.core.config import WorldConfig
-from tasks.world import synthetic
-from tasks.world.synthetic import (
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.world import synthetic
+from xai_audit.tasks.world.synthetic import (
     COLOR_RGB,
     COLORS,
     LAYOUTS,

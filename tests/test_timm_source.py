@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
-from flows.cli import main
-from tasks.core.config import ModelConfig
-from tasks.data.models import default_cam_layer, load_model
+from xai_audit.flows.cli import main
+from xai_audit.tasks.core.config import ModelConfig
+from xai_audit.tasks.data.models import default_cam_layer, load_model
 
 NAME = "test_vit.r160_in1k"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -126,7 +126,7 @@ def test_a_missing_local_file_exits_2_naming_it(hub_cache, tmp_path, capsys):
 
 
 def test_an_unknown_timm_name_is_refused_naming_the_closest_ones(hub_cache):
-    from flows.preflight import model_problems
+    from xai_audit.flows.preflight import model_problems
 
     problems = list(model_problems(0, ModelConfig(name="vit", source="timm", arch="test_vitt.r160_in1k")))
     assert problems[0][0] == "models.0.arch" and "test_vit.r160_in1k" in problems[0][1]

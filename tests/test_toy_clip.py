@@ -9,10 +9,10 @@ import open_clip
 import pytest
 import torch
 
-from tasks.core.config import WorldConfig
-from tasks.world import toy_clip
-from tasks.world.synthetic import describe, ensure_world
-from tasks.world.toy_clip import (
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.world import toy_clip
+from xai_audit.tasks.world.synthetic import describe, ensure_world
+from xai_audit.tasks.world.toy_clip import (
     CHECKPOINT_NAME,
     TOY_CLIP_NAME,
     ClipTrainSpec,
@@ -121,7 +121,7 @@ def test_the_toy_clip_is_created_without_the_false_random_weights_warning(caplog
 
     import open_clip
 
-    from tasks.world.toy_clip import TOY_CLIP_NAME, _quiet_random_init, register_toy_clip
+    from xai_audit.tasks.world.toy_clip import TOY_CLIP_NAME, _quiet_random_init, register_toy_clip
 
     register_toy_clip()
     with caplog.at_level(logging.WARNING):

@@ -29,16 +29,16 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from storage.maps import decode_map
-from tasks.core.config import parse_config
-from tasks.data.image_sets import iter_image_set, record_row
-from tasks.data.layer_layout import layer_layout
-from tasks.data.models import default_cam_layer, load_model
-from tasks.dissect.labellers import labeller
-from tasks.dissect.probe import open_probe
-from tasks.dissect.stage import model_layers
-from tasks.explain.stage import explain_records
 from tests.fixtures.zoo_models import ZOO
+from xai_audit.storage.maps import decode_map
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.image_sets import iter_image_set, record_row
+from xai_audit.tasks.data.layer_layout import layer_layout
+from xai_audit.tasks.data.models import default_cam_layer, load_model
+from xai_audit.tasks.dissect.labellers import labeller
+from xai_audit.tasks.dissect.probe import open_probe
+from xai_audit.tasks.dissect.stage import model_layers
+from xai_audit.tasks.explain.stage import explain_records
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"]
 STOCK = {

@@ -21,13 +21,13 @@ from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from tasks.compute.inference import RTOL, inference_model
-from tasks.data.layer_layout import layer_layout
-from tasks.data.models import default_cam_layer
-from tasks.explain.cams import compute_cams
 from tests.fixtures import zoo_models
 from tests.fixtures.tiny_models import batch_bound_cnn
 from tests.fixtures.zoo_models import ZOO
+from xai_audit.tasks.compute.inference import RTOL, inference_model
+from xai_audit.tasks.data.layer_layout import layer_layout
+from xai_audit.tasks.data.models import default_cam_layer
+from xai_audit.tasks.explain.cams import compute_cams
 
 SIZES = {family: member.size for family, member in ZOO.items()} | {"batch-bound-cnn": 64}
 
@@ -45,7 +45,7 @@ def _images(size: int, count: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("family", list(SIZES))
 def test_the_inference_copy_is_kept_where_it_gives_the_models_outputs(family, caplog):
     model, images = _build(family), _images(SIZES[family])
-    with caplog.at_level(logging.WARNING, logger="tasks.compute.inference"):
+    with caplog.at_level(logging.WARNING, logger="xai_audit.tasks.compute.inference"):
         fast = inference_model(model, images)
     assert fast is not model, caplog.text
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_a_copy_that_is_not_exact_is_refused_once_with_a_log_line_and_scorecam_s
     model_class, reason, caplog
 ):
     model, images = _with_statistics(model_class()), _images(16)
-    with caplog.at_level(logging.WARNING, logger="tasks.compute.inference"):
+    with caplog.at_level(logging.WARNING, logger="xai_audit.tasks.compute.inference"):
         assert inference_model(model, images) is model
         assert inference_model(model, images) is model  # decided once: one line
     lines = [record.getMessage() for record in caplog.records]

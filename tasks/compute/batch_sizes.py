@@ -1,6 +1,6 @@
 """Images per forward for the perturbation forwards (LIME, ScoreCAM, deletion/insertion) under ``auto``.
 
-These forwards run the model's inference copy (:mod:`tasks.compute.inference`) on many images whose
+These forwards run the model's inference copy (:mod:`xai_audit.tasks.compute.inference`) on many images whose
 activations nobody reads, so the batch size only trades speed. On CPUs cache-sized batches win.
 Measured on 2 cores (ResNet18, packed inference copy, 128 and 224 px, alternating rounds): in
 float32, 16 runs fastest (32 is 3-8 % slower, 64 10-13 %); under bf16 autocast 16 and 32 tie on

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.core.errors import ConfigError
+from xai_audit.tasks.core.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

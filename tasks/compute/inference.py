@@ -5,7 +5,7 @@ activations nobody reads. For those, :func:`inference_model` gives a copy of the
 every Conv2d -> BatchNorm2d pair folded into one convolution (torch's own
 ``fuse_conv_bn_eval``, found by tracing the model with ``torch.fx``) and channels-last
 weights (oneDNN's native layout); on CPUs its convolutions also keep their weights in oneDNN's
-blocked layout (:mod:`tasks.compute.packed_conv`). On a 2-core CPU at 224 px, ResNet18 runs ~25 % faster
+blocked layout (:mod:`xai_audit.tasks.compute.packed_conv`). On a 2-core CPU at 224 px, ResNet18 runs ~25 % faster
 folded than unfolded, both channels-last, and ~1.3-1.4x faster than torchvision's NCHW model (at
 128 px, where reordering the weights on every call weighs more, ~1.5x); logits move by ~1e-6
 relative.
@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from tasks.compute.packed_conv import pack_convolutions
+from xai_audit.tasks.compute.packed_conv import pack_convolutions
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

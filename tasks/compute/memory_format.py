@@ -1,6 +1,6 @@
 """Channels-last weights for AblationCAM's ablated forwards.
 
-(LIME, ScoreCAM and the metrics use :mod:`tasks.compute.inference`.)
+(LIME, ScoreCAM and the metrics use :mod:`xai_audit.tasks.compute.inference`.)
 
 On CPUs, convolutions whose weights AND inputs are channels-last run ~1.5-2x faster than NCHW
 at 224 px (oneDNN's native layout); converting only the input gains little, because the
@@ -24,7 +24,7 @@ def channels_last_weights(model: object) -> Iterator[None]:
 
     Values are unchanged; only strides move. Parameters keep their identity (``.data`` is
     swapped) and get their original storage back afterwards, so optimisers, hooks and the
-    cached inference copy (:mod:`tasks.compute.inference`, keyed by storage) are unaffected.
+    cached inference copy (:mod:`xai_audit.tasks.compute.inference`, keyed by storage) are unaffected.
     """
     if not isinstance(model, nn.Module):
         yield

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.core.errors import XaiAuditError
+from xai_audit.tasks.core.errors import XaiAuditError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 

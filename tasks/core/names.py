@@ -14,9 +14,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Collection, Iterator
 
-from tasks.core.config import AuditConfig
+from xai_audit.tasks.core.config import AuditConfig
 
-_CAMS, _LABELLERS, _SIMILARITY = "tasks.explain.cams:CamFamily", "tasks.dissect.labellers", "tasks.dissect.clip_dissect"
+_CAMS, _LABELLERS, _SIMILARITY = (
+    "xai_audit.tasks.explain.cams:CamFamily",
+    "xai_audit.tasks.dissect.labellers",
+    "xai_audit.tasks.dissect.clip_dissect",
+)
 
 EXPLAIN_METHODS: dict[str, str] = {
     **{
@@ -33,31 +37,33 @@ EXPLAIN_METHODS: dict[str, str] = {
             "groupcam",
         )
     },
-    "lime": "tasks.explain.lime:LimeExplainer",
+    "lime": "xai_audit.tasks.explain.lime:LimeExplainer",
     **{
-        name: "tasks.explain.controls:ControlFamily" for name in ("control_random", "control_gaussian", "control_edges")
+        name: "xai_audit.tasks.explain.controls:ControlFamily"
+        for name in ("control_random", "control_gaussian", "control_edges")
     },
 }
-"""``explain.methods`` name -> its family's class (:data:`tasks.explain.registry.EXPLAINERS`)."""
+"""``explain.methods`` name -> its family's class (:data:`xai_audit.tasks.explain.registry.EXPLAINERS`)."""
 
 LABELLERS: dict[str, str] = {"clip_dissect": f"{_LABELLERS}:ClipDissect", "netdissect": f"{_LABELLERS}:NetDissect"}
-"""``dissect.methods`` name -> its labeller class (:data:`tasks.dissect.labellers.LABELLERS`)."""
+"""``dissect.methods`` name -> its labeller class (:data:`xai_audit.tasks.dissect.labellers.LABELLERS`)."""
 
 SIMILARITY_FUNCTIONS: dict[str, str] = {
     name: f"{_SIMILARITY}:{name}"
     for name in ("cos_similarity", "cos_similarity_cubed", "rank_reorder", "wpmi", "soft_wpmi")
 }
-"""``dissect.clip.similarity`` name -> its function (:data:`tasks.dissect.clip_dissect.SIMILARITY_FUNCTIONS`)."""
+"""``dissect.clip.similarity`` name -> its function
+(:data:`xai_audit.tasks.dissect.clip_dissect.SIMILARITY_FUNCTIONS`)."""
 
 MODEL_SOURCES: dict[str, str] = {
-    "torchvision": "tasks.data.sources.torchvision:TorchvisionSource",
-    "timm": "tasks.data.sources.timm:TimmSource",
-    "places365": "tasks.data.sources.places365:Places365Source",
-    "checkpoint": "tasks.data.sources.checkpoint:CheckpointSource",
-    "python": "tasks.data.sources.python:PythonSource",
-    "demo": "tasks.data.sources.demo:DemoSource",
+    "torchvision": "xai_audit.tasks.data.sources.torchvision:TorchvisionSource",
+    "timm": "xai_audit.tasks.data.sources.timm:TimmSource",
+    "places365": "xai_audit.tasks.data.sources.places365:Places365Source",
+    "checkpoint": "xai_audit.tasks.data.sources.checkpoint:CheckpointSource",
+    "python": "xai_audit.tasks.data.sources.python:PythonSource",
+    "demo": "xai_audit.tasks.data.sources.demo:DemoSource",
 }
-"""``models[].source`` name -> its source class (:data:`tasks.data.sources.registry.SOURCES`)."""
+"""``models[].source`` name -> its source class (:data:`xai_audit.tasks.data.sources.registry.SOURCES`)."""
 
 
 def resolve(path: str) -> object:
@@ -73,7 +79,7 @@ def method_problems(
     similarities: Collection[str] = SIMILARITY_FUNCTIONS,
 ) -> Iterator[tuple[str, str]]:
     """(field path, message) for every method name in ``config`` that its table does not hold: these
-    light tables by default, the loaded registries in the full preflight (:func:`flows.preflight.check`)."""
+    light tables by default, the loaded registries in the full preflight (:func:`xai_audit.flows.preflight.check`)."""
     for field, names, table in (
         ("explain.methods", config.explain.methods, explainers),
         ("dissect.methods", config.dissect.methods, labellers),
@@ -90,7 +96,7 @@ def method_problems(
 
 def name_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """(field path, message) for every name in ``config`` that no registry knows, as the full
-    preflight words it (:func:`method_problems`, :func:`flows.preflight.model_problems`)."""
+    preflight words it (:func:`method_problems`, :func:`xai_audit.flows.preflight.model_problems`)."""
     yield from method_problems(config)
     for index, model in enumerate(config.models):
         if model.source not in MODEL_SOURCES:

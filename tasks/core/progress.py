@@ -1,6 +1,6 @@
 """Progress of long steps, for people watching a run: bars on a terminal, log lines elsewhere.
 
-Library code reports through the ``tasks.progress`` logger (:func:`step` for a stage starting or
+Library code reports through the ``xai_audit.tasks.progress`` logger (:func:`step` for a stage starting or
 ending, :func:`track` around a long loop). Nothing shows unless the caller attaches a handler
 (the CLI does, to stderr); :func:`use_bars` makes :func:`track` draw tqdm bars instead of lines.
 """
@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-log = logging.getLogger("tasks.progress")
+log = logging.getLogger("xai_audit.tasks.progress")
 LINE_EVERY_S = 10.0  # at most one progress line per loop this often (plus its first and last)
 _bars = False
 Item = TypeVar("Item")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.errors import ItemError
+from xai_audit.tasks.core.errors import ItemError
 
 
 def error_row(stage: str, model: str | None, error: Exception, item_id: str | None = None) -> dict:

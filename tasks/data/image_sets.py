@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from itertools import islice
 
-from storage.parquet import ResultsStore
-from tasks.core.config import AuditConfig
-from tasks.core.errors import ItemError
-from tasks.data.images import BrodenProbeSet, ImageRecord, iter_image_folder, iter_image_list
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.data.images import BrodenProbeSet, ImageRecord, iter_image_folder, iter_image_list
 
 
 def _world_records(config: AuditConfig) -> Iterator[ImageRecord]:
-    from tasks.world.synthetic import ensure_world, read_attributes
+    from xai_audit.tasks.world.synthetic import ensure_world, read_attributes
 
     root = ensure_world(config.world)
     for row in read_attributes(root, config.images.split):

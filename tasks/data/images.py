@@ -1,7 +1,7 @@
 """Image sets, robust image decoding and the Broden-format probe-set reader.
 
 Every listing function is a generator that yields either a usable record or the
-:class:`~tasks.core.errors.ItemError` that made one item unusable, so a caller writes one ``errors``
+:class:`~xai_audit.tasks.core.errors.ItemError` that made one item unusable, so a caller writes one ``errors``
 row for that item and goes on with the rest::
 
     for item in iter_image_list("images.csv", root):
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
+from xai_audit.tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",

@@ -6,9 +6,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tasks.compute.device import resolve_device
-from tasks.core.config import AuditConfig, ModelConfig
-from tasks.data.models import LoadedModel, load_model
+from xai_audit.tasks.compute.device import resolve_device
+from xai_audit.tasks.core.config import AuditConfig, ModelConfig
+from xai_audit.tasks.data.models import LoadedModel, load_model
 
 _models: dict[tuple[str, str, str], LoadedModel] = {}
 _model_locks: dict[tuple[str, str, str], threading.Lock] = {}

@@ -1,6 +1,6 @@
 """Loaded models: a config entry turned into an eval-mode module with what the stages need.
 
-:func:`load_model` asks the entry's source (:mod:`tasks.data.sources`) for the module, its
+:func:`load_model` asks the entry's source (:mod:`xai_audit.tasks.data.sources`) for the module, its
 preprocessing and class names, and gives every model an identity (a hash of where it came from,
 its weights, input and class names) that keys the caches. The layer helpers here serve every
 source's models alike.
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import ConfigError
-from tasks.data.layer_layout import LayerLayout, layout_of
-from tasks.data.sources.registry import model_source
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.layer_layout import LayerLayout, layout_of
+from xai_audit.tasks.data.sources.registry import model_source
 
 
 @dataclass
@@ -140,7 +140,7 @@ def default_cam_layer(module: nn.Module, input_size: int = 224, field: str = "la
     Transformers (ViT, DeiT, Swin): the first norm of the last transformer block, as grad-cam's
     documentation advises (``blocks[-1].norm1`` in timm, ``encoder.layers[-1].ln_1`` in torchvision's
     ViT, ``features[-1][-1].norm1`` in its Swin). A block is a module with two or more LayerNorms of its
-    own whose outputs are token sequences or channels-last maps (:mod:`tasks.data.layer_layout`);
+    own whose outputs are token sequences or channels-last maps (:mod:`xai_audit.tasks.data.layer_layout`);
     its norms are taken in call order.
 
     CNNs (everything else): the top-level child that ran last among those returning a 4-D

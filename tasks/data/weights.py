@@ -2,7 +2,7 @@
 
 Every weights file is read without running code: safetensors, or ``torch.load(weights_only=True)``,
 which refuses any pickle that would import something other than tensors and plain containers.
-Model sources (:mod:`tasks.data.sources`) share these; none of it knows any source.
+Model sources (:mod:`xai_audit.tasks.data.sources`) share these; none of it knows any source.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tasks.core.errors import CheckpointError, ConfigError
+from xai_audit.tasks.core.errors import CheckpointError, ConfigError
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tasks.core.cache import cache_dir
-from tasks.core.errors import ConfigError
-from tasks.core.progress import track
-from tasks.data.layer_layout import layout_of
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.core.progress import track
+from xai_audit.tasks.data.layer_layout import layout_of
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def pool_units(output: Tensor, pooling: str) -> Tensor:
     """One value per unit and image: ``[b, units]``.
 
     Unit maps (conv ``[b, c, h, w]``, Swin-style channels-last ``[b, h, w, c]``, ViT token sequences
-    without prefix tokens: :mod:`tasks.data.layer_layout`) are averaged (``avg``) or maxed (``max``)
+    without prefix tokens: :mod:`xai_audit.tasks.data.layer_layout`) are averaged (``avg``) or maxed (``max``)
     over space. A token sequence with prefix tokens gives its CLS token (index 0): the summary the
     model's head reads, while the patch tokens are what Network Dissection thresholds
     (:func:`spatial_units`). 2-D outputs are returned as they are.
@@ -144,7 +144,7 @@ def spatial_units(output: Tensor) -> Tensor:
 
     Conv maps pass through, channels-last maps have their channels moved first, and token sequences
     drop their prefix tokens (CLS, distillation, registers) and fold the patch tokens into their
-    square grid (:mod:`tasks.data.layer_layout`).
+    square grid (:mod:`xai_audit.tasks.data.layer_layout`).
     """
     try:
         return layout_of(output)(output)

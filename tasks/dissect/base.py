@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from tasks.core.config import AuditConfig
-from tasks.dissect.probe import Probe
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.dissect.probe import Probe
 
 
 def counts_for_concept(neurons: pd.DataFrame) -> pd.Series:
@@ -42,4 +42,4 @@ class Labeller(ABC):
     @abstractmethod
     def label(self, config: AuditConfig, model: Any, all_layers: list[str], layers: list[str], probe: Probe) -> Labels:
         """Labels of ``layers`` (a subset of the model's labelled ``all_layers``) of ``model``, a
-        :class:`tasks.data.models.LoadedModel`."""
+        :class:`xai_audit.tasks.data.models.LoadedModel`."""

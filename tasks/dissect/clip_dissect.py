@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.core.cache import cache_dir
-from tasks.core.errors import ConfigError
-from tasks.core.progress import track
-from tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
-from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.core.progress import track
+from xai_audit.tasks.dissect.activations import read_cached_tensor, write_tensor_atomic
+from xai_audit.tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 if TYPE_CHECKING:  # pandas only for label_units, so the similarity functions need torch alone
     import pandas as pd
@@ -535,7 +535,7 @@ def label_units(
     ``score`` (float32), ``top_concepts`` (list of ``{"concept", "score"}``, best first — Parquet
     ``list<struct<concept: string, score: float>>``), ``top_images`` (image ids, most activating
     first), ``tied_with`` (other concepts within ``tie_tolerance`` of the best, see
-    :mod:`tasks.dissect.ties`).
+    :mod:`xai_audit.tasks.dissect.ties`).
     """
     import pandas as pd
 

@@ -9,7 +9,7 @@ class. The paper reports two numbers, both computed here per concept set:
 - text similarity: the mean cosine, in the CLIP text space, between each unit's label and its
   class name (the reference code's ``utils.get_cos_similarity``; 1 when the label is the class).
 
-A label that ties other concepts (``tied_with``, :mod:`tasks.dissect.ties`) is a pick by rounding,
+A label that ties other concepts (``tied_with``, :mod:`xai_audit.tasks.dissect.ties`) is a pick by rounding,
 not a decision: soft-WPMI with λ = 1 caps every score at log(#units), which a layer of 5 output
 units reaches for several concepts at once. ``class_in_tie`` says whether the class is the label
 or one of the concepts tied with it.
@@ -27,8 +27,8 @@ import pandas as pd
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.core.errors import ConfigError
-from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 CHECK_FINAL_LAYER = "final_layer"
 

@@ -1,6 +1,6 @@
 """Config name -> neuron labeller: the one place that lists the labelling methods.
 
-A new method is one :class:`~tasks.dissect.base.Labeller` subclass plus one entry in
+A new method is one :class:`~xai_audit.tasks.dissect.base.Labeller` subclass plus one entry in
 :data:`LABELLERS`.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.core.config import AuditConfig
-from tasks.core.errors import ConfigError
-from tasks.dissect.base import Labeller, Labels
-from tasks.dissect.probe import Probe
-from tasks.dissect.stage import (
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect.base import Labeller, Labels
+from xai_audit.tasks.dissect.probe import Probe
+from xai_audit.tasks.dissect.stage import (
     clip_dissect_pass_layers,
     clip_similarity,
     concept_set,

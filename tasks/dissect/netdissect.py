@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.core.errors import ConfigError
-from tasks.dissect.significance import ShuffledIntersections
-from tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.dissect.significance import ShuffledIntersections
+from xai_audit.tasks.dissect.ties import DEFAULT_TIE_TOLERANCE, tied_concepts
 
 DEFAULT_QUANTILE = 0.005
 DEFAULT_IOU_THRESHOLD = 0.04
@@ -607,7 +607,7 @@ def unit_labels(
     ``category``, ``score`` = IoU), ``top_concepts`` (best ``top_k`` as ``{"concept", "score"}``,
     best first), ``best_per_category`` (``{"category", "concept", "score"}``),
     ``interpretable`` (best IoU ≥ ``iou_threshold``) and ``tied_with`` (the other labels within
-    ``tie_tolerance`` of the best, see :mod:`tasks.dissect.ties`). Equal IoUs go to the lower label
+    ``tie_tolerance`` of the best, see :mod:`xai_audit.tasks.dissect.ties`). Equal IoUs go to the lower label
     number."""
     n_units = iou.shape[0]
     names = [label_names.get(label, str(label)) for label in labels]
@@ -685,13 +685,13 @@ def dissect_layers(
     """Network Dissection of several layers sharing each pass over the probe set.
 
     Each batch's ``acts`` is ``{layer: Tensor[b, units, h, w]}`` (what
-    :func:`tasks.dissect.activations.iter_spatial_activations` yields for one forward). ``batches_factory``
+    :func:`xai_audit.tasks.dissect.activations.iter_spatial_activations` yields for one forward). ``batches_factory``
     is called once per pass: the threshold passes (none when ``thresholds`` holds every layer; one
     for ``threshold="histogram"``, usually two for ``"exact"``), then one for the tallies. Returns,
     per layer, one row per unit (see :func:`unit_labels`) plus ``threshold`` and ``top_images``
     (the images with the highest peak activation, when batches carry ids). With ``permutations``
     the tally pass also keeps what gives each unit's label a permutation ``p_value``
-    (:class:`tasks.dissect.significance.ShuffledIntersections`, seeded by ``seed``).
+    (:class:`xai_audit.tasks.dissect.significance.ShuffledIntersections`, seeded by ``seed``).
     """
     if not 0 <= iou_threshold <= 1:
         raise ConfigError("iou_threshold", f"must be in [0, 1], got {iou_threshold}")

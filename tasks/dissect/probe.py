@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.core.cache import cache_dir
-from tasks.core.config import AuditConfig
-from tasks.core.errors import ItemError
-from tasks.data.images import BrodenProbeSet, load_rgb
-from tasks.dissect.netdissect import DissectBatch
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.data.images import BrodenProbeSet, load_rgb
+from xai_audit.tasks.dissect.netdissect import DissectBatch
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Probe:
 def probe_root(config: AuditConfig) -> Path:
     """The Broden-format folder of the configured probe set (the world is generated on demand)."""
     if config.dissect.probe.kind == "world":
-        from tasks.world.synthetic import ensure_world
+        from xai_audit.tasks.world.synthetic import ensure_world
 
         return ensure_world(config.world)
     return Path(config.dissect.probe.root)
@@ -126,7 +126,7 @@ def dissect_batches(
     An image with a NaN or infinite activation in any of ``layers`` is left out of its batch
     (thresholds and IoUs must not see it) and its id is added to ``nonfinite`` (insertion-ordered).
     """
-    from tasks.dissect.activations import iter_spatial_activations
+    from xai_audit.tasks.dissect.activations import iter_spatial_activations
 
     usable = set(probe.image_ids)
     items = (item for item in probe.broden(categories) if not isinstance(item, ItemError) and item.image_id in usable)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.core.errors import ConfigError
+from xai_audit.tasks.core.errors import ConfigError
 
 FDR = 0.05  # false discovery rate at which the summary counts significant labels (Benjamini–Hochberg)
 # Relative slack when comparing a shuffle's statistic with the observed one: a shuffle that
@@ -117,7 +117,7 @@ class ShuffledIntersections:
 
     :meth:`update` keeps each image's label masks (int16/int32 at segmentation size) and, for
     every (image, unit) whose native map peaks above the unit's threshold, that native map (the
-    others have no active pixel, as in :class:`tasks.dissect.netdissect.IoUTally`).
+    others have no active pixel, as in :class:`xai_audit.tasks.dissect.netdissect.IoUTally`).
     :meth:`p_values` upsamples those maps to every image's mask size, thresholds them as the
     tally does (``up(a − T) > 0``) and counts ``M[j, i] = |A_j ∩ L_i|`` for the unit's label,
     over the images that hold it (the others add 0) and from the active pixels only.

@@ -1,9 +1,9 @@
 """Neuron labelling of one model as table rows: the config-aware glue around CLIP-Dissect and
 Network Dissection (concept sets, the CLIP model, cached activations and thresholds).
 
-The Prefect wrappers in :mod:`tasks.dissect.tasks` reuse the process's loaded models and write
+The Prefect wrappers in :mod:`xai_audit.tasks.dissect.tasks` reuse the process's loaded models and write
 one ``neurons`` file per (model, layer, method) work unit; the labellers of
-:mod:`tasks.dissect.labellers` call these functions.
+:mod:`xai_audit.tasks.dissect.labellers` call these functions.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from storage.parquet import ResultsStore, safe_name
-from storage.schemas import TABLES
-from tasks.compute.device import resolve_device
-from tasks.core.cache import cache_dir, content_key
-from tasks.core.config import AuditConfig, NetDissectConfig
-from tasks.core.errors import ConfigError, ItemError
-from tasks.core.progress import track
-from tasks.core.rows import error_row
-from tasks.data.models import default_cam_layer, resolve_layer
-from tasks.dissect.activations import (
+from xai_audit.storage.parquet import ResultsStore, safe_name
+from xai_audit.storage.schemas import TABLES
+from xai_audit.tasks.compute.device import resolve_device
+from xai_audit.tasks.core.cache import cache_dir, content_key
+from xai_audit.tasks.core.config import AuditConfig, NetDissectConfig
+from xai_audit.tasks.core.errors import ConfigError, ItemError
+from xai_audit.tasks.core.progress import track
+from xai_audit.tasks.core.rows import error_row
+from xai_audit.tasks.data.models import default_cam_layer, resolve_layer
+from xai_audit.tasks.dissect.activations import (
     cached_pooled_activations,
     finite_selection,
     read_cached_tensor,
     write_tensor_atomic,
 )
-from tasks.dissect.clip_dissect import (
+from xai_audit.tasks.dissect.clip_dissect import (
     broden_concept_categories,
     cached_clip_image_features,
     cached_clip_text_features,
@@ -46,12 +46,12 @@ from tasks.dissect.clip_dissect import (
     load_concepts,
     similarity_function,
 )
-from tasks.dissect.label_checks import CHECK_FINAL_LAYER, final_layer_rows, output_layer
-from tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
-from tasks.dissect.probe import Probe, dissect_batches, pixel_batches
-from tasks.dissect.significance import clip_dissect_p_values
-from tasks.world.synthetic import world_concepts
-from tasks.world.toy_clip import ensure_toy_clip, register_toy_clip
+from xai_audit.tasks.dissect.label_checks import CHECK_FINAL_LAYER, final_layer_rows, output_layer
+from xai_audit.tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
+from xai_audit.tasks.dissect.probe import Probe, dissect_batches, pixel_batches
+from xai_audit.tasks.dissect.significance import clip_dissect_p_values
+from xai_audit.tasks.world.synthetic import world_concepts
+from xai_audit.tasks.world.toy_clip import ensure_toy_clip, register_toy_clip
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -207,7 +207,7 @@ def clip_dissect_rows(
 
 
 def final_layer_check_rows(config: AuditConfig, model, probe: Probe, layers: list[str] = ()) -> pd.DataFrame:
-    """``label_checks`` rows of the final-layer self-test (:mod:`tasks.dissect.label_checks`) of
+    """``label_checks`` rows of the final-layer self-test (:mod:`xai_audit.tasks.dissect.label_checks`) of
     ``model``: CLIP-Dissect on its output units with the class names as concepts and, unless that
     is the configured concept set, with the configured one too. ``layers`` are the layers
     CLIP-Dissect labels: whichever of the check and the labelling runs first takes the one pass

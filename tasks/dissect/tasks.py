@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from storage.parquet import ResultsStore
-from tasks.core.config import AuditConfig
-from tasks.core.errors import ConfigError
-from tasks.data.loaded_models import using_model
-from tasks.dissect.labellers import labeller
-from tasks.dissect.probe import open_probe
-from tasks.dissect.stage import (
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.dissect.labellers import labeller
+from xai_audit.tasks.dissect.probe import open_probe
+from xai_audit.tasks.dissect.stage import (
     final_layer_check_rows,
     label_checks_unit,
     labelling_errors_unit,

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tasks.core.config import ExplainConfig
-from tasks.core.errors import ItemError
-from tasks.data.layer_layout import LayerLayout
+from xai_audit.tasks.core.config import ExplainConfig
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.data.layer_layout import LayerLayout
 
 
 @dataclass(frozen=True)
 class ExplainContext:
     """What an explainer may use besides the images: the model, its CAM layer and the run's settings.
 
-    ``model`` is a :class:`tasks.data.models.LoadedModel` (``module`` takes normalised inputs,
+    ``model`` is a :class:`xai_audit.tasks.data.models.LoadedModel` (``module`` takes normalised inputs,
     ``pixel_model`` takes [0, 1] pixels).
     """
 

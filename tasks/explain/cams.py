@@ -35,13 +35,13 @@ from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
-from tasks.compute.inference import inference_model
-from tasks.compute.memory_format import channels_last_weights
-from tasks.compute.precision import FP32_ON_CPU, FP32_UNDER_AUTO, amp_dtype, autocast_context
-from tasks.core.errors import ConfigError
-from tasks.explain.base import ExplainContext, Explainer, Explanations
-from tasks.explain.groupcam import GroupCAM
+from xai_audit.tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.memory_format import channels_last_weights
+from xai_audit.tasks.compute.precision import FP32_ON_CPU, FP32_UNDER_AUTO, amp_dtype, autocast_context
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.explain.base import ExplainContext, Explainer, Explanations
+from xai_audit.tasks.explain.groupcam import GroupCAM
 
 GPU_SCORECAM_BATCH_SIZE = 64
 """ScoreCAM's masked images per forward on accelerators when none is given (measured on an H200)."""
@@ -56,8 +56,8 @@ class BatchedScoreCAM(ScoreCAM):
     library materialises all ``B x C`` masked inputs at once), a mask bit-identical to an
     earlier one of the same image (every dead channel gives the all-zero mask) is scored once,
     the masked inputs are channels-last and go through the model's inference copy (BatchNorm
-    folded, channels-last packed weights, no hooks: :mod:`tasks.compute.inference`; scores move by
-    ~1e-6), the inner batch suits the device (``None``: :mod:`tasks.compute.batch_sizes`) and the
+    folded, channels-last packed weights, no hooks: :mod:`xai_audit.tasks.compute.inference`; scores move by
+    ~1e-6), the inner batch suits the device (``None``: :mod:`xai_audit.tasks.compute.batch_sizes`) and the
     forwards may run under autocast.
 
     ``channels`` (``explain.scorecam_channels``) puts ScoreCAM on a budget, as Faster Score-CAM
@@ -258,7 +258,7 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
     "groupcam": GroupCAM,
 }
 """Config name -> grad-cam class (ScoreCAM and AblationCAM: the batched subclasses above; Group-CAM:
-:mod:`tasks.explain.groupcam`, a BaseCAM subclass of ours, as no library ships it)."""
+:mod:`xai_audit.tasks.explain.groupcam`, a BaseCAM subclass of ours, as no library ships it)."""
 
 
 def forward_with_cams(
@@ -284,13 +284,13 @@ def forward_with_cams(
         targets: the class explained for each image; ``None``: each image's top-1 prediction.
         methods: names from :data:`CAM_METHODS`.
         scorecam_batch_size: masked inputs per forward for ScoreCAM (library: 16); None: by device
-            and precision (:mod:`tasks.compute.batch_sizes`; on GPUs :data:`GPU_SCORECAM_BATCH_SIZE`).
+            and precision (:mod:`xai_audit.tasks.compute.batch_sizes`; on GPUs :data:`GPU_SCORECAM_BATCH_SIZE`).
         ablationcam_batch_size: ablated channels per forward for AblationCAM (library: 32; only
             the layers after the target layer see the batch, so 128 is ~4x faster on CPU).
         reshape_transform: grad-cam's hook for non-CNN layers (``[B, tokens, C] -> [B, C, h, w]``).
         amp_dtype: run forwards under autocast with this dtype (``torch.bfloat16``/``float16``).
         scorecam_channels: ScoreCAM's channel budget (:class:`BatchedScoreCAM`); None: every channel.
-        groupcam_groups: Group-CAM's channel groups (:class:`tasks.explain.groupcam.GroupCAM`).
+        groupcam_groups: Group-CAM's channel groups (:class:`xai_audit.tasks.explain.groupcam.GroupCAM`).
 
     The backward runs only when a method's grad-cam class ``uses_gradients``.
 
@@ -483,7 +483,7 @@ class CamFamily(Explainer):
         reshape_transform = context.layout.reshape_transform if context.layout is not None else None
         device = next(context.model.module.parameters()).device
         by_dtype: dict[torch.dtype | None, list[str]] = {}
-        for method in methods:  # `auto` keeps some methods in fp32 (tasks.compute.precision)
+        for method in methods:  # `auto` keeps some methods in fp32 (xai_audit.tasks.compute.precision)
             kept = method in FP32_ON_CPU or method in FP32_UNDER_AUTO
             dtype = amp_dtype(settings.precision, device, method) if kept else context.amp_dtype
             by_dtype.setdefault(dtype, []).append(method)

@@ -13,7 +13,7 @@ the explain stage which class each image is explained for. For every image and t
   gradient is spatially constant; gradient × activation also keeps a spatial density
   ``A_k ⊙ ∂y/∂A_k`` whose sum is ``c_k``.
 - **Concept attributions** (``concept_attribution`` table): per labelling method, the units that
-  count for a concept (:func:`tasks.dissect.base.counts_for_concept`) are grouped by it; a
+  count for a concept (:func:`xai_audit.tasks.dissect.base.counts_for_concept`) are grouped by it; a
   concept's contribution is the sum of its units', its share that sum over the layer's total
   positive contribution (all units, labelled or not, so unlabelled evidence lowers every share),
   and its heatmap the sum of its units' densities at the layer's resolution (its sum is the
@@ -37,10 +37,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from storage.maps import encode_heatmap
-from tasks.compute.precision import autocast_context
-from tasks.data.layer_layout import layout_of
-from tasks.dissect.base import counts_for_concept
+from xai_audit.storage.maps import encode_heatmap
+from xai_audit.tasks.compute.precision import autocast_context
+from xai_audit.tasks.data.layer_layout import layout_of
+from xai_audit.tasks.dissect.base import counts_for_concept
 
 UNIT_LABEL_COLUMNS = ["layer", "unit", "method", "concept", "category", "interpretable"]
 """The ``neurons`` columns :func:`layer_labels` reads."""

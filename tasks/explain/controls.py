@@ -18,7 +18,7 @@ from skimage.color import rgb2gray
 from skimage.filters import sobel
 from torch import Tensor
 
-from tasks.explain.base import ExplainContext, Explainer, Explanations
+from xai_audit.tasks.explain.base import ExplainContext, Explainer, Explanations
 
 GAUSSIAN_SIGMA = 0.25
 """The centred Gaussian's standard deviation as a share of the image side."""

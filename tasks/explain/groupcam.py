@@ -1,7 +1,7 @@
 """Group-CAM (Zhang, Rao & Yang 2021, arXiv:2103.13859): a few dozen masked forwards instead of one per channel.
 
 No library ships it, so it is a grad-cam ``BaseCAM`` subclass: the CAM family's shared pass
-(:func:`tasks.explain.cams.forward_with_cams`) hands it the layer's activations and gradients
+(:func:`xai_audit.tasks.explain.cams.forward_with_cams`) hands it the layer's activations and gradients
 (with grad-cam's ``reshape_transform`` applied), and grad-cam's ``compute_cam_per_layer`` clips
 and min-max scales its map like every other member's. What it computes follows the authors' code
 (github.com/wofmanaf/Group-CAM, ``cam/groupcam.py``, read for this module):
@@ -16,7 +16,7 @@ and min-max scales its map like every other member's. What it computes follows t
 4. the weight of group ``g`` is ``relu(p_c(blend_g) - p_c(b))``, ``p_c`` the softmax probability
    of the target class; the map is ``sum_g weight_g * M_g``, min-max scaled.
 
-The masked forwards go through the model's inference copy (:mod:`tasks.compute.inference`),
+The masked forwards go through the model's inference copy (:mod:`xai_audit.tasks.compute.inference`),
 channels-last and in inner batches, as BatchedScoreCAM's do.
 """
 
@@ -30,9 +30,9 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from tasks.compute.batch_sizes import perturbation_batch_size
-from tasks.compute.inference import inference_model
-from tasks.compute.precision import autocast_context
+from xai_audit.tasks.compute.batch_sizes import perturbation_batch_size
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.precision import autocast_context
 
 BLUR_KERNEL = 51
 """The reference's Gaussian kernel size (shrunk to fit inputs under 26 px: reflect padding needs it)."""

@@ -7,7 +7,7 @@ cosine distance to the unperturbed sample, the exponential kernel of width 0.25 
 ``LimeBase.explain_instance_with_data``'s feature selection and ridge fit. What differs: the
 perturbed images come from one gather of the segment map per batch instead of a per-sample
 ``deepcopy`` loop, the model runs on a torch device in batches of channels-last inputs through
-its inference copy (BatchNorm folded, channels-last weights: :mod:`tasks.compute.inference`; optionally
+its inference copy (BatchNorm folded, channels-last weights: :mod:`xai_audit.tasks.compute.inference`; optionally
 under autocast), and segmentations are cached so parameter sets and seeds share them.
 """
 
@@ -32,15 +32,15 @@ from scipy import stats
 from skimage.segmentation import felzenszwalb, quickshift, slic
 from torch import Tensor, nn
 
-from storage.maps import encode_map
-from tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
-from tasks.compute.inference import inference_model
-from tasks.compute.precision import autocast_context
-from tasks.core.errors import ConfigError, ItemError, NonFiniteError
-from tasks.data.models import PixelModel
-from tasks.explain.base import ExplainContext, Explainer, Explanations
-from tasks.explain.lime_convergence import AdaptiveSettings, converged, ridge_standard_errors, top_set
-from tasks.metrics.maps import deletion_insertion, mask_iou
+from xai_audit.storage.maps import encode_map
+from xai_audit.tasks.compute.batch_sizes import configured_batch_size, perturbation_batch_size
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.precision import autocast_context
+from xai_audit.tasks.core.errors import ConfigError, ItemError, NonFiniteError
+from xai_audit.tasks.data.models import PixelModel
+from xai_audit.tasks.explain.base import ExplainContext, Explainer, Explanations
+from xai_audit.tasks.explain.lime_convergence import AdaptiveSettings, converged, ridge_standard_errors, top_set
+from xai_audit.tasks.metrics.maps import deletion_insertion, mask_iou
 
 SEGMENTATIONS: dict[str, Callable[..., np.ndarray]] = {
     "quickshift": quickshift,
@@ -62,7 +62,8 @@ ModelFn = Callable[[Tensor], Tensor]
 """Maps float32 images ``[N, 3, H, W]`` with pixel values in [0, 1] to logits ``[N, classes]``."""
 
 GPU_BATCH_SIZE = 256
-"""Perturbed images per forward on accelerators when none is given (CPUs: :mod:`tasks.compute.batch_sizes`)."""
+"""Perturbed images per forward on accelerators when none is given (CPUs:
+:mod:`xai_audit.tasks.compute.batch_sizes`)."""
 
 
 def default_batch_size(device: torch.device | str, amp_dtype: torch.dtype | None = None) -> int:
@@ -85,8 +86,9 @@ class LimeResult:
     """The fit's prediction for the unperturbed image."""
     target: int
     std_errors: np.ndarray | None = None
-    """float32 ``[n]``: each weight's standard error (:func:`~tasks.explain.lime_convergence.ridge_standard_errors`;
-    NaN for a superpixel the feature selection dropped)."""
+    """float32 ``[n]``: each weight's standard error
+    (:func:`~xai_audit.tasks.explain.lime_convergence.ridge_standard_errors`; NaN for a superpixel the feature
+    selection dropped)."""
     samples_used: int = 0
     """Perturbed samples (model evaluations) the fit used."""
     rounds: int = 1
@@ -325,7 +327,7 @@ def explain_lime(
         amp_dtype: autocast dtype for the model calls, or None.
         cache: reuse segmentations across calls (parameter search, seeds).
         adaptive: draw the samples in rounds and stop once the top-k superpixels settle
-            (:mod:`tasks.explain.lime_convergence`); ``num_samples`` is then the cap. None: stock's fixed N.
+            (:mod:`xai_audit.tasks.explain.lime_convergence`); ``num_samples`` is then the cap. None: stock's fixed N.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(targets)} targets for {len(images)} images")
@@ -544,7 +546,7 @@ def _explain_adaptive(
     batch_size: int,
 ) -> LimeResult:
     """Adaptive LIME: the fixed-N path's rows of ``data`` in rounds, lime's ridge refitted after each,
-    until :func:`~tasks.explain.lime_convergence.converged` or every row is used.
+    until :func:`~xai_audit.tasks.explain.lime_convergence.converged` or every row is used.
 
     A round ends on a whole forward batch (``round_size`` rounded up to a multiple of the batch
     size), so every forward batch is one the fixed-N path runs: a run that reaches the cap

@@ -1,6 +1,6 @@
 """Config name -> explainer: the one place that lists the explanation methods.
 
-A new family is one module defining an :class:`~tasks.explain.base.Explainer` plus one entry in
+A new family is one module defining an :class:`~xai_audit.tasks.explain.base.Explainer` plus one entry in
 :data:`BUILTIN`; code outside the project (or a test) calls :func:`register`.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tasks.core.errors import ConfigError
-from tasks.explain.base import Explainer
-from tasks.explain.cams import CamFamily
-from tasks.explain.controls import ControlFamily
-from tasks.explain.lime import LimeExplainer
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.explain.base import Explainer
+from xai_audit.tasks.explain.cams import CamFamily
+from xai_audit.tasks.explain.controls import ControlFamily
+from xai_audit.tasks.explain.lime import LimeExplainer
 
 BUILTIN: tuple[Explainer, ...] = (CamFamily(), LimeExplainer(), ControlFamily())
 

@@ -35,17 +35,17 @@ from scipy import stats
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from storage.maps import decode_map, encode_map
-from storage.parquet import safe_name
-from tasks.compute.precision import amp_dtype as precision_dtype
-from tasks.core.config import AuditConfig, ModelConfig, SanityConfig
-from tasks.core.errors import ItemError
-from tasks.core.progress import step as progress_step
-from tasks.core.rows import error_row
-from tasks.explain.base import ExplainContext
-from tasks.explain.registry import families
-from tasks.explain.stage import cam_layer_name, explain_family, load_inputs, predict
-from tasks.metrics.maps import map_iou, spearman
+from xai_audit.storage.maps import decode_map, encode_map
+from xai_audit.storage.parquet import safe_name
+from xai_audit.tasks.compute.precision import amp_dtype as precision_dtype
+from xai_audit.tasks.core.config import AuditConfig, ModelConfig, SanityConfig
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.core.progress import step as progress_step
+from xai_audit.tasks.core.rows import error_row
+from xai_audit.tasks.explain.base import ExplainContext
+from xai_audit.tasks.explain.registry import families
+from xai_audit.tasks.explain.stage import cam_layer_name, explain_family, load_inputs, predict
+from xai_audit.tasks.metrics.maps import map_iou, spearman
 
 TESTS = ("cascading", "smprt", "emprt", "random_logit")
 """The sanity tests (``explain.sanity.tests``)."""
@@ -274,7 +274,7 @@ def sanity_rows(
     model,
     records: list[dict],
 ) -> dict[str, list[dict]]:
-    """The ``sanity`` and ``errors`` rows of one model (a :class:`tasks.data.models.LoadedModel`) on
+    """The ``sanity`` and ``errors`` rows of one model (a :class:`xai_audit.tasks.data.models.LoadedModel`) on
     the first ``explain.sanity.images`` of ``records``: every configured test for every checked method."""
     settings, explain = config.explain.sanity, config.explain
     inputs, errors = load_inputs(model, records[: settings.images], explain.target, with_masks=False)

@@ -1,7 +1,7 @@
 """Explain one chunk of images with one model: predictions, saliency maps and their metrics.
 
 :func:`explain_records` is the pure part (records in, table rows out); the Prefect task in
-:mod:`tasks.explain.tasks` adds orchestration and writes the chunk's files. The stage asks the
+:mod:`xai_audit.tasks.explain.tasks` adds orchestration and writes the chunk's files. The stage asks the
 explainer registry for maps and the metric registry for scores, so it never branches on a
 method's or a metric's name. Metrics are computed from the maps exactly as stored (float16), so
 recomputing them from the ``saliency`` table gives the stored values.
@@ -17,24 +17,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from storage.maps import decode_map, encode_map
-from storage.parquet import safe_name
-from tasks.compute.oom import is_out_of_memory, run_with_backoff
-from tasks.compute.precision import amp_dtype as precision_dtype
-from tasks.compute.precision import autocast_context
-from tasks.core.config import AuditConfig, ModelConfig
-from tasks.core.errors import ConfigError, ItemError
-from tasks.core.rows import error_row
-from tasks.data.images import load_rgb
-from tasks.data.layer_layout import LayerLayout, layer_layout
-from tasks.data.models import default_cam_layer, resolve_layer
-from tasks.explain.base import ExplainContext, Explainer, Explanations
-from tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
-from tasks.explain.registry import families
-from tasks.explain.targets import image_targets
-from tasks.metrics.base import ScoredBatch
-from tasks.metrics.maps import require_finite
-from tasks.metrics.registry import METRICS
+from xai_audit.storage.maps import decode_map, encode_map
+from xai_audit.storage.parquet import safe_name
+from xai_audit.tasks.compute.oom import is_out_of_memory, run_with_backoff
+from xai_audit.tasks.compute.precision import amp_dtype as precision_dtype
+from xai_audit.tasks.compute.precision import autocast_context
+from xai_audit.tasks.core.config import AuditConfig, ModelConfig
+from xai_audit.tasks.core.errors import ConfigError, ItemError
+from xai_audit.tasks.core.rows import error_row
+from xai_audit.tasks.data.images import load_rgb
+from xai_audit.tasks.data.layer_layout import LayerLayout, layer_layout
+from xai_audit.tasks.data.models import default_cam_layer, resolve_layer
+from xai_audit.tasks.explain.base import ExplainContext, Explainer, Explanations
+from xai_audit.tasks.explain.concepts import AttributionBatch, LayerLabels, attribution_rows
+from xai_audit.tasks.explain.registry import families
+from xai_audit.tasks.explain.targets import image_targets
+from xai_audit.tasks.metrics.base import ScoredBatch
+from xai_audit.tasks.metrics.maps import require_finite
+from xai_audit.tasks.metrics.registry import METRICS
 
 # Tables every explain chunk writes (an empty file when it has no rows); ``errors`` last, so a
 # chunk counts as done once its errors file exists.
@@ -368,7 +368,7 @@ def explain_records(
     logger: logging.Logger | None = None,
     labels: Mapping[str, LayerLabels] | None = None,
 ) -> ChunkRows:
-    """Explanations and metrics of ``records`` with ``model`` (a :class:`tasks.data.models.LoadedModel`);
+    """Explanations and metrics of ``records`` with ``model`` (a :class:`xai_audit.tasks.data.models.LoadedModel`);
     ``labels``: the unit labels of the model's dissected layers (layer -> labels), for concept
     attributions at those of them that ``explain.concepts.layers`` names (all by default)."""
     layer_name = cam_layer_name(model_config, model)

@@ -1,6 +1,6 @@
 """Which classes an image's maps explain: ``explain.target`` turned into class indices per image.
 
-An explainer answers one target per image (:class:`tasks.explain.base.Explainer`); several targets
+An explainer answers one target per image (:class:`xai_audit.tasks.explain.base.Explainer`); several targets
 per image (``{topk: K}``, a list of class names) are handed to it as K passes over the batch, the
 k-th pass explaining each image's k-th target. Every image has the same number of targets, so
 the passes are whole batches.
@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tasks.core.config import TargetSetting, TopKTarget
-from tasks.core.errors import ConfigError
+from xai_audit.tasks.core.config import TargetSetting, TopKTarget
+from xai_audit.tasks.core.errors import ConfigError
 
 Problem = tuple[str, str]
 

@@ -9,13 +9,13 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
-from storage.parquet import ResultsStore
-from tasks.core.config import AuditConfig
-from tasks.data.image_sets import read_image_chunk
-from tasks.data.loaded_models import using_model
-from tasks.explain.concepts import UNIT_LABEL_COLUMNS, LayerLabels, layer_labels
-from tasks.explain.sanity import SANITY_TABLES, sanity_rows, sanity_unit
-from tasks.explain.stage import EXPLAIN_TABLES, chunk_unit, explain_records
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import AuditConfig
+from xai_audit.tasks.data.image_sets import read_image_chunk
+from xai_audit.tasks.data.loaded_models import using_model
+from xai_audit.tasks.explain.concepts import UNIT_LABEL_COLUMNS, LayerLabels, layer_labels
+from xai_audit.tasks.explain.sanity import SANITY_TABLES, sanity_rows, sanity_unit
+from xai_audit.tasks.explain.stage import EXPLAIN_TABLES, chunk_unit, explain_records
 
 
 def _logger() -> logging.Logger:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.metrics.base import Metric, Score, ScoredBatch
-from tasks.metrics.maps import agreement_rows
+from xai_audit.tasks.metrics.base import Metric, Score, ScoredBatch
+from xai_audit.tasks.metrics.maps import agreement_rows
 
 
 class Agreement(Metric):
-    """Every method pair of every usable image (:func:`tasks.metrics.maps.agreement_rows`)."""
+    """Every method pair of every usable image (:func:`xai_audit.tasks.metrics.maps.agreement_rows`)."""
 
     name = "agreement"
     category = "agreement"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.core.config import MetricsConfig
+from xai_audit.tasks.core.config import MetricsConfig
 
 Direction = Literal["higher", "lower"]
 ARROWS: dict[str, str] = {"higher": "↑", "lower": "↓"}

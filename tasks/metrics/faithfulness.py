@@ -6,13 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.compute.batch_sizes import configured_batch_size
-from tasks.core.config import MetricsConfig
-from tasks.core.errors import NonFiniteError
-from tasks.core.rows import error_row
-from tasks.metrics.base import Metric, Score, ScoredBatch
-from tasks.metrics.maps import deletion_insertion
-from tasks.metrics.road import road_scores
+from xai_audit.tasks.compute.batch_sizes import configured_batch_size
+from xai_audit.tasks.core.config import MetricsConfig
+from xai_audit.tasks.core.errors import NonFiniteError
+from xai_audit.tasks.core.rows import error_row
+from xai_audit.tasks.metrics.base import Metric, Score, ScoredBatch
+from xai_audit.tasks.metrics.maps import deletion_insertion
+from xai_audit.tasks.metrics.road import road_scores
 
 
 class Faithfulness(Metric):

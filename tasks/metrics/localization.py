@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.core.config import MetricsConfig
-from tasks.metrics.base import Metric, Score, ScoredBatch
-from tasks.metrics.maps import localization_row, scaled_tolerance
+from xai_audit.tasks.core.config import MetricsConfig
+from xai_audit.tasks.metrics.base import Metric, Score, ScoredBatch
+from xai_audit.tasks.metrics.maps import localization_row, scaled_tolerance
 
 
 class Localization(Metric):
-    """Each map of each usable image that has a non-empty mask (:func:`tasks.metrics.maps.localization_row`)."""
+    """Each map of each usable image that has a non-empty mask
+    (:func:`xai_audit.tasks.metrics.maps.localization_row`)."""
 
     name = "localization"
     category = "localization"

@@ -3,7 +3,7 @@
 Maps are 2-D float arrays of one image's size; larger means more salient. Metrics that treat a
 map as a mass (centre of mass, energy) use its non-negative part, so LIME's signed weights and
 CAMs in [0, 1] are read alike. A map holding NaN or Inf raises :class:`NonFiniteMapError`
-(an :class:`~tasks.core.errors.ItemError`), so a flow records the item instead of writing NaN
+(an :class:`~xai_audit.tasks.core.errors.ItemError`), so a flow records the item instead of writing NaN
 metrics. A metric that is undefined for a valid map (the rank correlation of a constant map,
 the centre of mass of a map with no positive mass) is NaN, stored as null.
 """
@@ -21,10 +21,10 @@ from skimage.filters import threshold_otsu
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from tasks.compute.batch_sizes import perturbation_batch_size
-from tasks.compute.inference import inference_model
-from tasks.compute.precision import autocast_context
-from tasks.core.errors import ConfigError, ItemError
+from xai_audit.tasks.compute.batch_sizes import perturbation_batch_size
+from xai_audit.tasks.compute.inference import inference_model
+from xai_audit.tasks.compute.precision import autocast_context
+from xai_audit.tasks.core.errors import ConfigError, ItemError
 
 RULES = ("top_q", "otsu")
 """Binarisation rules: the top ``q`` fraction of pixels, or Otsu's threshold."""
@@ -237,7 +237,7 @@ def deletion_insertion_curves(
     Pixels are ranked by saliency (ties: earlier pixel first); step ``i`` of ``steps`` has the
     top ``round(i * pixels / steps)`` pixels replaced by the baseline (deletion) or revealed on
     top of it (insertion). All ``2 * (steps + 1)`` images of every input are scored in model
-    calls of ``batch_size`` on the images' device (None: :mod:`tasks.compute.batch_sizes`; on GPUs
+    calls of ``batch_size`` on the images' device (None: :mod:`xai_audit.tasks.compute.batch_sizes`; on GPUs
     :data:`GPU_METRICS_BATCH_SIZE`).
 
     Returns:

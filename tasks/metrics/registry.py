@@ -1,15 +1,15 @@
 """The metrics every explain chunk computes, in order: the one place that lists them.
 
-A new metric is one module defining a :class:`~tasks.metrics.base.Metric` plus one entry in
+A new metric is one module defining a :class:`~xai_audit.tasks.metrics.base.Metric` plus one entry in
 :data:`BUILTIN`; code outside the project (or a test) calls :func:`register`.
 """
 
 from __future__ import annotations
 
-from tasks.metrics.agreement import Agreement
-from tasks.metrics.base import Metric, Score
-from tasks.metrics.faithfulness import Faithfulness
-from tasks.metrics.localization import Localization
+from xai_audit.tasks.metrics.agreement import Agreement
+from xai_audit.tasks.metrics.base import Metric, Score
+from xai_audit.tasks.metrics.faithfulness import Faithfulness
+from xai_audit.tasks.metrics.localization import Localization
 
 BUILTIN: tuple[Metric, ...] = (Agreement(), Localization(), Faithfulness())
 

@@ -2,7 +2,7 @@
 
 Keys are stable (``xai-audit-summary``, ``xai-audit-concepts``, ...), so Prefect's UI shows each
 key's history across runs. This module only builds their contents (plain data, testable without
-Prefect); :func:`tasks.results.tasks.publish_artifacts` hands them to Prefect.
+Prefect); :func:`xai_audit.tasks.results.tasks.publish_artifacts` hands them to Prefect.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from storage.parquet import ResultsStore
-from tasks.results.drift import read_drift
-from tasks.results.findings import findings, method_marks
-from tasks.results.summary import declared_score, load_summary, raw_counts, score_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.results.drift import read_drift
+from xai_audit.tasks.results.findings import findings, method_marks
+from xai_audit.tasks.results.summary import declared_score, load_summary, raw_counts, score_map
 
 TOP_IN_MARKDOWN = 3
 KEYS = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from storage.parquet import ResultsStore
-from tasks.results.summary import (
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.results.summary import (
     DRIFT_TABLES,
     counted_units,
     empty_frame,

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from skimage.transform import resize
 
-from tasks.results.summary import SANITY_PASS_BELOW, wide_methods
+from xai_audit.tasks.results.summary import SANITY_PASS_BELOW, wide_methods
 
 DPI = 80
 CATEGORY_COLORS = {
@@ -138,7 +138,7 @@ def iou_distributions(agreement: pd.DataFrame, path: Path) -> Path | None:
 def leaderboard(methods: pd.DataFrame, path: Path) -> Path | None:
     """Bars per method, one panel per leaderboard value the run has (one row per model).
 
-    The values and their arrows are the registry's (:func:`tasks.results.summary.wide_methods`):
+    The values and their arrows are the registry's (:func:`xai_audit.tasks.results.summary.wide_methods`):
     every registered value with a ``summary_methods`` column, the derived ones, then each key of
     the ``scores`` map (no arrow for a key no registered metric declares).
     """

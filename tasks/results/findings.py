@@ -2,7 +2,7 @@
 
 Printed at the end of ``xai-audit run`` and by ``xai-audit findings RUN_ID``, shown on the
 report's first screen and in the run's Prefect artifact; all four read the same tables
-(:func:`tasks.results.summary.load_summary`, :func:`tasks.results.drift.read_drift`), so they
+(:func:`xai_audit.tasks.results.summary.load_summary`, :func:`xai_audit.tasks.results.drift.read_drift`), so they
 cannot disagree. Per model: the top concepts of each labelled layer and method with their unit
 counts, Network Dissection's interpretable share, CLIP-Dissect vs Network Dissection agreement,
 the explanation methods' leaderboard, the most and least agreed-on image and class; then drift
@@ -16,9 +16,9 @@ import math
 
 import pandas as pd
 
-from storage.parquet import ResultsStore
-from tasks.results.drift import read_drift
-from tasks.results.summary import SANITY_PASS_BELOW, declared_score, load_summary
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.results.drift import read_drift
+from xai_audit.tasks.results.summary import SANITY_PASS_BELOW, declared_score, load_summary
 
 TOP_CONCEPTS = 3
 CLASS_CONCEPTS = 2

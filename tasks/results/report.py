@@ -26,18 +26,25 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torchvision.transforms.functional as TF
 
-from storage.maps import decode_heatmap, decode_map
-from storage.parquet import ResultsStore, safe_name
-from storage.runs import RunRecord
-from storage.schemas import SUMMARY_TABLES
-from tasks.core.config import ConfigErrors, ModelConfig, parse_config
-from tasks.core.errors import ItemError
-from tasks.data.image_sets import iter_image_set
-from tasks.data.images import load_rgb
-from tasks.results import figures
-from tasks.results.drift import read_drift
-from tasks.results.findings import findings, flag, method_marks
-from tasks.results.summary import SANITY_PASS_BELOW, class_names, load_summary, raw_counts, require_run, wide_methods
+from xai_audit.storage.maps import decode_heatmap, decode_map
+from xai_audit.storage.parquet import ResultsStore, safe_name
+from xai_audit.storage.runs import RunRecord
+from xai_audit.storage.schemas import SUMMARY_TABLES
+from xai_audit.tasks.core.config import ConfigErrors, ModelConfig, parse_config
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.data.image_sets import iter_image_set
+from xai_audit.tasks.data.images import load_rgb
+from xai_audit.tasks.results import figures
+from xai_audit.tasks.results.drift import read_drift
+from xai_audit.tasks.results.findings import findings, flag, method_marks
+from xai_audit.tasks.results.summary import (
+    SANITY_PASS_BELOW,
+    class_names,
+    load_summary,
+    raw_counts,
+    require_run,
+    wide_methods,
+)
 
 REPORTS = "reports"
 FIRST_IMAGES = 8  # per-image pages: the first images of each model ...
@@ -134,7 +141,7 @@ def _page(title: str, body: str, css_href: str) -> str:
 def view_geometry(model_config: ModelConfig, map_side: int) -> tuple[int, int]:
     """(resize, crop) that turn an image into what the model saw, scaled to ``map_side`` pixels."""
     # model sources import torch and torchvision; the report needs them only to draw model views
-    from tasks.data.sources.registry import model_source
+    from xai_audit.tasks.data.sources.registry import model_source
 
     geometry = model_source(model_config.source).geometry(model_config)
     resize, crop = geometry if geometry is not None else (map_side, map_side)

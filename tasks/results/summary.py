@@ -1,8 +1,8 @@
 """The summary tables: a run's statistics, computed from its Parquet tables only.
 
 Because it reads nothing but Parquet it runs anywhere and can be re-run alone
-(``xai-audit summarize RUN_ID``; the flow's stage is :func:`tasks.results.tasks.summarize_task`).
-Each ``summary_*`` table (schemas in :mod:`storage.schemas`) is one pure function of the raw
+(``xai-audit summarize RUN_ID``; the flow's stage is :func:`xai_audit.tasks.results.tasks.summarize_task`).
+Each ``summary_*`` table (schemas in :mod:`xai_audit.storage.schemas`) is one pure function of the raw
 tables and is written as one file per run, so re-summarizing replaces it. The report, the Prefect
 artifacts and the drift between runs read these tables; which way each leaderboard value is
 better comes from the metric registry (:func:`method_scores`, :func:`wide_methods`).
@@ -21,14 +21,14 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from storage.integrity import unreadable_files_named
-from storage.parquet import ResultsStore
-from storage.schemas import SUMMARY_TABLES, TABLES
-from tasks.dissect.base import counts_for_concept
-from tasks.dissect.significance import FDR, benjamini_hochberg
-from tasks.explain.registry import control_methods
-from tasks.metrics.base import Score
-from tasks.metrics.registry import summary_scores
+from xai_audit.storage.integrity import unreadable_files_named
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.schemas import SUMMARY_TABLES, TABLES
+from xai_audit.tasks.dissect.base import counts_for_concept
+from xai_audit.tasks.dissect.significance import FDR, benjamini_hochberg
+from xai_audit.tasks.explain.registry import control_methods
+from xai_audit.tasks.metrics.base import Score
+from xai_audit.tasks.metrics.registry import summary_scores
 
 TOP_CONCEPTS = 10
 SANITY_PASS_BELOW = 0.5
@@ -98,7 +98,7 @@ INPUT_COLUMNS = {
         "random_drop",
     ],
 }
-# summary tables that depend on a pair of runs (written by tasks.results.drift, not by summarize_run)
+# summary tables that depend on a pair of runs (written by xai_audit.tasks.results.drift, not by summarize_run)
 DRIFT_TABLES = tuple(name for name in SUMMARY_TABLES if name.startswith("summary_drift_"))
 RUN_SUMMARY_TABLES = tuple(name for name in SUMMARY_TABLES if name not in DRIFT_TABLES)
 
@@ -238,7 +238,7 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
 
 def significant_units(neurons: pd.DataFrame) -> pd.DataFrame:
     """Per (model, layer, method): units with a p-value, and those significant after
-    Benjamini–Hochberg at :data:`~tasks.dissect.significance.FDR` within the layer (null without p-values)."""
+    Benjamini–Hochberg at :data:`~xai_audit.tasks.dissect.significance.FDR` within the layer (null without p-values)."""
     p_values = neurons["p_value"] if "p_value" in neurons else pd.Series(np.nan, index=neurons.index)
     tested = neurons.assign(p_value=pd.to_numeric(p_values, errors="coerce"))
     rows = {}

@@ -1,6 +1,6 @@
 """The summary stage as a Prefect task: summary tables, drift, report and artifacts of one run.
 
-The only module of :mod:`tasks.results` that imports Prefect; everything it calls is plain code
+The only module of :mod:`xai_audit.tasks.results` that imports Prefect; everything it calls is plain code
 that tests and ``xai-audit summarize/report/diff`` use directly.
 """
 
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from storage.parquet import ResultsStore
-from tasks.core.progress import step
-from tasks.results.artifacts import run_artifacts
-from tasks.results.drift import previous_run, write_drift
-from tasks.results.report import write_report
-from tasks.results.summary import summarize_run
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.progress import step
+from xai_audit.tasks.results.artifacts import run_artifacts
+from xai_audit.tasks.results.drift import previous_run, write_drift
+from xai_audit.tasks.results.report import write_report
+from xai_audit.tasks.results.summary import summarize_run
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class RunSummary:
 
 
 def publish_artifacts(store: ResultsStore, run_id: str, report_path: str | None) -> list[str]:
-    """Create the run's artifacts (:func:`tasks.results.artifacts.run_artifacts`) in the current
+    """Create the run's artifacts (:func:`xai_audit.tasks.results.artifacts.run_artifacts`) in the current
     flow or task run; returns the keys created."""
     created = []
     for artifact in run_artifacts(store, run_id, report_path):

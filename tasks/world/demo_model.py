@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet18
 
-from tasks.core.cache import cache_dir
-from tasks.core.config import WorldConfig
-from tasks.core.errors import CheckpointError
-from tasks.world.synthetic import SHAPES, WORLD_VERSION, atomic_directory, ensure_world, read_attributes
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.core.errors import CheckpointError
+from xai_audit.tasks.world.synthetic import SHAPES, WORLD_VERSION, atomic_directory, ensure_world, read_attributes
 
 log = logging.getLogger(__name__)
 

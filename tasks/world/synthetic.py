@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.core.cache import cache_dir
-from tasks.core.config import WorldConfig
-from tasks.core.progress import track
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.core.progress import track
 
 WORLD_VERSION = "1"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.core.config import AuditConfig
+from xai_audit.tasks.core.config import AuditConfig
 
 
 @task(name="synthetic-world", task_run_name="world seed {config.world.seed}")
 def world_task(config: AuditConfig) -> str:
     """Generate (or find cached) the config's synthetic world; returns its Broden root."""
-    from tasks.world.synthetic import ensure_world
+    from xai_audit.tasks.world.synthetic import ensure_world
 
     return str(ensure_world(config.world))
 
@@ -18,7 +18,7 @@ def world_task(config: AuditConfig) -> str:
 @task(name="train-demo-model", task_run_name="train demo model", tags=["gpu"], retries=1)
 def demo_model_task(config: AuditConfig) -> str:
     """Train (or find cached) the demo ResNet18 of the config's world; returns its folder."""
-    from tasks.world.demo_model import ensure_demo_model
+    from xai_audit.tasks.world.demo_model import ensure_demo_model
 
     return str(ensure_demo_model(config.world))
 
@@ -26,7 +26,7 @@ def demo_model_task(config: AuditConfig) -> str:
 @task(name="train-toy-clip", task_run_name="train toy CLIP", tags=["gpu"], retries=1)
 def toy_clip_task(config: AuditConfig) -> str:
     """Train (or find cached) the toy CLIP of the config's world; returns its checkpoint."""
-    from tasks.world.toy_clip import ensure_toy_clip
+    from xai_audit.tasks.world.toy_clip import ensure_toy_clip
 
     return str(ensure_toy_clip(config.world))
 

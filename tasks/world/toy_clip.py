@@ -29,9 +29,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from tasks.core.cache import cache_dir
-from tasks.core.config import WorldConfig
-from tasks.world.synthetic import (
+from xai_audit.tasks.core.cache import cache_dir
+from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.world.synthetic import (
     CATEGORY_CONCEPTS,
     WORLD_VERSION,
     atomic_directory,

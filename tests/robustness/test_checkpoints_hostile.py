@@ -14,10 +14,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from tasks.core.config import ModelConfig
-from tasks.core.errors import CheckpointError
-from tasks.data.models import load_model
-from tasks.data.weights import read_state_dict
+from xai_audit.tasks.core.config import ModelConfig
+from xai_audit.tasks.core.errors import CheckpointError
+from xai_audit.tasks.data.models import load_model
+from xai_audit.tasks.data.weights import read_state_dict
 
 
 class _SystemPayload:

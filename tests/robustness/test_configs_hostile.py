@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.cli import main
-from tasks.core.config import ConfigErrors, load_config, parse_config
 from tests.robustness.audit_files import tiny_audit, write_config, write_images
+from xai_audit.flows.cli import main
+from xai_audit.tasks.core.config import ConfigErrors, load_config, parse_config
 
 CLIP_DISSECT = {"enabled": True, "methods": ["clip_dissect"]}
 

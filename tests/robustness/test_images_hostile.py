@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
-from tasks.data import images
-from tasks.data.images import ImageRecord, iter_image_folder, iter_image_list, load_rgb
+from xai_audit.tasks.core.errors import ConfigError, ImageDecodeError, ItemError, PathEscapeError
+from xai_audit.tasks.data import images
+from xai_audit.tasks.data.images import ImageRecord, iter_image_folder, iter_image_list, load_rgb
 
 
 def _pixel(img: Image.Image, xy) -> tuple[int, int, int]:

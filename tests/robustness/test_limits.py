@@ -8,11 +8,11 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-from tasks.core.config import parse_config
-from tasks.core.errors import ItemError
-from tasks.data.image_sets import iter_image_set
-from tasks.data.images import load_rgb
 from tests.robustness.audit_files import write_images
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.data.image_sets import iter_image_set
+from xai_audit.tasks.data.images import load_rgb
 
 REPO = Path(__file__).resolve().parents[2]
 N_ENTRIES = 100_000
@@ -21,8 +21,8 @@ N_ENTRIES = 100_000
 _LISTING_SCRIPT = r"""
 import json, sys, tracemalloc
 from itertools import islice
-from tasks.core.config import parse_config
-from tasks.data.image_sets import iter_image_set
+from xai_audit.tasks.core.config import parse_config
+from xai_audit.tasks.data.image_sets import iter_image_set
 
 config = parse_config(json.loads(sys.argv[1]))
 
@@ -79,8 +79,8 @@ def test_a_100k_entry_list_is_listed_lazily_with_flat_memory(tmp_path):
 
 def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path):
     """The run lists the set into the images table chunk by chunk: the flow never holds every record."""
-    from storage.parquet import ResultsStore
-    from tasks.data.image_sets import list_image_set, read_image_chunk
+    from xai_audit.storage.parquet import ResultsStore
+    from xai_audit.tasks.data.image_sets import list_image_set, read_image_chunk
 
     (tmp_path / "list.txt").write_text("".join(f"images/{index:06d}.jpg\n" for index in range(N_ENTRIES)))
     config = parse_config(
@@ -105,7 +105,7 @@ def test_a_100k_entry_set_reaches_the_explain_tasks_one_chunk_at_a_time(tmp_path
 _CLIP_DISSECT_SCRIPT = r"""
 import json, sys
 import torch
-from tasks.dissect.clip_dissect import compute_similarity, image_concept_matrix, label_units, load_concepts
+from xai_audit.tasks.dissect.clip_dissect import compute_similarity, image_concept_matrix, label_units, load_concepts
 
 def kib(key):
     for line in open("/proc/self/status"):

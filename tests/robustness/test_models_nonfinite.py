@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.audit import run_audit
-from storage.maps import decode_map
-from storage.parquet import ResultsStore
-from tasks.core.config import WorldConfig, parse_config
-from tasks.dissect.probe import Probe
-from tasks.dissect.stage import finite_clip_dissect_rows, netdissect_rows
-from tasks.world.synthetic import generate_world
 from tests.robustness.audit_files import tiny_audit, write_images
 from tests.robustness.nan_models import NanUnitNet
+from xai_audit.flows.audit import run_audit
+from xai_audit.storage.maps import decode_map
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.config import WorldConfig, parse_config
+from xai_audit.tasks.dissect.probe import Probe
+from xai_audit.tasks.dissect.stage import finite_clip_dissect_rows, netdissect_rows
+from xai_audit.tasks.world.synthetic import generate_world
 
 NOISE = [f"img{index}.png" for index in range(3)]
 WHITE = ["white0.png", "white1.png"]
@@ -133,7 +133,7 @@ def small_world(tmp_path_factory) -> Path:
 
 
 def test_netdissect_leaves_out_images_with_nan_activations_and_names_them(small_world, tmp_path):
-    from tasks.data.images import BrodenProbeSet
+    from xai_audit.tasks.data.images import BrodenProbeSet
 
     items = [item for item in BrodenProbeSet(small_world, split="val")]
     ids, paths = [item.image_id for item in items], [str(item.path) for item in items]

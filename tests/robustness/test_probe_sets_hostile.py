@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from flows.cli import main
-from tasks.core.config import WorldConfig, parse_config
-from tasks.core.errors import ConfigError, ItemError
-from tasks.data.images import BrodenItem, BrodenProbeSet, ImageRecord
-from tasks.dissect.clip_dissect import load_concepts
-from tasks.dissect.probe import dissect_batches, open_probe
-from tasks.world.synthetic import generate_world
 from tests.robustness.audit_files import write_config
+from xai_audit.flows.cli import main
+from xai_audit.tasks.core.config import WorldConfig, parse_config
+from xai_audit.tasks.core.errors import ConfigError, ItemError
+from xai_audit.tasks.data.images import BrodenItem, BrodenProbeSet, ImageRecord
+from xai_audit.tasks.dissect.clip_dissect import load_concepts
+from xai_audit.tasks.dissect.probe import dissect_batches, open_probe
+from xai_audit.tasks.world.synthetic import generate_world
 
 N_VAL = 8
 

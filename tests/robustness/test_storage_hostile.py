@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from flows.cli import main
-from storage import parquet
-from storage.integrity import CORRUPT_PREFIX, find_bad_files
-from storage.parquet import ResultsStore
-from storage.runs import RunRecord
 from tests.robustness.audit_files import N_IMAGES, tiny_audit, write_config, write_images
+from xai_audit.flows.cli import main
+from xai_audit.storage import parquet
+from xai_audit.storage.integrity import CORRUPT_PREFIX, find_bad_files
+from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.runs import RunRecord
 
 
 def every_file(root: Path) -> list[Path]:

@@ -1,1 +1,1 @@
-"""Model sources: one module per place models come from (see :mod:`tasks.data.sources.registry`)."""
+"""Model sources: one module per place models come from (see :mod:`xai_audit.tasks.data.sources.registry`)."""

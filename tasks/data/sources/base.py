@@ -23,8 +23,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
-from tasks.core.errors import ConfigError
+from xai_audit.tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

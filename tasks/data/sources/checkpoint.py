@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import torchvision
 from torch import nn
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import ConfigError
-from tasks.data.sources.base import (
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.sources.base import (
     ModelSource,
     Problem,
     SourceModel,
@@ -23,7 +23,7 @@ from tasks.data.sources.base import (
     configured_preprocess,
     meta_skeleton,
 )
-from tasks.data.weights import load_state_into, local_file, read_state_dict
+from xai_audit.tasks.data.weights import load_state_into, local_file, read_state_dict
 
 DEFAULT_CLASSES = 1000  # torchvision's own default head
 

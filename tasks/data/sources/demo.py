@@ -1,4 +1,4 @@
-"""The synthetic world's trained ResNet18 (:mod:`tasks.world.demo_model`).
+"""The synthetic world's trained ResNet18 (:mod:`xai_audit.tasks.world.demo_model`).
 
 The model directory in ``path`` when given, else the model of the run's world (trained on first
 use). Preprocessing is the world's: resize and crop to its image size, its mean and std.
@@ -10,12 +10,12 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.data.sources.base import ModelSource, SourceModel, meta_skeleton, standard_preprocess
-from tasks.world import demo_model
-from tasks.world.synthetic import SHAPES
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.data.sources.base import ModelSource, SourceModel, meta_skeleton, standard_preprocess
+from xai_audit.tasks.world import demo_model
+from xai_audit.tasks.world.synthetic import SHAPES
 
-ARCH = "resnet18"  # what tasks.world.demo_model trains
+ARCH = "resnet18"  # what xai_audit.tasks.world.demo_model trains
 
 
 class DemoSource(ModelSource):

@@ -15,10 +15,10 @@ from pathlib import Path
 import torchvision
 from torch import nn
 
-from tasks.core.cache import cache_root
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import ConfigError
-from tasks.data.sources.base import (
+from xai_audit.tasks.core.cache import cache_root
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.sources.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelSource,
@@ -29,7 +29,7 @@ from tasks.data.sources.base import (
     meta_skeleton,
     standard_preprocess,
 )
-from tasks.data.weights import download, is_url, load_state_into, local_file, read_state_dict, url_filename
+from xai_audit.tasks.data.weights import download, is_url, load_state_into, local_file, read_state_dict, url_filename
 
 ARCHS = ("resnet18", "resnet50")
 CLASSES = 365

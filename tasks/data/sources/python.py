@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import ConfigError
-from tasks.data.sources.base import ModelSource, SourceModel, configured_class_names, configured_preprocess
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.sources.base import ModelSource, SourceModel, configured_class_names, configured_preprocess
 
 
 def _factory(target: str, field: str) -> Any:

@@ -1,19 +1,19 @@
 """Config name -> model source: the one place that lists where models come from.
 
-A new source is one module defining a :class:`~tasks.data.sources.base.ModelSource` plus one entry
+A new source is one module defining a :class:`~xai_audit.tasks.data.sources.base.ModelSource` plus one entry
 in :data:`BUILTIN` (and its name in ``ModelConfig.source``, which the config schema validates).
 """
 
 from __future__ import annotations
 
-from tasks.core.errors import ConfigError
-from tasks.data.sources.base import ModelSource
-from tasks.data.sources.checkpoint import CheckpointSource
-from tasks.data.sources.demo import DemoSource
-from tasks.data.sources.places365 import Places365Source
-from tasks.data.sources.python import PythonSource
-from tasks.data.sources.timm import TimmSource
-from tasks.data.sources.torchvision import TorchvisionSource
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.sources.base import ModelSource
+from xai_audit.tasks.data.sources.checkpoint import CheckpointSource
+from xai_audit.tasks.data.sources.demo import DemoSource
+from xai_audit.tasks.data.sources.places365 import Places365Source
+from xai_audit.tasks.data.sources.python import PythonSource
+from xai_audit.tasks.data.sources.timm import TimmSource
+from xai_audit.tasks.data.sources.torchvision import TorchvisionSource
 
 BUILTIN: tuple[ModelSource, ...] = (
     TorchvisionSource(),

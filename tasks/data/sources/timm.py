@@ -5,7 +5,7 @@
 or, for models published by URL, the torch hub cache.
 
 Nothing is downloaded: the files are read with safetensors or ``torch.load(weights_only=True)``
-(:mod:`tasks.data.weights`) into ``timm.create_model(arch, pretrained=False)``. Preprocessing
+(:mod:`xai_audit.tasks.data.weights`) into ``timm.create_model(arch, pretrained=False)``. Preprocessing
 (resize, crop, interpolation, mean, std) comes from the model's pretrained config through
 ``timm.data.resolve_data_config``/``create_transform``, class names from the label set timm infers
 for it (``infer_imagenet_subset``: ImageNet-1k/-21k names), unless the entry gives ``class_names``
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import ConfigError
-from tasks.data.sources.base import ModelSource, Problem, SourceModel, configured_class_names
-from tasks.data.weights import load_state_into, local_file, read_state_dict, url_filename
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import ConfigError
+from xai_audit.tasks.data.sources.base import ModelSource, Problem, SourceModel, configured_class_names
+from xai_audit.tasks.data.weights import load_state_into, local_file, read_state_dict, url_filename
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 """The weights files timm looks for in a hub repository, in its order."""

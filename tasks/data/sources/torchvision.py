@@ -17,10 +17,17 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from tasks.core.config import ModelConfig, WorldConfig
-from tasks.core.errors import CheckpointError, ConfigError
-from tasks.data.sources.base import ModelSource, Problem, SourceModel, arch_problems, check_arch, meta_skeleton
-from tasks.data.weights import download, torch_load_safely, url_filename
+from xai_audit.tasks.core.config import ModelConfig, WorldConfig
+from xai_audit.tasks.core.errors import CheckpointError, ConfigError
+from xai_audit.tasks.data.sources.base import (
+    ModelSource,
+    Problem,
+    SourceModel,
+    arch_problems,
+    check_arch,
+    meta_skeleton,
+)
+from xai_audit.tasks.data.weights import download, torch_load_safely, url_filename
 
 
 def _weights(arch: str, name: str | None, field: str) -> WeightsEnum:
