@@ -225,7 +225,7 @@ def _check_runs(store, args: argparse.Namespace) -> int:
     """List every unreadable file per run; exit 1 when there is any (nothing is changed)."""
     import pandas as pd
 
-    from xai_audit.storage.integrity import find_bad_files
+    from xai_audit.storage.parquet import find_bad_files
 
     bad = find_bad_files(store)
     frame = pd.DataFrame([item.__dict__ for item in bad], columns=["run_id", "table", "path", "problem"])

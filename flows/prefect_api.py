@@ -121,6 +121,11 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+_PRIVATE_URLS: set[str] = set()
+"""URLs of private servers this process started: Prefect imported during a run keeps the URL in its
+settings after the server is gone, and a later run in the same process must not take it for a configured API."""
+
+
 @contextlib.contextmanager
 def api_for_run() -> Iterator[Callable[[], None]]:
     """The API a CLI run uses: the configured one once checked, else a private server it owns
@@ -135,7 +140,7 @@ def api_for_run() -> Iterator[Callable[[], None]]:
         from prefect.settings import PREFECT_API_URL
 
         url = PREFECT_API_URL.value()
-    if url:
+    if url and url not in _PRIVATE_URLS:
         check_api(url)
         yield lambda: None
         return
@@ -172,6 +177,7 @@ def owned_api(wait: bool = True) -> Iterator:
             stderr=log,
         )
     url = f"http://127.0.0.1:{port}/api"
+    _PRIVATE_URLS.add(url)
     answered: list[bool] = []
 
     def ready() -> None:

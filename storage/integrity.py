@@ -1,10 +1,11 @@
-"""Integrity of a results root: which Parquet files cannot be read, and setting them aside.
+"""Integrity of a results root: setting unreadable Parquet files aside, and checking it can be written.
 
 Atomic writes keep partial files out of sight, but a file can still rot afterwards (a disk
 error, a copy cut short, a hand edit). Such a file is never read silently: ``xai-audit runs
---check`` lists it, a read that meets it fails naming it, and resuming its run moves it aside
-under a hidden ``.corrupt-`` name (readers skip hidden names, so its work unit counts as missing
-and is recomputed; the bytes stay for inspection).
+--check`` lists it and a read that meets it fails naming it (both on the reading side,
+:mod:`xai_audit.storage.parquet`); resuming its run moves it aside under a hidden ``.corrupt-``
+name (readers skip hidden names, so its work unit counts as missing and is recomputed; the bytes
+stay for inspection).
 """
 
 from __future__ import annotations
@@ -12,58 +13,12 @@ from __future__ import annotations
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-
-from xai_audit.storage.parquet import ResultsStore, StorageError, file_schema
-from xai_audit.storage.schemas import ALL_TABLES
+from xai_audit.storage.parquet import BadFile, ResultsStore, StorageError, find_bad_files
 
 log = logging.getLogger(__name__)
 
 CORRUPT_PREFIX = ".corrupt-"
-
-
-@dataclass(frozen=True)
-class BadFile:
-    """One visible Parquet file that cannot be read with its table's schema."""
-
-    table: str
-    run_id: str | None
-    path: str
-    problem: str
-
-
-def _run_of(path: str) -> str | None:
-    parts = [part for part in path.split("/") if part.startswith("run_id=")]
-    return parts[-1].removeprefix("run_id=") if parts else None
-
-
-def file_problem(store: ResultsStore, table: str, path: str) -> str | None:
-    """Why ``path`` cannot be read as a file of ``table`` (None when every row reads).
-
-    The file is read completely, through the same schema the store reads it with, so a bad
-    footer, a damaged page or a column of the wrong type are all found.
-    """
-    try:
-        ds.dataset([path], schema=file_schema(table), format="parquet", filesystem=store.fs).to_table()
-    except Exception as error:  # noqa: BLE001 - any failure to read is exactly what we report
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def find_bad_files(store: ResultsStore, run_id: str | None = None) -> list[BadFile]:
-    """Every unreadable visible file of every table (optionally of one run), in table order."""
-    bad = []
-    for table in ALL_TABLES:
-        for path in store.files(table, run_id):
-            problem = file_problem(store, table, path)
-            if problem is not None:
-                bad.append(BadFile(table, _run_of(path), path, problem))
-    return bad
 
 
 def set_aside(store: ResultsStore, bad: BadFile) -> str:
@@ -104,35 +59,4 @@ def require_writable(store: ResultsStore) -> None:
         raise StorageError(f"results root {store.root} is not writable: {error}") from error
 
 
-@contextmanager
-def unreadable_files_named(
-    store: ResultsStore, errors: tuple[type[BaseException], ...] = (pa.ArrowInvalid, OSError)
-) -> Iterator[None]:
-    """Turn a read failure caused by unreadable files into a :class:`StorageError` naming them.
-
-    Only the failure path scans the root, so reads cost nothing extra; a failure with no bad
-    file behind it is re-raised unchanged.
-    """
-    try:
-        yield
-    except errors as error:
-        bad = find_bad_files(store)
-        if not bad:
-            raise
-        listing = "; ".join(f"{item.path} ({item.problem})" for item in bad)
-        raise StorageError(
-            f"{len(bad)} unreadable file(s) under {store.root}: {listing}. "
-            "`xai-audit runs --check` lists them; resuming their run recomputes them"
-        ) from error
-
-
-__all__ = [
-    "BadFile",
-    "CORRUPT_PREFIX",
-    "file_problem",
-    "find_bad_files",
-    "set_aside",
-    "repair_run",
-    "unreadable_files_named",
-    "require_writable",
-]
+__all__ = ["CORRUPT_PREFIX", "set_aside", "repair_run", "require_writable"]

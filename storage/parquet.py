@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -27,7 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from xai_audit.storage.schemas import SCHEMA_VERSION, schema_of
+from xai_audit.storage.schemas import ALL_TABLES, SCHEMA_VERSION, schema_of
 from xai_audit.tasks.core.errors import XaiAuditError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -151,8 +153,6 @@ class ResultsStore:
 
     def read_unit(self, table: str, run_id: str, unit: str) -> list[dict[str, Any]]:
         """One work unit's rows as plain Python values (``run_id`` lives in the path, not the file)."""
-        from xai_audit.storage.integrity import unreadable_files_named
-
         with unreadable_files_named(self):
             return pq.read_table(
                 self.unit_path(table, run_id, unit), schema=file_schema(table), filesystem=self.fs
@@ -160,9 +160,7 @@ class ResultsStore:
 
     def read(self, table: str, run_id: str | None = None) -> pd.DataFrame:
         """The table (or one run of it) as a DataFrame; an unreadable file fails naming it (see
-        xai_audit.storage.integrity)."""
-        from xai_audit.storage.integrity import unreadable_files_named
-
+        :func:`unreadable_files_named`)."""
         with unreadable_files_named(self):
             return self.dataset(table, run_id).to_table().to_pandas()
 
@@ -178,4 +176,75 @@ def file_schema_version(store: ResultsStore, path: str) -> int:
     return int(metadata.get(b"xai_audit_schema_version", b"0"))
 
 
-__all__ = ["ResultsStore", "StorageError", "SCHEMA_VERSION", "safe_name", "file_schema_version"]
+@dataclass(frozen=True)
+class BadFile:
+    """One visible Parquet file that cannot be read with its table's schema."""
+
+    table: str
+    run_id: str | None
+    path: str
+    problem: str
+
+
+def _run_of(path: str) -> str | None:
+    parts = [part for part in path.split("/") if part.startswith("run_id=")]
+    return parts[-1].removeprefix("run_id=") if parts else None
+
+
+def file_problem(store: ResultsStore, table: str, path: str) -> str | None:
+    """Why ``path`` cannot be read as a file of ``table`` (None when every row reads).
+
+    The file is read completely, through the same schema the store reads it with, so a bad
+    footer, a damaged page or a column of the wrong type are all found.
+    """
+    try:
+        ds.dataset([path], schema=file_schema(table), format="parquet", filesystem=store.fs).to_table()
+    except Exception as error:  # noqa: BLE001 - any failure to read is exactly what we report
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_bad_files(store: ResultsStore, run_id: str | None = None) -> list[BadFile]:
+    """Every unreadable visible file of every table (optionally of one run), in table order."""
+    bad = []
+    for table in ALL_TABLES:
+        for path in store.files(table, run_id):
+            problem = file_problem(store, table, path)
+            if problem is not None:
+                bad.append(BadFile(table, _run_of(path), path, problem))
+    return bad
+
+
+@contextmanager
+def unreadable_files_named(
+    store: ResultsStore, errors: tuple[type[BaseException], ...] = (pa.ArrowInvalid, OSError)
+) -> Iterator[None]:
+    """Turn a read failure caused by unreadable files into a :class:`StorageError` naming them.
+
+    Only the failure path scans the root, so reads cost nothing extra; a failure with no bad
+    file behind it is re-raised unchanged.
+    """
+    try:
+        yield
+    except errors as error:
+        bad = find_bad_files(store)
+        if not bad:
+            raise
+        listing = "; ".join(f"{item.path} ({item.problem})" for item in bad)
+        raise StorageError(
+            f"{len(bad)} unreadable file(s) under {store.root}: {listing}. "
+            "`xai-audit runs --check` lists them; resuming their run recomputes them"
+        ) from error
+
+
+__all__ = [
+    "BadFile",
+    "ResultsStore",
+    "StorageError",
+    "SCHEMA_VERSION",
+    "file_problem",
+    "file_schema_version",
+    "find_bad_files",
+    "safe_name",
+    "unreadable_files_named",
+]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import duckdb
 
-from xai_audit.storage.integrity import unreadable_files_named
-from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.parquet import ResultsStore, unreadable_files_named
 from xai_audit.storage.schemas import ALL_TABLES
 
 

@@ -23,6 +23,7 @@ class Import:
     where: str  # file:line
     target: str  # the imported module, absolute
     module_level: bool  # runs when the source is imported (not inside a function or TYPE_CHECKING)
+    runs: bool = True  # runs at all (False only under TYPE_CHECKING): a function-level import can close a cycle
 
 
 @dataclass
@@ -63,20 +64,20 @@ def build_graph(root: Path) -> Graph:
     known = set(modules)
     imports: list[Import] = []
 
-    def visit(nodes: list[ast.AST], module: str, path: Path, module_level: bool) -> None:
+    def visit(nodes: list[ast.AST], module: str, path: Path, module_level: bool, runs: bool) -> None:
         for node in nodes:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target in _targets(node, module, path.name == "__init__.py", known):
-                    imports.append(Import(module, f"{path}:{node.lineno}", target, module_level))
+                    imports.append(Import(module, f"{path}:{node.lineno}", target, module_level, runs))
             elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                visit(node.body, module, path, False)  # never runs
-                visit(node.orelse, module, path, module_level)
+                visit(node.body, module, path, False, False)  # never runs
+                visit(node.orelse, module, path, module_level, runs)
             else:
                 local = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-                visit(list(ast.iter_child_nodes(node)), module, path, module_level and not local)
+                visit(list(ast.iter_child_nodes(node)), module, path, module_level and not local, runs)
 
     for module, path in modules.items():
-        visit(ast.parse((root / path).read_text(), str(path)).body, module, path, True)
+        visit(ast.parse((root / path).read_text(), str(path)).body, module, path, True, True)
     return Graph(modules, imports)
 
 
@@ -114,10 +115,11 @@ def tasks_import_flows(graph: Graph) -> list[str]:
 
 
 def import_cycles(graph: Graph) -> list[list[str]]:
-    """One cycle per strongly connected component of the module-level graph (Tarjan)."""
+    """One cycle per strongly connected component of the import graph (Tarjan), function-level imports
+    included: a cycle closed inside a function still ties the two modules into one unit of change."""
     edges: dict[str, set[str]] = {m: set() for m in graph.modules}
     for i in graph.imports:
-        if i.module_level and i.target in graph.modules:
+        if i.runs and i.target in graph.modules:
             edges[i.source].add(i.target)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -231,6 +233,8 @@ def test_checks_catch_planted_violations(tmp_path):
         "tasks/world/b.py": "from prefect import flow\nfrom xai_audit.tasks.world.a import thing\n",
         "tasks/world/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n",
         "tasks/world/d.py": "from xai_audit.tasks.world import c\n",
+        "tasks/world/e.py": "def later():\n    from xai_audit.tasks.world import f\n",
+        "tasks/world/f.py": "from xai_audit.tasks.world import e\n",
         "tasks/loose.py": "",
     }
     for name, text in sources.items():
@@ -241,7 +245,11 @@ def test_checks_catch_planted_violations(tmp_path):
     assert storage_layer_violations(graph) == ["storage/x.py:2 -> tasks.explain.stage"]
     assert core_layer_violations(graph) == ["tasks/core/config.py:2 -> tasks.explain.stage"]
     assert tasks_import_flows(graph) == ["tasks/explain/stage.py:3 -> flows.cli"]
-    # c <-> d is closed only under TYPE_CHECKING, which never runs, so it is no cycle.
-    assert import_cycles(graph) == [["tasks.world.a", "tasks.world.b", "tasks.world.a"]]
+    # c <-> d is closed only under TYPE_CHECKING, which never runs, so it is no cycle; e <-> f is
+    # closed by an import inside a function, which does run.
+    assert import_cycles(graph) == [
+        ["tasks.world.a", "tasks.world.b", "tasks.world.a"],
+        ["tasks.world.e", "tasks.world.f", "tasks.world.e"],
+    ]
     assert loose_task_modules(graph) == ["tasks/loose.py"]
     assert prefect_violations(graph) == ["tasks.core: tasks.core.errors", "tasks.world: tasks.world.a, tasks.world.b"]

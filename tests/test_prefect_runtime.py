@@ -140,3 +140,36 @@ def test_a_prefect_server_of_another_major_version_is_refused_in_one_line(versio
                 check_api(url)
     finally:
         httpd.shutdown()
+
+
+def test_a_second_run_in_one_process_does_not_take_the_first_runs_stopped_server_for_a_configured_api(monkeypatch):
+    """Prefect imported during a run keeps the private server's URL in its settings after the server
+    is gone; the next in-process run must start its own server rather than check (and refuse) that URL."""
+    import contextlib
+
+    from xai_audit.flows import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    served = []
+
+    @contextlib.contextmanager
+    def fake_owned_api(wait: bool = True):
+        url = f"http://127.0.0.1:{9000 + len(served)}/api"
+        prefect_api._PRIVATE_URLS.add(url)
+        served.append(url)
+        yield url, lambda: None
+
+    def refuse(url: str) -> None:
+        raise prefect_api.ApiUnavailable(f"{url} is not reachable")
+
+    monkeypatch.setattr(prefect_api, "owned_api", fake_owned_api)
+    monkeypatch.setattr(prefect_api, "check_api", refuse)
+    with prefect_api.api_for_run() as ready:
+        ready()
+    with temporary_settings(updates={PREFECT_API_URL: served[0]}):  # what Prefect's settings keep
+        with prefect_api.api_for_run() as ready:
+            ready()
+    assert len(served) == 2
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:1/api"}):  # a configured API is checked
+        with pytest.raises(prefect_api.ApiUnavailable), prefect_api.api_for_run():
+            pass

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from xai_audit.storage.integrity import unreadable_files_named
-from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.parquet import ResultsStore, unreadable_files_named
 from xai_audit.storage.schemas import SUMMARY_TABLES, TABLES
 from xai_audit.tasks.dissect.base import counts_for_concept
 from xai_audit.tasks.dissect.significance import FDR, benjamini_hochberg

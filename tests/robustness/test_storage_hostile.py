@@ -15,8 +15,8 @@ from fsspec.implementations.local import LocalFileSystem
 from tests.robustness.audit_files import N_IMAGES, tiny_audit, write_config, write_images
 from xai_audit.flows.cli import main
 from xai_audit.storage import parquet
-from xai_audit.storage.integrity import CORRUPT_PREFIX, find_bad_files
-from xai_audit.storage.parquet import ResultsStore
+from xai_audit.storage.integrity import CORRUPT_PREFIX
+from xai_audit.storage.parquet import ResultsStore, find_bad_files
 from xai_audit.storage.runs import RunRecord
 
 
