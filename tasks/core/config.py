@@ -98,7 +98,11 @@ class ModelConfig(_Section):
         None, description="Places365 categories file (path or URL); default downloads categories_places365.txt."
     )
     callable: str | None = Field(
-        None, description="`package.module:function` returning an nn.Module, for the python source."
+        None,
+        description=(
+            "For the python source: a function returning an nn.Module, as `file.py:function` (a file in the config's "
+            "folder, no PYTHONPATH needed) or an importable `package.module:function`."
+        ),
     )
     class_names: list[str] | str | None = Field(
         None, description="Class names (list or a text file, one per line) for checkpoint/python/timm sources."
