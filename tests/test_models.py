@@ -362,7 +362,7 @@ def _model_file(folder: Path, width: int) -> None:
         from torch import nn
 
         def build():
-            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, {width}))
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, {width}))
     """)
     )
 
