@@ -157,6 +157,11 @@ def test_the_wheel_installs_one_package_that_audits_a_model_file_beside_generic_
     ran = xai_audit("run", "audit.yaml")
     report = Path(ran.stdout.strip().splitlines()[-1].removeprefix("report: "))
     assert report.is_file() and report.is_relative_to(project / "results")
+    # the real-photos example writes its photos into the cache, never into the installed package
+    example = run([python, "-m", "xai_audit.examples.real_photos"], cwd=project, env=env).stdout
+    photo_list = Path(example.strip().removeprefix("image list: "))
+    assert photo_list.is_file() and photo_list.is_relative_to(tmp_path / "cache")
+    assert not list(package.rglob("*.png"))
     listed = xai_audit("query", "select image_id from predictions order by image_id", "--format", "csv").stdout.split()
     assert listed == ["image_id", *sorted(f"{name}.jpg" for name in SIX_PHOTOS)]
     assert "Traceback" not in ran.stderr
