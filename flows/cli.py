@@ -365,7 +365,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise _UsageError(f"{out} exists; pass --force to overwrite it or --out to write another file")
-    text, _ = starter_config(args.model, Path(args.images), Path(args.classes), out, size=args.size)
+    text = starter_config(args.model, Path(args.images), Path(args.classes), out, size=args.size)
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out}: explain-only audit of {args.model} on {args.images}")
     print(f"next: xai-audit validate {out} && xai-audit run {out}")

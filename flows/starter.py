@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from xai_audit.tasks.core.callables import names_file, split_target
-from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, parse_config
+from xai_audit.tasks.core.config import ConfigErrors, parse_config
 
 STARTER_METHODS = ("gradcam", "gradcam++", "layercam", "eigencam", "lime", "control_random")
 """Fast gradient CAMs, LIME, and a map that knows nothing of the model (the floor every metric must rank
@@ -75,8 +75,9 @@ def _relative(path: Path, folder: Path) -> str:
     return _scalar(path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path))
 
 
-def starter_config(model: str, images: Path, classes: Path, config: Path, size: int = 224) -> tuple[str, AuditConfig]:
-    """The text of a starter config at ``config`` and the config it parses to (validated, paths checked).
+def starter_config(model: str, images: Path, classes: Path, config: Path, size: int = 224) -> str:
+    """The text of a starter config to be written at ``config``; :class:`ConfigErrors` when it would not
+    load (a path that does not exist, a bad size), so init never writes a config that fails validation.
 
     ``model`` is ``FILE.py:FUNCTION`` (a path from the current directory; the file must lie in the
     config's folder, where the config looks for it) or an importable ``package.module:function``.
@@ -103,4 +104,5 @@ def starter_config(model: str, images: Path, classes: Path, config: Path, size: 
         crop=size,
         methods=", ".join(STARTER_METHODS),
     )
-    return text, parse_config(yaml.safe_load(text), base=folder)
+    parse_config(yaml.safe_load(text), base=folder)
+    return text
