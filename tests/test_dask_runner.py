@@ -7,14 +7,16 @@ from pathlib import Path
 import distributed
 import pytest
 import torch
+import yaml
 from distributed.worker import thread_state
+from PIL import Image
 from prefect import flow, task
 
 from xai_audit.flows.audit import run_audit
 from xai_audit.flows.runner import GpuDaskTaskRunner, flow_task_runner
 from xai_audit.storage.parquet import ResultsStore
 from xai_audit.storage.schemas import ALL_TABLES
-from xai_audit.tasks.core.config import ConfigErrors, parse_config
+from xai_audit.tasks.core.config import ConfigErrors, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,3 +138,47 @@ def test_a_two_process_local_cluster_writes_the_tables_of_the_thread_runner(pref
         assert len(comparable_rows(left, table)) > 0, table
     for table in ALL_TABLES:
         assert comparable_rows(left, table) == comparable_rows(right, table), table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_worker_processes_load_a_model_file_beside_the_config_without_a_pythonpath(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """``mymodel.py:build`` travels as its absolute path: each worker process loads the file from there."""
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    for index in range(2):
+        Image.new("RGB", (40, 40), (60 * index, 90, 200)).save(project / "photos" / f"{index}.png")
+    (project / "mymodel.py").write_text(
+        "from torch import nn\n\n\ndef build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+    )
+    config = {
+        "name": "dask-file",
+        "device": "cpu",
+        "runner": {"kind": "dask", "n_workers": 1},
+        "models": [
+            {
+                "name": "mine",
+                "source": "python",
+                "callable": "mymodel.py:build",
+                "class_names": ["a", "b"],
+                "preprocess": {"resize": 32, "crop": 32},
+            }
+        ],
+        "images": {"kind": "folder", "root": "photos"},
+        "dissect": {"enabled": False},
+        "explain": {"methods": ["gradcam"], "chunk_size": 1, "metrics": {"steps": 4}},
+    }
+    (project / "audit.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(distributed, "LocalCluster", CountingCluster)
+    monkeypatch.setattr(CountingCluster, "instances", [])
+    outcome = run_audit(load_config(project / "audit.yaml"), str(tmp_path / "results"))
+
+    assert outcome.status == "completed"
+    (cluster,) = CountingCluster.instances
+    assert cluster.ran.get("explain_chunk") == 2, cluster.ran  # the model was built in the worker process
+    predictions = ResultsStore(tmp_path / "results").read("predictions", outcome.run_id)
+    assert sorted(predictions["image_id"]) == ["0.png", "1.png"]

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from xai_audit.tasks.core.config import ModelConfig, PreprocessConfig, WorldConfig
+from xai_audit.tasks.core.config import ConfigErrors, ModelConfig, PreprocessConfig, WorldConfig, load_config
 from xai_audit.tasks.core.errors import CheckpointError, ConfigError
 from xai_audit.tasks.data.models import default_cam_layer, load_model, resolve_layer, weights_identity
 from xai_audit.tasks.data.sources import base, places365
@@ -352,6 +352,70 @@ def test_python_callable_string_is_imported_never_evaluated(tmp_path):
     with pytest.raises(ConfigError):
         load_model(spec)
     assert not marker.exists()
+
+
+def _model_file(folder: Path, width: int) -> None:
+    """``folder/model.py`` whose ``build`` returns a net with ``width`` outputs (how two files are told apart)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(
+        textwrap.dedent(f"""
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, {width}))
+    """)
+    )
+
+
+def _python_config(folder: Path, callable_: str, num_classes: int) -> Path:
+    path = folder / "audit.yaml"
+    model = {"name": "mine", "source": "python", "callable": callable_, "num_classes": num_classes}
+    path.write_text(json.dumps({"models": [model], "dissect": {"enabled": False}}))
+    return path
+
+
+def test_a_callable_file_beside_the_config_loads_without_pythonpath_and_never_shadows_another(tmp_path, monkeypatch):
+    """Two configs in two folders each name ``model.py:build``; each gets its own file's model,
+    whatever the current directory, and nothing named ``model`` is left importable."""
+    monkeypatch.chdir(tmp_path)
+    loaded = {}
+    for name, width in (("first", 3), ("second", 5)):
+        _model_file(tmp_path / name, width)
+        config = load_config(_python_config(tmp_path / name, "model.py:build", width))
+        assert config.models[0].callable == f"{tmp_path / name / 'model.py'}:build"
+        loaded[name] = load_model(config.models[0])
+    assert [model.class_names for model in loaded.values()] == [
+        [f"class_{index}" for index in range(3)],
+        [f"class_{index}" for index in range(5)],
+    ]
+    assert "model" not in sys.modules
+
+
+def test_a_callable_file_missing_or_outside_the_config_folder_is_refused_with_its_field(tmp_path, monkeypatch):
+    elsewhere, project = tmp_path / "elsewhere", tmp_path / "project"
+    _model_file(elsewhere, 3)
+    project.mkdir()
+    monkeypatch.chdir(project)
+    for target, expected in (
+        ("missing.py:build", "file not found"),
+        ("../elsewhere/model.py:build", "outside the config's folder"),
+        (f"{elsewhere / 'model.py'}:build", "outside the config's folder"),
+    ):
+        with pytest.raises(ConfigErrors) as info:
+            load_config(_python_config(project, target, 3))
+        ((field, message),) = info.value.problems
+        assert field == "models.0.callable" and expected in message, (target, message)
+    (project / "link.py").symlink_to(elsewhere / "model.py")  # a symlink does not carry the file inside
+    with pytest.raises(ConfigErrors, match="outside the config's folder"):
+        load_config(_python_config(project, "link.py:build", 3))
+
+
+def test_a_callable_file_that_raises_on_import_names_the_field(tmp_path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no GPU driver')\n")
+    config = load_config(_python_config(tmp_path, "broken.py:build", 3))
+    with pytest.raises(ConfigError) as info:
+        load_model(config.models[0])
+    assert info.value.field == "model.callable" and "RuntimeError: no GPU driver" in info.value.message
 
 
 # --------------------------------------------------------------------------- demo

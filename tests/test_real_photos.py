@@ -15,6 +15,7 @@ So the run of every method uses the 40-channel ``_blocks.4._project_conv`` and 1
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from pytorch_grad_cam import AblationCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -80,13 +82,25 @@ def _records(example: Path, names) -> list[dict]:
     ]
 
 
-def test_the_shipped_config_validates_once_the_adapter_wrote_the_photos(example, capsys):
+def test_the_shipped_config_writes_its_photos_into_the_cache_on_first_use_and_validates(tmp_path, monkeypatch, capsys):
+    """By its shipped name, as from a pip install: the photos, masks and list land in the cache, never
+    beside the config (site-packages when installed), and a second use rewrites nothing."""
     from xai_audit.flows.cli import main
 
-    shutil.copy(CONFIG, example / CONFIG.name)
-    assert main(["validate", str(example / CONFIG.name)]) == 0, capsys.readouterr().err
-    listed = (example / "real-photos" / "photos.csv").read_text().splitlines()
-    assert listed[0] == "path,mask" and len(listed) == 1 + 1 + len(OUTLINED)
+    monkeypatch.setenv("XAI_AUDIT_CACHE", str(tmp_path / "cache"))
+    shipped = sorted((REPO / "configs" / "real-photos").iterdir())
+    assert main(["validate", "example-real-photos"]) == 0, capsys.readouterr().err
+    assert sorted((REPO / "configs" / "real-photos").iterdir()) == shipped
+    (list_path,) = (tmp_path / "cache" / "real-photos").rglob("photos.csv")
+    with list_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [f"images/{name}.png" for name in real_photos.PHOTOS]
+    assert {row["path"] for row in rows if row["mask"]} == {f"images/{name}.png" for name in OUTLINED}
+    coffee = Image.open(list_path.parent / "images" / "coffee.png")
+    assert np.array_equal(np.asarray(coffee), np.asarray(real_photos.photo("coffee")))
+    assert all((list_path.parent / row["mask"]).is_file() for row in rows if row["mask"])
+    written_at = list_path.stat().st_mtime_ns
+    assert real_photos.photo_list() == list_path and list_path.stat().st_mtime_ns == written_at
 
 
 def test_the_shipped_class_names_are_imagenets(model):

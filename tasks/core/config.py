@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xai_audit.tasks.core.callables import names_file, split_target
 from xai_audit.tasks.core.errors import XaiAuditError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -95,7 +98,11 @@ class ModelConfig(_Section):
         None, description="Places365 categories file (path or URL); default downloads categories_places365.txt."
     )
     callable: str | None = Field(
-        None, description="`package.module:function` returning an nn.Module, for the python source."
+        None,
+        description=(
+            "For the python source: a function returning an nn.Module, as `file.py:function` (a file in the config's "
+            "folder, no PYTHONPATH needed) or an importable `package.module:function`."
+        ),
     )
     class_names: list[str] | str | None = Field(
         None, description="Class names (list or a text file, one per line) for checkpoint/python/timm sources."
@@ -149,9 +156,12 @@ class WorldConfig(_Section):
 class ImageSetConfig(_Section):
     """The images to explain."""
 
-    kind: Literal["world", "folder", "list", "broden"] = Field(
+    kind: Literal["world", "folder", "list", "broden", "python"] = Field(
         "world",
-        description="A synthetic-world split, a folder (recursive), a CSV/text list, or a Broden-format folder.",
+        description=(
+            "A synthetic-world split, a folder (recursive), a CSV/text list, a Broden-format folder, or a list "
+            "that Python code writes on first use (`callable`)."
+        ),
     )
     root: str | None = Field(
         None,
@@ -160,6 +170,13 @@ class ImageSetConfig(_Section):
     list_file: str | None = Field(
         None, description="CSV (path[,label][,mask][,x0,y0,x1,y1]) or text list, for the list kind."
     )
+    callable: str | None = Field(
+        None,
+        description=(
+            "For the python kind: `package.module:function` or `file.py:function` (beside the config) returning the "
+            "path of a list in the list kind's format, e.g. one it writes into the cache on first use."
+        ),
+    )
     split: str | None = Field("val", description="Split to use for world and broden kinds (None: all).")
     limit: PositiveInt | None = Field(None, description="Use only the first N images (deterministic order).")
 
@@ -167,6 +184,8 @@ class ImageSetConfig(_Section):
     def _kind_fields(self) -> ImageSetConfig:
         if self.kind == "list" and self.list_file is None:
             raise ValueError("kind 'list' needs list_file")
+        if self.kind == "python" and self.callable is None:
+            raise ValueError("kind 'python' needs callable")
         if self.kind == "list" and self.root is None:
             self.root = str(Path(self.list_file).parent)
         if self.kind in ("folder", "broden") and self.root is None:
@@ -681,14 +700,57 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[str, str]]:
     return problems
 
 
+def _callable_entries(data: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    """The mappings holding a ``callable`` (model entries, the image set) with their field paths."""
+    models = data.get("models")
+    for index, model in enumerate(models if isinstance(models, list) else []):
+        if isinstance(model, dict):
+            yield model, f"models.{index}"
+    if isinstance(data.get("images"), dict):
+        yield data["images"], "images"
+
+
+def _resolve_callable_files(data: dict[str, Any], base: Path, confine: bool) -> list[tuple[str, str]]:
+    """Make the file of each ``file.py:attr`` callable absolute against ``base``; report a missing file and,
+    when ``confine``, one outside the config's folder and the current directory (a config runs no code
+    from elsewhere on the machine)."""
+    problems: list[tuple[str, str]] = []
+    roots = [Path(os.path.realpath(base)), Path(os.path.realpath(Path.cwd()))]
+    for entry, where in _callable_entries(data):
+        target = entry.get("callable")
+        if not isinstance(target, str) or not names_file(target):
+            continue
+        location, attr = split_target(target)
+        path = Path(location).expanduser()
+        path = path if path.is_absolute() else base / path
+        entry["callable"] = f"{path}:{attr}"
+        real = Path(os.path.realpath(path))
+        if not real.is_file():
+            problems.append((f"{where}.callable", f"file not found: {path} (relative to the config's folder)"))
+        elif confine and not any(real.is_relative_to(root) for root in roots):
+            problems.append(
+                (
+                    f"{where}.callable",
+                    f"{real} lies outside the config's folder {roots[0]} and the current directory; "
+                    "put the file beside the config (or install it as a package and name package.module:function)",
+                )
+            )
+    return problems
+
+
 def parse_config(data: Any, base: Path | None = None) -> AuditConfig:
-    """Validate a config mapping; raise :class:`ConfigErrors` listing every problem with its path."""
+    """Validate a config mapping; raise :class:`ConfigErrors` listing every problem with its path.
+
+    ``base`` is the config file's folder: relative paths start there, and a callable's file must lie
+    under it or the current directory. Without it (a stored, already validated config) paths start at
+    the current directory and are not confined."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigErrors([("(root)", f"expected a mapping of options, got {type(data).__name__}")])
     data = json.loads(json.dumps(data, default=str))
     problems = _resolve_paths(data, base or Path.cwd())
+    problems += _resolve_callable_files(data, base or Path.cwd(), confine=base is not None)
     try:
         config = AuditConfig.model_validate(data)
     except ValidationError as error:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
 
 from xai_audit.storage.parquet import ResultsStore
+from xai_audit.tasks.core.callables import load_callable
 from xai_audit.tasks.core.config import AuditConfig
-from xai_audit.tasks.core.errors import ItemError
+from xai_audit.tasks.core.errors import ConfigError, ItemError
 from xai_audit.tasks.data.images import BrodenProbeSet, ImageRecord, iter_image_folder, iter_image_list
 
 
@@ -31,6 +33,18 @@ def _world_records(config: AuditConfig) -> Iterator[ImageRecord]:
         )
 
 
+def written_list(target: str) -> Path:
+    """The list file the ``python`` kind's callable returns (it may write the images first)."""
+    write_list = load_callable(target, "images.callable")
+    try:
+        list_file = Path(write_list())
+    except Exception as exc:  # the user's code failing is a problem with this field
+        raise ConfigError("images.callable", f"calling {target!r} raised {type(exc).__name__}: {exc}") from exc
+    if not list_file.is_file():
+        raise ConfigError("images.callable", f"{target!r} returned {list_file}, which is not a list file")
+    return list_file
+
+
 def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
     """Records (or item errors) of the configured image set, in a deterministic order."""
     images = config.images
@@ -40,6 +54,9 @@ def iter_image_set(config: AuditConfig) -> Iterator[ImageRecord | ItemError]:
         items = iter_image_folder(images.root)
     elif images.kind == "list":
         items = iter_image_list(images.list_file, images.root)
+    elif images.kind == "python":
+        list_file = written_list(images.callable or "")
+        items = iter_image_list(list_file, images.root or list_file.parent)
     else:
         items = BrodenProbeSet(images.root, split=images.split, field="images.root").image_records()
     return islice(items, images.limit) if images.limit else items

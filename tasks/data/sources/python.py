@@ -1,35 +1,28 @@
-"""A model built by the user's code: ``callable = "package.module:function"`` returning an ``nn.Module``.
+"""A model built by the user's code: ``callable`` (``package.module:function``, or ``mymodel.py:build``
+for a file beside the config) returning an ``nn.Module``.
 
-The string is imported, never evaluated. Preprocessing and class names come from the entry; one
-zero image of the configured input size checks the module answers with one logit per class.
+The string is imported, never evaluated (:mod:`xai_audit.tasks.core.callables`). Preprocessing and
+class names come from the entry; one zero image of the configured input size checks the module
+answers with one logit per class.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from xai_audit.tasks.core.callables import load_callable
 from xai_audit.tasks.core.config import ModelConfig, WorldConfig
 from xai_audit.tasks.core.errors import ConfigError
 from xai_audit.tasks.data.sources.base import ModelSource, SourceModel, configured_class_names, configured_preprocess
 
 
 def _factory(target: str, field: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{field}.callable", f"expected 'package.module:function', got {target!r}")
-    try:
-        factory: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{field}.callable", f"cannot import {target!r}: {exc}") from None
-    if not callable(factory):
-        raise ConfigError(f"{field}.callable", f"{target!r} is a {type(factory).__name__}, not callable")
-    return factory
+    """The factory ``target`` names: an importable ``package.module:function`` or a file beside the
+    config (``mymodel.py:build``, made absolute by ``load_config``), loaded without ``PYTHONPATH``."""
+    return load_callable(target, f"{field}.callable")
 
 
 class PythonSource(ModelSource):
