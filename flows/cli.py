@@ -162,9 +162,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from xai_audit.flows.prefect_api import check_api
     from xai_audit.flows.preflight import check
 
-    check(config)
-    if os.environ.get("PREFECT_API_URL"):  # a run would talk to it (environment or profile)
+    if os.environ.get("PREFECT_API_URL"):  # a run would talk to it (environment or profile); run checks it first too
         check_api(os.environ["PREFECT_API_URL"])
+    check(config)
     print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
     return EXIT_OK
 
