@@ -265,7 +265,9 @@ def test_the_base_config_of_the_matrix_is_valid_offline(workspace):
     outcome = workspace["cli"]("validate", workspace["base"])
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.network == []
-    allowed = _broken(workspace["base"], lambda config: config.update(dissect={"enabled": True, "allow_synthetic": True}))
+    allowed = _broken(
+        workspace["base"], lambda config: config.update(dissect={"enabled": True, "allow_synthetic": True})
+    )
     outcome = workspace["cli"]("validate", allowed)
     assert outcome.returncode == 0, outcome.stderr
 
@@ -304,7 +306,8 @@ def test_the_network_guard_records_and_refuses_connections_beyond_loopback(works
         "socket.create_connection(server.getsockname(), timeout=5).close()\n"
         "try:\n    socket.create_connection(('192.0.2.1', 443), timeout=5)\nexcept OSError as error:\n"
         "    print('refused', error.errno)\n"
-        "try:\n    socket.getaddrinfo('huggingface.co', 443)\nexcept OSError as error:\n    print('refused', error.errno)\n"
+        "try:\n    socket.getaddrinfo('huggingface.co', 443)\n"
+        "except OSError as error:\n    print('refused', error.errno)\n"
     )
     log = workspace["tmp"] / "guard-check.log"
     env = {**os.environ, "PYTHONPATH": str(workspace["tmp"] / "guard"), "XAI_TEST_NETWORK_LOG": str(log)}
