@@ -104,6 +104,27 @@ def concept_set(config: AuditConfig, probe: Probe, class_names: list[str]) -> tu
     return load_concepts(class_names, field="dissect.concepts"), {}
 
 
+def label_sources(config: AuditConfig, probe: Probe, method: str, concepts: int) -> dict[str, object]:
+    """What every ``neurons`` row of ``method`` names its label's origin with: the probe set the label
+    was chosen on, its size, and the candidate set (the configured concepts, or the probe's masks)."""
+    settings = config.dissect
+    where = "world" if settings.probe.kind == "world" else Path(probe.root).name
+    if method == "netdissect":
+        concept_set = "probe masks"
+    elif settings.concepts.source == "file":
+        concept_set = f"file {Path(settings.concepts.path).name}"
+    elif settings.concepts.source == "classes":
+        concept_set = "class names"
+    else:
+        concept_set = settings.concepts.source
+    return {
+        "probe_set": f"{where} {probe.split or 'all'}",
+        "probe_images": len(probe.image_ids),
+        "concept_set": concept_set,
+        "concepts": concepts,
+    }
+
+
 _clip_lock = threading.Lock()
 
 
