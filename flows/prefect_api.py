@@ -141,8 +141,11 @@ def api_for_run() -> Iterator[Callable[[], None]]:
         return
 
     with owned_api(wait=False) as (private_url, ready):  # started before Prefect is imported here
-        os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"] = private_url, "1"
+        # imported before the URL enters the environment: Prefect's root settings, read from it on
+        # first import, would keep this server's URL after the run (a later run in the process)
         from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"] = private_url, "1"
 
         def announced_ready() -> None:  # said when a run needs it, not while preflight may still refuse
             progress.step("Prefect: private API server (home %s)", os.environ.get("PREFECT_HOME"))

@@ -78,7 +78,7 @@ def image_set_problem(config: AuditConfig) -> tuple[str, str] | None:
             first_error = first_error or error
     where = config.images.list_file if config.images.kind == "list" else config.images.root
     if not listed:
-        return "images", f"the image set at {where} is empty; point images.root (or images.list_file) at your images"
+        return "images", f"the image set is empty ({where}); point images.root (or images.list_file) at your images"
     return (
         "images",
         f"none of the {listed} image(s) at {where} decodes (first: {first_error}); "

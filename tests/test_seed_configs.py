@@ -273,7 +273,9 @@ def test_validate_names_each_missing_download_by_field_and_path(tmp_path):
         code, _, err = _cli("validate", str(tmp_path / name))
         assert code == 2
         for field, path in problems:
-            assert any(line.strip().startswith(f"{field}:") and path in line for line in err.splitlines()), err
+            lines = err.splitlines()
+            named = [line for line in lines if line.strip().startswith(f"{field}:") or f": {field}: " in line]
+            assert any(path in line for line in named), err
 
 
 @pytest.mark.slow
