@@ -174,8 +174,11 @@ def _named_config(path: str):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = _named_config(args.config)
+    from xai_audit.flows.prefect_api import check_api
     from xai_audit.flows.preflight import check
 
+    if os.environ.get("PREFECT_API_URL"):  # a run would talk to it (environment or profile); run checks it first too
+        check_api(os.environ["PREFECT_API_URL"])
     check(config)
     print(f"{args.config}: valid ({len(config.models)} model(s), config hash {config.config_hash()})")
     return EXIT_OK
@@ -185,15 +188,17 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     config = _named_config(args.config)
     from xai_audit.flows.prefect_api import api_for_run
 
-    with _progress_to_stderr(), _stop_on_signals(), api_for_run() as api_ready:  # the server starts meanwhile
-        from xai_audit.flows.audit import run_audit
+    with api_for_run() as api_ready:  # a private server starts meanwhile
         from xai_audit.flows.preflight import check
 
-        check(config)
+        check(config)  # before the progress lines: a refused config prints its one line alone
         results = _results_root(args, config.results)
         _writable_results(results)
-        api_ready()
-        outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
+        from xai_audit.flows.audit import run_audit
+
+        with _progress_to_stderr(), _stop_on_signals():
+            api_ready()
+            outcome = run_audit(config, results, stages=stages, resume=args.resume, new=args.new)
     from xai_audit.storage.parquet import ResultsStore
     from xai_audit.tasks.results.findings import run_findings
 
@@ -592,7 +597,11 @@ def main(argv: list[str] | None = None) -> int:
         # (minutes); what they write is atomic, so nothing partial becomes visible.
         os._exit(128 + error.signum)
     except ConfigErrors as error:
-        print(f"invalid config {getattr(args, 'config', None) or getattr(args, 'out', '')}:", file=sys.stderr)
+        where = f"invalid config {getattr(args, 'config', None) or getattr(args, 'out', '')}"
+        if len(error.problems) == 1:  # one line, as scripts and log scanners read it
+            print(f"{where}: {': '.join(error.problems[0])}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{where}:", file=sys.stderr)
         for field, message in error.problems:
             print(f"  {field}: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -145,16 +145,38 @@ def api_for_run() -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
 
-    progress.step("Prefect: starting a private API server (home %s)", os.environ.get("PREFECT_HOME"))
     with owned_api(wait=False) as (private_url, ready):  # started before Prefect is imported here
-        os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"] = private_url, "1"
+        # imported before the URL enters the environment: Prefect's root settings, read from it on
+        # first import, would keep this server's URL after the run (a later run in the process)
         from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"] = private_url, "1"
+
+        def announced_ready() -> None:  # said when a run needs it, not while preflight may still refuse
+            progress.step("Prefect: private API server (home %s)", os.environ.get("PREFECT_HOME"))
+            ready()
 
         try:
             with temporary_settings(updates={PREFECT_API_URL: private_url}):
-                yield ready
+                try:
+                    yield announced_ready
+                finally:
+                    _flush_to_api()
         finally:
             del os.environ["PREFECT_API_URL"], os.environ["XAI_AUDIT_PRIVATE_API"]
+
+
+def _flush_to_api(timeout_s: float = 10.0) -> None:
+    """Send the log lines and events Prefect still queues while the private server is up: after it
+    stops, Prefect's exit-time flush prints "Error logging to API" (a failed run's last lines)."""
+    if "prefect.logging.handlers" not in sys.modules:  # nothing was logged to the API
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # noqa: BLE001 - a flush that fails must not mask the run's outcome
+            worker.drain_all(timeout=timeout_s)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""Checks that need more than the schema (architectures, weights, layer names, non-empty sets),
-run before any work starts so a bad config costs seconds, not a failed night.
+"""Checks that need more than the schema (architectures, weights in the caches, layer names, a
+model's output width, decodable images, the probe set a model may be labelled on), run by
+``validate`` and before a run starts Prefect, so a bad config costs seconds, not a failed night.
 
-Models are built on PyTorch's ``meta`` device: names are checked without allocating or
-downloading weights.
+Models with published architectures are built on PyTorch's ``meta`` device: names are checked
+without allocating or downloading weights. A user's model (a ``python`` factory) is built once on
+the CPU, as loading builds it, and answers one input of the configured size.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import inspect
 from collections.abc import Iterator
 
 from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, ModelConfig
-from xai_audit.tasks.core.errors import ConfigError, XaiAuditError
+from xai_audit.tasks.core.errors import ConfigError, ItemError, XaiAuditError
 from xai_audit.tasks.core.names import method_problems
 from xai_audit.tasks.data.image_sets import iter_image_set
+from xai_audit.tasks.data.images import load_rgb
 from xai_audit.tasks.data.sources.registry import model_source
 from xai_audit.tasks.dissect.clip_dissect import SIMILARITY_FUNCTIONS, load_concepts
+from xai_audit.tasks.dissect.clip_weights import resolve_clip_weights
 from xai_audit.tasks.dissect.labellers import LABELLERS
 from xai_audit.tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
 from xai_audit.tasks.explain.registry import EXPLAINERS
@@ -44,8 +48,13 @@ def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
     if missing:
         yield from missing
         return
-    yield from source.problems(model, field)
-    skeleton = source.skeleton(model)
+    refused = list(source.problems(model, field))
+    yield from refused
+    try:
+        skeleton = source.skeleton(model) or (None if refused else source.built(model, field))
+    except ConfigError as error:  # the user's factory cannot be imported, built or run, or its width is off
+        yield error.field, error.message
+        return
     if skeleton is None:
         return
     names = [name for name, _ in skeleton.named_modules() if name]
@@ -55,12 +64,35 @@ def model_problems(index: int, model: ModelConfig) -> Iterator[tuple[str, str]]:
                 yield f"{field}.{key}", f"unknown layer {layer!r}; {_closest(layer, names)}"
 
 
+def image_set_problem(config: AuditConfig) -> tuple[str, str] | None:
+    """An image set to explain without one image that decodes (images are tried in order until one does)."""
+    listed, first_error = 0, None
+    for item in iter_image_set(config):
+        listed += 1
+        try:
+            if isinstance(item, ItemError):
+                raise item
+            load_rgb(item.path, item_id=item.image_id)
+            return None
+        except ItemError as error:
+            first_error = first_error or error
+    where = config.images.list_file if config.images.kind == "list" else config.images.root
+    if not listed:
+        return "images", f"the image set is empty ({where}); point images.root (or images.list_file) at your images"
+    return (
+        "images",
+        f"none of the {listed} image(s) at {where} decodes (first: {first_error}); "
+        "give image files Pillow reads (JPEG, PNG, ...)",
+    )
+
+
 def set_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
-    """Image and concept sets that are empty or unreadable."""
+    """Image sets without a decodable image and concept sets that are empty or unreadable."""
     if config.explain.enabled and config.images.kind != "world":
         try:
-            if next(iter_image_set(config), None) is None:
-                yield "images", "the image set is empty"
+            problem = image_set_problem(config)
+            if problem:
+                yield problem
         except ConfigError as error:
             yield error.field, error.message
     concepts = config.dissect.concepts
@@ -150,10 +182,57 @@ def target_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
             yield from unknown_class_names(config.explain.target, names, model.name)
 
 
+def clip_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """A CLIP whose weights are not in open_clip's or the Hugging Face cache (nothing is downloaded)."""
+    dissect = config.dissect
+    if not dissect.enabled or "clip_dissect" not in dissect.methods:
+        return
+    try:
+        resolve_clip_weights(dissect.clip.model, dissect.clip.pretrained)
+    except ConfigError as error:
+        yield error.field, error.message
+
+
+def synthetic_probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
+    """Models that were not trained on the synthetic world, to be labelled with its probe images or
+    concepts: their labels would name the world's shapes, colours and textures whatever the model
+    learnt. Refused unless ``dissect.allow_synthetic`` says it is meant."""
+    dissect = config.dissect
+    if not dissect.enabled or dissect.allow_synthetic:
+        return
+    foreign = []
+    for index, model in enumerate(config.models):
+        try:
+            if not model_source(model.source, f"models.{index}").trained_on_world:
+                foreign.append(model.name)
+        except ConfigError:
+            continue  # an unknown source is a problem of its own
+    if not foreign:
+        return
+    who = f"{', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not trained on the synthetic world"
+    options = (
+        "label on a probe set of your own or Broden (dissect.probe: {kind: broden, root: ...}, dissect.concepts: "
+        "{source: broden} or a concept file), turn labelling off (dissect.enabled: false), or set "
+        "dissect.allow_synthetic: true if the synthetic labels are meant"
+    )
+    if dissect.probe.kind == "world":
+        yield (
+            "dissect.probe",
+            f"{who}, whose images are the probe set; {options}",
+        )
+    elif dissect.concepts.source == "world" and "clip_dissect" in dissect.methods:
+        yield (
+            "dissect.concepts",
+            f"{who}, whose concepts would label it; {options}",
+        )
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
     problems = list(registry_problems(config))
     problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
+    problems += list(clip_problems(config))
+    problems += list(synthetic_probe_problems(config))
     problems += list(lime_problems(config))
     problems += list(concept_problems(config))
     problems += list(target_problems(config))

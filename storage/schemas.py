@@ -31,6 +31,17 @@ _TARGET = (
     "Class the maps explain (the saliency rows' target; several per image with explain.target topk or class names).",
 )
 
+_LABEL_SOURCES = (
+    ("probe_set", pa.string(), "The probe set the labels were chosen on (kind or folder, split), e.g. world val."),
+    ("probe_images", pa.int32(), "Its usable images."),
+    (
+        "concept_set",
+        pa.string(),
+        "Where the candidate labels came from: dissect.concepts' source (clip_dissect) or the probe set's masks.",
+    ),
+    ("concepts", pa.int32(), "Candidate labels in that set."),
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": _schema(
         "One row per run: its config, status and timings.",
@@ -131,6 +142,7 @@ TABLES: dict[str, pa.Schema] = {
                 "(dissect.significance; null when off)."
             ),
         ),
+        *_LABEL_SOURCES,
     ),
     "label_checks": _schema(
         (
@@ -442,6 +454,7 @@ SUMMARY_TABLES: dict[str, pa.Schema] = {
         ("tied", pa.int64(), "Units whose label is a tie (tied_with not empty)."),
         ("score_mean", pa.float64(), "Mean score of the labelled units."),
         ("score_median", pa.float64(), "Median score of the labelled units."),
+        *_LABEL_SOURCES,
     ),
     "summary_label_checks": _schema(
         "One row per (model, check, concept set): the label self-tests' results (from label_checks).",

@@ -195,7 +195,8 @@ def test_preflight_accepts_a_valid_real_model_config():
                         "weights": "IMAGENET1K_V2",
                         "layers": ["layer3", "layer4.2.conv3"],
                     }
-                ]
+                ],
+                "dissect": {"allow_synthetic": True},  # labelled on the world, on purpose
             }
         )
     )

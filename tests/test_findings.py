@@ -98,3 +98,20 @@ def test_cli_report_and_artifact_show_the_same_digest(runs, capsys):
         run_id, raw_counts(store, run_id), load_summary(store, run_id), read_drift(store, run_id), None
     )
     assert "\n".join(lines[1:]) in markdown
+
+
+def test_digest_names_the_probe_set_and_concept_set_the_labels_were_chosen_from(runs):
+    """The fixture labels with Network Dissection on the world's val split of N_IMAGES images; its
+    candidates are the mask labels of the world's label.csv (counted here from the file)."""
+    import csv
+
+    from tests.fixtures.audit_runs import N_IMAGES, audit_config
+    from xai_audit.tasks.world.synthetic import ensure_world
+
+    world = ensure_world(audit_config(seed=1, world_seed=1, lime_search=False).world)
+    with open(world / "label.csv", newline="") as handle:
+        masks = sum(1 for row in csv.DictReader(handle) if row["name"] != "-")
+    lines = run_findings(runs.store, runs.second.run_id)
+    assert line_starting(lines, "  labels: ") == (
+        f"  labels: netdissect from probe set world val ({N_IMAGES} images), concepts: probe masks ({masks})"
+    )

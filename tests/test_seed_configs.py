@@ -10,10 +10,11 @@ the downloads stay untested:
   keys, epoch/arch/best_prec1) and a categories file in ``$XAI_AUDIT_CACHE/places365``;
 - ``broden1_224``: the synthetic world written in Broden's format;
 - ``20k.txt``: a short word list; ``imagenet-samples``: three generated JPEGs;
-- CLIP ``ViT-B-16``/``openai``: open_clip's ViT-B-16 with random weights, saved as a local
-  checkpoint that a derived config names in ``clip.pretrained``. Chosen over the toy CLIP because
-  it keeps the config's architecture, tokenizer and 224-px preprocessing, so only the weights
-  differ (the ``openai`` tag also switches on QuickGELU, which no parameter shape shows).
+- CLIP ``ViT-B-16``/``openai``: open_clip's ViT-B-16 with random weights, saved where open_clip's
+  download of the tag would have put it in a temporary Hugging Face hub cache
+  (``models--timm--vit_base_patch16_clip_224.openai/snapshots/<revision>/``), so the runs load the
+  tag from the cache exactly as a machine that fetched it does. Chosen over the toy CLIP because
+  it keeps the config's architecture, tokenizer and 224-px preprocessing, so only the weights differ.
 
 The derived configs change sizes only (probe images, LIME samples, metric steps, and the CAM
 layer: ScoreCAM and AblationCAM run one forward per channel, 64 at ``layer1.0.conv1`` instead of
@@ -33,6 +34,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.error import URLError
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -97,14 +99,24 @@ def _write_places365(folder: Path) -> None:
     (folder / "categories_places365.txt").write_text("".join(f"/s/scene{index} {index}\n" for index in range(365)))
 
 
-def _write_random_clip(path: Path) -> None:
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _write_random_clip(hub: Path) -> None:
+    """A random ViT-B-16 as the hub cache holds the ``openai`` tag's file (snapshot + ``refs/main``)."""
     import open_clip
 
+    repo = hub / "models--timm--vit_base_patch16_clip_224.openai"
+    snapshot = repo / "snapshots" / HUB_REVISION
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16")
     # half precision halves the file; loading copies the values into the fp32 parameters
     torch.save(
-        {key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()}, path
+        {key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()},
+        snapshot / "open_clip_pytorch_model.bin",
     )
 
 
@@ -145,7 +157,7 @@ def study(prefect_harness, tmp_path_factory):
     _write_images(data / "imagenet-samples")
     _write_torchvision_weights(root / "torch" / "hub" / "checkpoints")
     _write_places365(root / "cache" / "places365")
-    _write_random_clip(root / "vit-b-16-random.pt")
+    _write_random_clip(root / "hub")
 
     downloads: list[str] = []
 
@@ -157,11 +169,13 @@ def study(prefect_harness, tmp_path_factory):
         patch.setenv("TORCH_HOME", str(root / "torch"))
         patch.setenv("XAI_AUDIT_CACHE", str(root / "cache"))
         patch.setattr(torch.hub, "download_url_to_file", refuse)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub"))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a lookup beyond the cache raises
         validated = {name: _cli("validate", str(configs / name)) for name in SEED_CONFIGS}
 
         def small_dissect(data: dict) -> None:
             data["dissect"]["probe"].update(limit=N_PROBE, batch_size=16, workers=0)
-            data["dissect"]["clip"].update(pretrained=str(root / "vit-b-16-random.pt"), batch_size=16)
+            data["dissect"]["clip"].update(batch_size=16)
 
         def small_explain(data: dict) -> None:
             data["models"][0]["cam_layer"] = "layer1.0.conv1"
@@ -259,7 +273,9 @@ def test_validate_names_each_missing_download_by_field_and_path(tmp_path):
         code, _, err = _cli("validate", str(tmp_path / name))
         assert code == 2
         for field, path in problems:
-            assert any(line.strip().startswith(f"{field}:") and path in line for line in err.splitlines()), err
+            lines = err.splitlines()
+            named = [line for line in lines if line.strip().startswith(f"{field}:") or f": {field}: " in line]
+            assert any(path in line for line in named), err
 
 
 @pytest.mark.slow

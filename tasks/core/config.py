@@ -299,6 +299,14 @@ class DissectConfig(_Section):
     """Neuron labelling."""
 
     enabled: bool = Field(True, description="Run the dissect stage.")
+    allow_synthetic: bool = Field(
+        False,
+        description=(
+            "Label models that were not trained on the synthetic world (every source but demo) with the world's probe "
+            "images or concepts. Off, such a config is refused: its labels would name the world's shapes and colours "
+            "whatever the model learnt; give a probe set of your own or Broden, or set dissect.enabled: false."
+        ),
+    )
     methods: list[str] = Field(
         ["clip_dissect", "netdissect"],
         min_length=1,

@@ -17,6 +17,7 @@ from xai_audit.tasks.dissect.stage import (
     clip_similarity,
     concept_set,
     finite_clip_dissect_rows,
+    label_sources,
     netdissect_rows,
     nonfinite_activation_row,
     pooled_layer_activations,
@@ -36,11 +37,12 @@ class ClipDissect(Labeller):
         concepts, categories = concept_set(config, probe, model.class_names)
         similarity = clip_similarity(config, probe, concepts)
         labels = Labels({})
+        sources = label_sources(config, probe, self.name, len(concepts))
         for layer in layers:
             frame, errors = finite_clip_dissect_rows(
                 config, similarity, activations[layer], probe, concepts, categories, model.name, layer
             )
-            labels.frames[layer] = frame
+            labels.frames[layer] = frame.assign(**sources)
             labels.errors += errors
         return labels
 
@@ -55,6 +57,13 @@ class NetDissect(Labeller):
     def label(self, config: AuditConfig, model: Any, all_layers: list[str], layers: list[str], probe: Probe) -> Labels:
         nonfinite: dict[str, None] = {}
         frames = netdissect_rows(config, model, layers, probe, nonfinite)
+        wanted = config.dissect.netdissect.categories
+        masks = sum(  # label 0 is Broden's "-", no concept
+            number != 0 and (wanted is None or category in wanted)
+            for number, category in probe.broden().label_category.items()
+        )
+        sources = label_sources(config, probe, self.name, masks)
+        frames = {layer: frame.assign(**sources) for layer, frame in frames.items()}
         errors = [
             nonfinite_activation_row(
                 model.name,

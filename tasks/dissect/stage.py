@@ -46,6 +46,7 @@ from xai_audit.tasks.dissect.clip_dissect import (
     load_concepts,
     similarity_function,
 )
+from xai_audit.tasks.dissect.clip_weights import TOY_CLIP, ClipWeights, resolve_clip_weights
 from xai_audit.tasks.dissect.label_checks import CHECK_FINAL_LAYER, final_layer_rows, output_layer
 from xai_audit.tasks.dissect.netdissect import DEFAULT_BINS, dissect_layers
 from xai_audit.tasks.dissect.probe import Probe, dissect_batches, pixel_batches
@@ -103,28 +104,54 @@ def concept_set(config: AuditConfig, probe: Probe, class_names: list[str]) -> tu
     return load_concepts(class_names, field="dissect.concepts"), {}
 
 
+def label_sources(config: AuditConfig, probe: Probe, method: str, concepts: int) -> dict[str, object]:
+    """What every ``neurons`` row of ``method`` names its label's origin with: the probe set the label
+    was chosen on, its size, and the candidate set (the configured concepts, or the probe's masks)."""
+    settings = config.dissect
+    where = "world" if settings.probe.kind == "world" else Path(probe.root).name
+    if method == "netdissect":
+        concept_set = "probe masks"
+    elif settings.concepts.source == "file":
+        concept_set = f"file {Path(settings.concepts.path).name}"
+    elif settings.concepts.source == "classes":
+        concept_set = "class names"
+    else:
+        concept_set = settings.concepts.source
+    return {
+        "probe_set": f"{where} {probe.split or 'all'}",
+        "probe_images": len(probe.image_ids),
+        "concept_set": concept_set,
+        "concepts": concepts,
+    }
+
+
 _clip_lock = threading.Lock()
 
 
 @lru_cache(maxsize=2)
-def _load_clip(name: str, pretrained: str | None, device: str):
+def _load_clip(weights: ClipWeights, device: str, name: str, pretrained: str | None):
     import open_clip  # seconds to import; only CLIP-Dissect needs it
 
-    if name == "xai-toy-clip":
+    if weights.model == TOY_CLIP:
         register_toy_clip()
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        weights.model, device=device, **weights.open_clip_kwargs()
+    )
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(name), clip_identity(name, pretrained)
+    # the configured name and tag (or file) key the caches, not where this machine keeps the file
+    return model, preprocess, open_clip.get_tokenizer(weights.model), clip_identity(name, pretrained)
 
 
 def clip_model(config: AuditConfig):
-    """(model, preprocess, tokenizer, identity) of the configured CLIP, loaded once per process."""
+    """(model, preprocess, tokenizer, identity) of the configured CLIP, loaded once per process from
+    the local file its settings resolve to (never downloaded: preflight refused a missing one)."""
     settings = config.dissect.clip
     pretrained = settings.pretrained
-    if pretrained is None and settings.model == "xai-toy-clip":
+    if pretrained is None and settings.model == TOY_CLIP:
         pretrained = str(ensure_toy_clip(config.world))
+    weights = resolve_clip_weights(settings.model, pretrained)
     with _clip_lock:
-        return _load_clip(settings.model, pretrained, str(resolve_device(config.device)))
+        return _load_clip(weights, str(resolve_device(config.device)), settings.model, pretrained)
 
 
 def clip_similarity(config: AuditConfig, probe: Probe, concepts: list[str]) -> torch.Tensor:

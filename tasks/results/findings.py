@@ -37,10 +37,26 @@ def number(value: object) -> str:
     return f"{float(value):.3f}"
 
 
+def _label_source_lines(layers: pd.DataFrame) -> list[str]:
+    """Which probe set and candidate set every label of the model was chosen from, per method."""
+    if "probe_set" not in layers or layers["probe_set"].isna().all():
+        return []
+    sources = layers.dropna(subset=["probe_set"]).drop_duplicates(
+        ["method", "probe_set", "probe_images", "concept_set", "concepts"]
+    )
+    parts = [
+        f"{r.method} from probe set {r.probe_set} ({int(r.probe_images):,} images), concepts: {r.concept_set} "
+        f"({int(r.concepts):,})"
+        for r in sources.sort_values("method").itertuples()
+    ]
+    return [f"  labels: {'; '.join(parts)}"]
+
+
 def _model_lines(model: str, summary: dict[str, pd.DataFrame]) -> list[str]:
     lines = [f"{model}:"]
     layers = summary["summary_layers"]
     layers = layers[layers["model"] == model]
+    lines += _label_source_lines(layers)
     concepts = summary["summary_concepts"]
     for row in layers.itertuples():
         mine = concepts[

@@ -211,6 +211,9 @@ def concept_models(neurons: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+LABEL_SOURCES = ["probe_set", "probe_images", "concept_set", "concepts"]
+
+
 def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
     """``summary_layers``: labelled, counted and interpretable units of each layer."""
     if neurons.empty:
@@ -232,6 +235,8 @@ def layer_units(neurons: pd.DataFrame) -> pd.DataFrame:
     )
     frame["interpretable_share"] = (frame["interpretable"] / frame["units"]).where(netdissect)
     frame = frame.join(significant_units(neurons))
+    # where the labels came from (absent in runs written before neurons named it)
+    frame = frame.join(neurons.reindex(columns=[*LAYER_KEY, *LABEL_SOURCES]).groupby(LAYER_KEY)[LABEL_SOURCES].first())
     return _columns("summary_layers", frame.reset_index().sort_values(LAYER_KEY))
 
 

@@ -54,6 +54,8 @@ class ModelSource(ABC):
     """The ``models[].source`` value this source answers."""
     required: tuple[str, ...] = ()
     """``models[]`` fields an entry of this source must set."""
+    trained_on_world: bool = False
+    """Whether its models learnt the synthetic world, so the world's probe set and concepts describe them."""
 
     def missing_fields(self, model: ModelConfig, field: str) -> Iterator[Problem]:
         """The problem of an entry that leaves out a field this source needs."""
@@ -75,6 +77,12 @@ class ModelSource(ABC):
 
     def skeleton(self, model: ModelConfig) -> nn.Module | None:
         """The architecture on the meta device (layer names, no weights); None when only loading tells."""
+        return None
+
+    def built(self, model: ModelConfig, field: str) -> nn.Module | None:
+        """The module as loading builds and checks it, for sources where that needs no weights file or
+        download (a user's factory, which only running tells about): preflight checks its layer names.
+        None for the others. Raises :class:`ConfigError` as loading does."""
         return None
 
     def geometry(self, model: ModelConfig) -> tuple[int, int] | None:

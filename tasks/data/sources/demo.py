@@ -22,6 +22,7 @@ class DemoSource(ModelSource):
     """The demo model of a synthetic world: a ResNet18 classifying its shapes."""
 
     name = "demo"
+    trained_on_world = True
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         folder = Path(model.path) if model.path else demo_model.ensure_demo_model(world)

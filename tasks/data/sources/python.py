@@ -62,5 +62,8 @@ class PythonSource(ModelSource):
             )
         return SourceModel(module, preprocess, class_names, size, mean, std, {"source": self.name, "callable": target})
 
+    def built(self, model: ModelConfig, field: str) -> nn.Module | None:
+        return self.load(model, field, WorldConfig()).module
+
     def geometry(self, model: ModelConfig) -> tuple[int, int] | None:
         return model.preprocess.resize, model.preprocess.crop
