@@ -164,7 +164,7 @@ def test_a_second_run_in_one_process_does_not_take_the_first_runs_stopped_server
 
     monkeypatch.setattr(prefect_api, "owned_api", fake_owned_api)
     monkeypatch.setattr(prefect_api, "check_api", refuse)
-    with prefect_api.api_for_run() as ready:
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), prefect_api.api_for_run() as ready:  # none set
         ready()
     with temporary_settings(updates={PREFECT_API_URL: served[0]}):  # what Prefect's settings keep
         with prefect_api.api_for_run() as ready:
