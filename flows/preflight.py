@@ -21,6 +21,7 @@ from xai_audit.tasks.dissect.labellers import LABELLERS
 from xai_audit.tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
 from xai_audit.tasks.explain.registry import EXPLAINERS
 from xai_audit.tasks.explain.targets import unknown_class_names
+from xai_audit.tasks.world.recipe import demo_recipe
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -150,9 +151,17 @@ def target_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
             yield from unknown_class_names(config.explain.target, names, model.name)
 
 
+def recipe_problems() -> Iterator[tuple[str, str]]:
+    """A malformed ``$XAI_AUDIT_DEMO_RECIPE`` (read when the demo model or toy CLIP is trained)."""
+    try:
+        demo_recipe()
+    except ConfigError as error:
+        yield error.field, error.message
+
+
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
-    problems = list(registry_problems(config))
+    problems = list(registry_problems(config)) + list(recipe_problems())
     problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
     problems += list(lime_problems(config))
     problems += list(concept_problems(config))

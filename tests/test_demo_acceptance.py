@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.margins import assert_at_least
 from xai_audit.tasks.core.config import load_config, parse_config
 from xai_audit.tasks.data.image_sets import iter_image_set, record_row
 from xai_audit.tasks.data.images import load_rgb
@@ -21,7 +22,7 @@ from xai_audit.tasks.explain.cams import forward_with_cams
 from xai_audit.tasks.explain.stage import ground_truth_mask
 from xai_audit.tasks.metrics.maps import deletion_insertion, energy_in_gt, pointing_hit, scaled_tolerance
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.demo_model]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_demo_model_classifies_the_held_out_images(demo):
     model, pixels, _, labels, _ = demo
     with torch.no_grad():
         predicted = model.module(pixels).argmax(dim=-1).tolist()
-    assert np.mean(np.array(predicted) == np.array(labels)) >= 0.95
+    assert_at_least("accuracy on 50 held-out images", np.mean(np.array(predicted) == np.array(labels)), 0.95)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def gradcam(demo):
 def test_gradcam_wins_the_pointing_game(demo, gradcam):
     _, _, masks, _, _ = demo
     tolerance = scaled_tolerance(masks.shape[-1])
-    assert np.mean([pointing_hit(m, mask, tolerance) for m, mask in zip(gradcam, masks)]) >= 0.8
+    hits = np.mean([pointing_hit(m, mask, tolerance) for m, mask in zip(gradcam, masks)])
+    assert_at_least("Grad-CAM pointing accuracy (50 images)", hits, 0.8)
 
 
 def test_gradcam_beats_a_noise_map_on_localization_and_deletion(demo, gradcam):
@@ -68,12 +70,12 @@ def test_gradcam_beats_a_noise_map_on_localization_and_deletion(demo, gradcam):
     noise_hits = [pointing_hit(m, mask, tolerance) for m, mask in zip(noise, masks)]
     energy = np.mean([energy_in_gt(m, mask) for m, mask in zip(gradcam, masks)])
     noise_energy = np.mean([energy_in_gt(m, mask) for m, mask in zip(noise, masks)])
-    assert np.mean(hits) - np.mean(noise_hits) >= 0.3
-    assert energy >= 1.5 * noise_energy
+    assert_at_least("pointing: Grad-CAM minus noise", np.mean(hits) - np.mean(noise_hits), 0.3)
+    assert_at_least("energy in the mask: Grad-CAM / noise", energy / noise_energy, 1.5)
 
     deletion, _ = deletion_insertion(model.module, pixels, gradcam, labels, steps=10, baseline="mean")
     noise_deletion, _ = deletion_insertion(model.module, pixels, noise, labels, steps=10, baseline="mean")
-    assert deletion.mean() < noise_deletion.mean() - 0.05
+    assert_at_least("deletion AUC: noise minus Grad-CAM", noise_deletion.mean() - deletion.mean(), 0.05)
 
 
 def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
@@ -107,4 +109,4 @@ def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
         ours = explain_lime(model_fn, [array], [label], num_samples=300, seed=0)[0]
         our_top = set(ours.top_segments(5).tolist())
         jaccards.append(len(stock_top & our_top) / max(1, len(stock_top | our_top)))
-    assert np.mean(jaccards) >= 0.8
+    assert_at_least("top-5 superpixel Jaccard, batched vs stock LIME", np.mean(jaccards), 0.8)
