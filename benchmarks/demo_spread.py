@@ -86,14 +86,14 @@ def junit_outcomes(path: Path) -> dict[str, dict[str, str]]:
 
 
 def run_variant(recipe: DemoRecipe, timeout: float) -> dict[str, Any]:
-    """Train the variant's models, then run the demo_model tests against them in a fresh pytest."""
+    """Train the variant's models, then run the tests marked demo_model or toy_clip against them in a fresh pytest."""
     start = time.perf_counter()
     models = trained_models(recipe)
     trained_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="demo-spread-") as folder:
         junit, margins = Path(folder) / "junit.xml", Path(folder) / "margins.jsonl"
         env = {**os.environ, RECIPE_ENV: recipe.label(), MARGINS_ENV: str(margins)}
-        command = [sys.executable, "-m", "pytest", "-m", "demo_model", "-p", "no:cacheprovider", "-q"]
+        command = [sys.executable, "-m", "pytest", "-m", "demo_model or toy_clip", "-p", "no:cacheprovider", "-q"]
         command += ["--junitxml", str(junit), "tests"]
         started = time.perf_counter()
         process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -154,7 +154,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{shot['color']:.3f} / {shot['object']:.3f} / {shot['texture']:.3f} |"
         )
     tests = sorted({test for label in labels for test in variants[label]["tests"]})
-    lines += ["", "## Tests marked demo_model, per variant", "", "| test | " + " | ".join(labels) + " |"]
+    lines += ["", "## Tests marked demo_model or toy_clip, per variant", "", "| test | " + " | ".join(labels) + " |"]
     lines.append("|---|" + "---|" * len(labels))
     for test in tests:
         cells = []
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         report["variants"] = {}  # another machine's variants are not this machine's spread
     report["machine"] = spread_machine()
     for recipe in recipes:
-        print(f"{recipe.label()}: training or loading the models, then the demo_model tests", flush=True)
+        print(f"{recipe.label()}: training or loading the models, then the demo_model and toy_clip tests", flush=True)
         result = run_variant(recipe, args.timeout)
         report["variants"][recipe.label()] = result
         report["assertions"] = assertion_spread(report["variants"])

@@ -120,7 +120,7 @@ def clip_dissect_planted():
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 @pytest.mark.parametrize(("unit", "category"), [("red", "color"), ("striped", "texture"), ("circle", "object")])
 def test_clip_dissect_names_the_colour_texture_and_shape_detectors(clip_dissect_planted, unit, category):
     """With the world's concept set and the paper's default (soft-WPMI on plain cosines, as the
@@ -177,7 +177,7 @@ def _neuron_files(results: str) -> dict[Path, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_dissect_flow_writes_one_row_per_unit_and_method(dissected):
     """Every unit of every labelled layer has exactly one row per method (units = channels)."""
     _, _, _, neurons = dissected
@@ -190,7 +190,7 @@ def test_dissect_flow_writes_one_row_per_unit_and_method(dissected):
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_dissect_flow_rows_carry_the_planted_concepts(dissected):
     """In the flow's ``neurons`` table the planted detectors carry their concepts: NetDissect (at
     the default quantile) for every detector, CLIP-Dissect for the red, striped and circle ones."""
@@ -204,7 +204,7 @@ def test_dissect_flow_rows_carry_the_planted_concepts(dissected):
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(dissected):
     """Resuming the finished run rewrites no ``neurons`` file; after one work unit's file is
     deleted, a resume writes that file alone, and the table again holds each key once."""
@@ -229,7 +229,7 @@ def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(disse
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_methods_agree_on_the_planted_detectors_and_rarely_on_random_units(dissected):
     """Per-layer agreement of the two methods' labels, computed here from ``neurons``. On the
     planted layer the red, striped and circle detectors get the same label from both methods, and

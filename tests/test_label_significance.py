@@ -176,7 +176,7 @@ def test_network_dissection_p_values_separate_planted_detectors_from_constant_an
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_clip_dissect_p_values_separate_planted_detectors_from_constant_and_noise(planted_probe):
     """With the toy CLIP and the paper's soft-WPMI: every planted detector p < 0.001, the constant
     unit p = 1, three seeded-noise units p ≥ 0.05; the same seed gives the same p-values and

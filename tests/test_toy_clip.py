@@ -107,7 +107,7 @@ def test_ensure_toy_clip_caches_beside_its_meta(tmp_path: Path, monkeypatch: pyt
 
 
 @pytest.mark.slow
-@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_toy_clip_meets_the_zero_shot_floors() -> None:
     """Held-out zero-shot accuracy, computed here from the saved checkpoint via open_clip."""
     scores = zero_shot_accuracy(ensure_toy_clip(), ensure_world(), split="val")
