@@ -25,7 +25,7 @@ from xai_audit.storage.integrity import repair_run
 from xai_audit.storage.parquet import ResultsStore
 from xai_audit.storage.runs import RunRecord, list_runs, new_run_id
 from xai_audit.tasks.compute.device import resolve_device
-from xai_audit.tasks.compute.precision import describe_precision
+from xai_audit.tasks.compute.precision import describe_cpu_kernels, describe_precision
 from xai_audit.tasks.core.config import AuditConfig, ConfigErrors, load_config
 from xai_audit.tasks.data.image_sets import list_image_set
 from xai_audit.tasks.dissect.tasks import probe_task
@@ -118,6 +118,7 @@ def open_run(store: ResultsStore, config: AuditConfig, resume: str | None, new: 
         record.hostname, record.pid = socket.gethostname(), os.getpid()
         repair_run(store, record.run_id)  # unreadable files are set aside, so their units count as missing
     record.precision = describe_precision(config.explain.precision, record.device, config.explain.methods)
+    record.cpu_kernels = describe_cpu_kernels()
     record.save(store)
     return record
 

@@ -25,6 +25,7 @@ from xai_audit.tasks.dissect.labellers import LABELLERS
 from xai_audit.tasks.explain.lime import SEARCH_KEYS, SEGMENTATIONS, check_segmentation_params
 from xai_audit.tasks.explain.registry import EXPLAINERS
 from xai_audit.tasks.explain.targets import unknown_class_names
+from xai_audit.tasks.world.recipe import demo_recipe
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -193,6 +194,14 @@ def clip_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
         yield error.field, error.message
 
 
+def recipe_problems() -> Iterator[tuple[str, str]]:
+    """A malformed ``$XAI_AUDIT_DEMO_RECIPE`` (read when the demo model or toy CLIP is trained)."""
+    try:
+        demo_recipe()
+    except ConfigError as error:
+        yield error.field, error.message
+
+
 def synthetic_probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
     """Models that were not trained on the synthetic world, to be labelled with its probe images or
     concepts: their labels would name the world's shapes, colours and textures whatever the model
@@ -229,7 +238,7 @@ def synthetic_probe_problems(config: AuditConfig) -> Iterator[tuple[str, str]]:
 
 def check(config: AuditConfig) -> None:
     """Raise :class:`ConfigErrors` listing every problem these checks find."""
-    problems = list(registry_problems(config))
+    problems = list(registry_problems(config)) + list(recipe_problems())
     problems += [problem for index, model in enumerate(config.models) for problem in model_problems(index, model)]
     problems += list(clip_problems(config))
     problems += list(synthetic_probe_problems(config))

@@ -55,6 +55,8 @@ class RunRecord:
     message: str | None = None
     precision: str | None = None
     """The explain stage's autocast precision as resolved on this machine (``explain.precision: auto``)."""
+    cpu_kernels: str | None = None
+    """The CPU's precision path (torch's kernel capability, bf16 instructions) the run computed on."""
 
     def save(self, store: ResultsStore) -> None:
         if self.status not in RUN_STATUSES:
@@ -74,6 +76,7 @@ class RunRecord:
             "n_errors": self.n_errors,
             "message": self.message,
             "precision": self.precision,
+            "cpu_kernels": self.cpu_kernels,
         }
         store.write("runs", self.run_id, "run", [row])
 
@@ -99,6 +102,7 @@ class RunRecord:
             n_errors=int(row.n_errors or 0),
             message=None if pd.isna(row.message) else row.message,
             precision=row.get("precision") if isinstance(row.get("precision"), str) else None,
+            cpu_kernels=row.get("cpu_kernels") if isinstance(row.get("cpu_kernels"), str) else None,
         )
 
 

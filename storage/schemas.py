@@ -68,6 +68,12 @@ TABLES: dict[str, pa.Schema] = {
             "Autocast precision of the explain stage as resolved on the run's machine, with how it was chosen and "
             "the methods kept in another one, e.g. 'bf16 (auto; ablationcam fp32)'.",
         ),
+        (
+            "cpu_kernels",
+            pa.string(),
+            "The CPU's precision path: torch's CPU kernel capability and its bf16 instructions, e.g. "
+            "'AVX512; bf16: avx512_bf16' (AMX and AVX512-BF16 round differently, so digits differ between them).",
+        ),
         ("hostname", pa.string(), "Machine that ran it."),
         (
             "pid",

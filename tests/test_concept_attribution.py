@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.fixtures.margins import assert_at_least, assert_at_most
 from tests.fixtures.planted_models import LAYER, model_config
 from xai_audit.storage.maps import decode_heatmap
 from xai_audit.tasks.core.config import parse_config
@@ -281,10 +282,11 @@ ABLATION_MARGIN = {"layer3": 0.10, "layer4": 0.02}
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 @pytest.mark.parametrize("layer", sorted(SHAPE_IN_TOP3))
 def test_the_shape_of_a_correctly_classified_world_image_is_among_its_top_three_concepts(world_run, layer):
     rows, concepts, truth, correct = world_run
-    assert len(correct) >= 190
+    assert_at_least("correctly classified of 200 held-out images", len(correct), 190)
     rows = rows[(rows["layer"] == layer) & (rows["method"] == "netdissect")]
     top3 = rows[rows["rank"] <= 3].groupby("image_id")["concept"].apply(set)
     hits = pd.Series({image: truth[image]["object"] in top3.get(image, set()) for image in correct})
@@ -294,21 +296,25 @@ def test_the_shape_of_a_correctly_classified_world_image_is_among_its_top_three_
         f"({len(concepts[layer].columns)} concepts: {list(concepts[layer].columns)}); per shape "
         f"{hits.groupby(shapes).mean().round(3).to_dict()}"
     )
-    assert hits.mean() >= SHAPE_IN_TOP3[layer]
+    assert_at_least(f"{layer}: shape among the top-3 concepts", hits.mean(), SHAPE_IN_TOP3[layer])
     labelled_shapes = [shape for shape in set(shapes) if shape in concepts[layer].columns]
-    assert hits[shapes.isin(labelled_shapes)].mean() >= 0.9  # a shape with labelled units is found
+    # a shape with labelled units is found
+    assert_at_least(f"{layer}: labelled shape among the top 3", hits[shapes.isin(labelled_shapes)].mean(), 0.9)
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 @pytest.mark.parametrize("layer", sorted(SHAPE_IN_TOP3))
 def test_the_top_concept_matters_more_than_random_units_on_the_world(world_run, layer):
     rows, _, _, _ = world_run
     first = rows[(rows["rank"] == 1) & (rows["layer"] == layer)].dropna(subset=["ablation_drop", "random_drop"])
     print(f"{layer}: top-concept drop {first['ablation_drop'].mean():.3f}, random {first['random_drop'].mean():.3f}")
-    assert first["ablation_drop"].mean() > first["random_drop"].mean() + ABLATION_MARGIN[layer]
+    gap = first["ablation_drop"].mean() - first["random_drop"].mean()
+    assert_at_least(f"{layer}: top-concept minus random-unit ablation drop", gap, ABLATION_MARGIN[layer])
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 def test_the_object_colour_does_not_drive_the_shape_logit(world_run):
     """The world's colours are drawn independently of its shapes, so a shape classifier has no
     reason to use them: the object's colour concept should outrank an absent colour in the class
@@ -326,4 +332,4 @@ def test_the_object_colour_does_not_drive_the_shape_logit(world_run):
         pairs += len(colours) - 1
     print(f"layer3: object colour above an absent colour in {wins / pairs:.3f} of {pairs} pairs ({colours})")
     assert pairs >= 50
-    assert abs(wins / pairs - 0.5) < 0.15
+    assert_at_most("layer3: |object colour above an absent colour - 0.5|", abs(wins / pairs - 0.5), 0.15)

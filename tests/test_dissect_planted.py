@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from tests.fixtures.label_references import reference_netdissect
+from tests.fixtures.margins import assert_at_least
 from tests.fixtures.planted_models import LAYER, PLANTED_CONCEPTS, UNITS, model_config, planted_detectors
 from xai_audit.tasks.core.config import AuditConfig, parse_config
 from xai_audit.tasks.data.loaded_models import using_model
@@ -119,6 +120,7 @@ def clip_dissect_planted():
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 @pytest.mark.parametrize(("unit", "category"), [("red", "color"), ("striped", "texture"), ("circle", "object")])
 def test_clip_dissect_names_the_colour_texture_and_shape_detectors(clip_dissect_planted, unit, category):
     """With the world's concept set and the paper's default (soft-WPMI on plain cosines, as the
@@ -175,6 +177,7 @@ def _neuron_files(results: str) -> dict[Path, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_dissect_flow_writes_one_row_per_unit_and_method(dissected):
     """Every unit of every labelled layer has exactly one row per method (units = channels)."""
     _, _, _, neurons = dissected
@@ -187,6 +190,7 @@ def test_dissect_flow_writes_one_row_per_unit_and_method(dissected):
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_dissect_flow_rows_carry_the_planted_concepts(dissected):
     """In the flow's ``neurons`` table the planted detectors carry their concepts: NetDissect (at
     the default quantile) for every detector, CLIP-Dissect for the red, striped and circle ones."""
@@ -200,6 +204,7 @@ def test_dissect_flow_rows_carry_the_planted_concepts(dissected):
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(dissected):
     """Resuming the finished run rewrites no ``neurons`` file; after one work unit's file is
     deleted, a resume writes that file alone, and the table again holds each key once."""
@@ -224,6 +229,7 @@ def test_resuming_a_dissect_run_adds_nothing_and_redoes_only_missing_units(disse
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_methods_agree_on_the_planted_detectors_and_rarely_on_random_units(dissected):
     """Per-layer agreement of the two methods' labels, computed here from ``neurons``. On the
     planted layer the red, striped and circle detectors get the same label from both methods, and
@@ -242,7 +248,8 @@ def test_methods_agree_on_the_planted_detectors_and_rarely_on_random_units(disse
     assert len(rates) == 1 + len(RESNET_CHANNELS)
     planted = agree.loc[("planted", LAYER)]
     assert all(planted.loc[UNITS.index(unit)] for unit in ("red", "striped", "circle"))
-    assert rates.loc[("planted", LAYER)] > rates.drop(("planted", LAYER)).max()
+    lead = rates.loc[("planted", LAYER)] - rates.drop(("planted", LAYER)).max()
+    assert_at_least("agreement: planted layer minus the best random layer", lead, 0.1)
     written = ResultsStore(results).read("summary_label_agreement", run_id).set_index(["model", "layer"])["rate"]
     assert written.to_dict() == pytest.approx(rates.to_dict())
     print("top-1 agreement per layer:", rates.round(3).to_dict())

@@ -10,6 +10,7 @@ from xai_audit.flows.audit import run_audit
 from xai_audit.storage.maps import decode_map
 from xai_audit.storage.parquet import ResultsStore
 from xai_audit.storage.runs import RunRecord
+from xai_audit.tasks.compute.precision import describe_cpu_kernels
 from xai_audit.tasks.core.config import parse_config
 
 CLASSES = ["a", "b", "c"]
@@ -63,6 +64,7 @@ def test_flow_writes_predictions_and_maps_and_records_failures(prefect_harness, 
     run = RunRecord.load(store, outcome.run_id)
     assert (outcome.status, run.status, run.n_errors) == ("partial", "partial", 1)
     assert run.finished_at is not None and run.timings["explain"] > 0
+    assert run.cpu_kernels == describe_cpu_kernels() and "bf16:" in run.cpu_kernels  # the CPU's precision path
 
 
 def test_resuming_a_run_redoes_only_missing_chunks_without_duplicates(prefect_harness, image_folder, tmp_path):

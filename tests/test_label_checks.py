@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.fixtures.margins import assert_at_least
 from tests.fixtures.planted_models import PREPROCESS
 from xai_audit.tasks.core.config import parse_config
 from xai_audit.tasks.core.errors import ConfigError
@@ -73,6 +74,7 @@ def _final_layer(config):
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_exact_class_detectors_pass_the_final_layer_test_and_a_shuffled_head_fails_it():
     """Output units that are exact detectors of their class (colour k) get accuracy 1 and text
     similarity 1 with the class names as concepts (and with the world's concept set, which holds
@@ -93,6 +95,8 @@ def test_exact_class_detectors_pass_the_final_layer_test_and_a_shuffled_head_fai
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
+@pytest.mark.toy_clip
 def test_demo_model_final_layer_accuracy_with_the_toy_clip():
     """The demo ResNet18's five output units, CLIP-Dissect with the toy CLIP and soft-WPMI on the
     demo's 500 probe images. With the class names as concepts: accuracy 1.0 (5/5), each unit's own
@@ -111,11 +115,13 @@ def test_demo_model_final_layer_accuracy_with_the_toy_clip():
     print(
         f"demo final layer, world concepts: accuracy {final_layer_accuracy(world)}, ties {world['tied_with'].tolist()}"
     )
-    assert accuracy >= 0.9 and not classes["tied_with"].map(len).any(), classes
+    assert_at_least("final-layer accuracy with the class names", accuracy, 0.9)
+    assert not classes["tied_with"].map(len).any(), classes
     assert world["class_in_tie"].all(), world
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 def test_audit_writes_label_checks_p_values_and_their_summaries(prefect_harness, tmp_path):
     """A dissect-only audit of the exact-detector classifier with p-values on: ``label_checks``
     holds one row per output unit and concept set, ``summary_label_checks`` accuracy 1 for the
@@ -154,6 +160,7 @@ def _cache_without_activations(monkeypatch, shared, folder) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.toy_clip
 @pytest.mark.parametrize("check_first", [False, True])
 def test_the_final_layer_check_shares_clip_dissects_activation_pass(monkeypatch, tmp_path, check_first):
     """CLIP-Dissect's labelling and the final-layer check of one model take one pass over the

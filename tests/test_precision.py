@@ -97,3 +97,15 @@ def test_the_cam_family_under_auto_computes_ablationcam_in_fp32_and_the_rest_in_
     np.testing.assert_array_equal(ours["gradcam"], bf16["gradcam"])
     for method in methods:  # the two precisions give different maps here, so the equalities above tell them apart
         assert not np.array_equal(bf16[method], fp32[method]), method
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(EPYC_FLAGS, "bf16: avx512_bf16"), ("avx512f avx512_bf16 amx_bf16 amx_tile", "bf16: avx512_bf16, amx_bf16")],
+)
+def test_cpu_kernels_name_torchs_capability_and_the_bf16_instructions(monkeypatch, flags, expected):
+    _with_flags(monkeypatch, flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert precision.describe_cpu_kernels() == f"AVX512; {expected}"
+    _with_flags(monkeypatch, OLD_FLAGS)
+    assert precision.describe_cpu_kernels() == "AVX512; bf16: none"

@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import stats
 from skimage.metrics import structural_similarity
 
+from tests.fixtures.margins import assert_at_least, assert_at_most
 from xai_audit.storage.maps import decode_map
 from xai_audit.storage.parquet import ResultsStore
 from xai_audit.storage.schemas import SUMMARY_TABLES
@@ -78,10 +79,12 @@ def _final(sanity: pd.DataFrame, test: str = "cascading") -> pd.DataFrame:
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 def test_model_independent_explainers_fail_model_randomisation(demo_sanity):
     final = _final(demo_sanity).groupby("method")[["spearman", "ssim"]].mean()
     for control in CONTROLS:
-        assert final.loc[control, "spearman"] >= 0.9 and final.loc[control, "ssim"] >= 0.9, control
+        assert_at_least(f"{control} Spearman after full randomisation", final.loc[control, "spearman"], 0.9)
+        assert_at_least(f"{control} SSIM after full randomisation", final.loc[control, "ssim"], 0.9)
     verdicts = sanity_verdicts(demo_sanity).set_index("method")
     assert [verdicts.loc[control, "sanity_passed"] for control in CONTROLS] == [False, False, False]
     # eMPRT: a map that ignores the weights gains no complexity when they are randomised
@@ -89,21 +92,26 @@ def test_model_independent_explainers_fail_model_randomisation(demo_sanity):
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 def test_gradcam_on_the_trained_demo_model_passes_and_its_similarity_falls_with_randomisation(demo_sanity):
     curve = sanity_curves(demo_sanity)
     gradcam = curve[(curve["method"] == "gradcam") & (curve["test"] == "cascading")].set_index("step")
     assert gradcam.loc[0, "spearman_mean"] == pytest.approx(1.0)
     assert gradcam.loc[1, "layer"] == "fc", "cascading starts at the output layer"
     randomised = gradcam.loc[1:, "spearman_mean"]
-    assert len(randomised) == 11 and randomised.max() <= 0.7, randomised.round(3).to_dict()
+    assert len(randomised) == 11
+    assert_at_most("Grad-CAM Spearman, most similar randomised step", randomised.max(), 0.7)
     verdicts = sanity_verdicts(demo_sanity).set_index("method")
-    assert verdicts.loc["gradcam", "sanity_spearman"] < SANITY_PASS_BELOW
+    assert_at_most("Grad-CAM sanity Spearman", verdicts.loc["gradcam", "sanity_spearman"], SANITY_PASS_BELOW)
     assert verdicts.loc["gradcam", "sanity_passed"] is True
-    assert verdicts.loc["gradcam", "emprt"] > 0.2, "the fully randomised model's maps are more complex"
-    assert verdicts.loc["gradcam", "random_logit_ssim"] < 0.5 < verdicts.loc["control_edges", "random_logit_ssim"]
+    # the fully randomised model's maps are more complex
+    assert_at_least("Grad-CAM eMPRT (relative entropy rise)", verdicts.loc["gradcam", "emprt"], 0.2)
+    assert_at_most("Grad-CAM random-logit SSIM", verdicts.loc["gradcam", "random_logit_ssim"], 0.5)
+    assert_at_least("control_edges random-logit SSIM", verdicts.loc["control_edges", "random_logit_ssim"], 0.5)
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 def test_every_stored_similarity_recomputes_from_the_stored_maps(demo_sanity):
     key = ["method", "test", "image_id"]
     reference = {
@@ -165,10 +173,22 @@ def test_cascading_randomises_one_more_block_per_step_from_the_output_down():
     assert len(randomisation_blocks(model, "modules")) == 4
 
 
+CONTROL_IMAGES = 100
+# How much better Grad-CAM (demo CAM layer) scores than each control on CONTROL_IMAGES held-out
+# images, asserted on every demo recipe variant. Measured (benchmarks/results/demo_spread.md) on the
+# default recipe: pointing accuracy Grad-CAM 0.91 vs random 0.19, Gaussian 0.55, edges 0.87;
+# deletion AUC 0.26 vs 0.57, 0.38, 0.65. The edge control hits the shape nearly as often as
+# Grad-CAM does (a flat shape's outline is within the pointing tolerance of the shape), so the
+# pointing game only asks Grad-CAM not to lose to it; deletion separates them clearly. On 16
+# images the two tied at 15/16 on an AMX CPU (issue 37).
+POINTING_MARGIN = {"control_random": 0.4, "control_gaussian": 0.15, "control_edges": 0.0}
+DELETION_MARGIN = {"control_random": 0.15, "control_gaussian": 0.05, "control_edges": 0.2}
+
+
 @pytest.fixture(scope="module")
 def demo_maps():
-    """The demo model, 16 held-out images with masks, Grad-CAM and the three controls' maps."""
-    config = parse_config({"images": {"kind": "world", "split": "val", "limit": 16}})
+    """The demo model, 100 held-out images with masks, Grad-CAM and the three controls' maps."""
+    config = parse_config({"images": {"kind": "world", "split": "val", "limit": CONTROL_IMAGES}})
     records = [record_row(item) for item in iter_image_set(config)]
     with using_model(config, config.models[0]) as model:
         images = [load_rgb(record["path"]) for record in records]
@@ -182,6 +202,7 @@ def demo_maps():
 
 
 @pytest.mark.slow
+@pytest.mark.demo_model
 def test_controls_score_worse_than_gradcam_on_the_pointing_game_and_deletion(demo_maps):
     model, pixels, masks, labels, maps, _ = demo_maps
     tolerance = scaled_tolerance(masks.shape[-1])
@@ -190,9 +211,13 @@ def test_controls_score_worse_than_gradcam_on_the_pointing_game_and_deletion(dem
         name: deletion_insertion(model.module, pixels, m_, labels, steps=5, baseline="mean")[0].mean()
         for name, m_ in maps.items()
     }
+    assert len(pixels) == CONTROL_IMAGES
     for control in CONTROLS:
-        assert pointing["gradcam"] > pointing[control], pointing
-        assert deletion["gradcam"] < deletion[control], deletion
+        gain = pointing["gradcam"] - pointing[control]
+        assert_at_least(f"pointing: Grad-CAM minus {control}", gain, POINTING_MARGIN[control])
+        assert_at_least(
+            f"deletion: {control} minus Grad-CAM", deletion[control] - deletion["gradcam"], DELETION_MARGIN[control]
+        )
 
 
 def _disc(side: int, centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -241,6 +266,7 @@ def _summary(methods: pd.DataFrame, flags: pd.DataFrame) -> dict[str, pd.DataFra
     return {**tables, "summary_methods": methods, "summary_control_flags": flags}
 
 
+@pytest.mark.demo_model
 def test_control_maps_ignore_the_model(demo_maps):
     _, pixels, _, labels, maps, context = demo_maps
     again = ControlFamily().explain(context, pixels, [0] * len(labels), CONTROLS).maps

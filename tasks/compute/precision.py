@@ -42,6 +42,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     )
 
 
+def describe_cpu_kernels() -> str:
+    """The CPU's precision path, e.g. ``AVX512; bf16: avx512_bf16``: torch's CPU kernel capability
+    and the bf16 instructions present. bf16 autocast runs other kernels on AMX than on
+    AVX512-BF16, so the same training or explanation differs in its last digits between them."""
+    bf16 = [flag for flag in CPU_BF16_FLAGS if flag in cpu_flags()]
+    return f"{torch.backends.cpu.get_cpu_capability()}; bf16: {', '.join(bf16) or 'none'}"
+
+
 def resolve_precision(setting: str, device: torch.device | str) -> str:
     """The precision ``setting`` means on ``device``: itself, or for ``auto`` bf16 where the hardware
     computes in bf16 (a CPU with :data:`CPU_BF16_FLAGS`, a CUDA GPU with bf16 support: Ampere and

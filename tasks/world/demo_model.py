@@ -23,6 +23,7 @@ from torchvision.models import resnet18
 from xai_audit.tasks.core.cache import cache_dir
 from xai_audit.tasks.core.config import WorldConfig
 from xai_audit.tasks.core.errors import CheckpointError
+from xai_audit.tasks.world.recipe import demo_recipe
 from xai_audit.tasks.world.synthetic import SHAPES, WORLD_VERSION, atomic_directory, ensure_world, read_attributes
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,15 @@ def train_demo_model(world_root: Path, spec: DemoTrainSpec) -> tuple[nn.Module, 
     return model.to(memory_format=torch.contiguous_format).eval(), seconds
 
 
-def ensure_demo_model(world: WorldConfig = WorldConfig(), train: DemoTrainSpec = DemoTrainSpec()) -> Path:
-    """The cached demo model directory (``model.safetensors`` + ``meta.json``), trained once."""
+def default_demo_spec() -> DemoTrainSpec:
+    """The demo model's recipe with the bf16 and seed variant ``$XAI_AUDIT_DEMO_RECIPE`` selects."""
+    return DemoTrainSpec(**asdict(demo_recipe()))
+
+
+def ensure_demo_model(world: WorldConfig = WorldConfig(), train: DemoTrainSpec | None = None) -> Path:
+    """The cached demo model directory (``model.safetensors`` + ``meta.json``), trained once;
+    without ``train``, the recipe variant of :func:`default_demo_spec`."""
+    train = train or default_demo_spec()
     final = (
         cache_dir(
             "demo_model", version=WORLD_VERSION, recipe=DEMO_VERSION, world=world.model_dump(), train=asdict(train)

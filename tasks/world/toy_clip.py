@@ -31,6 +31,7 @@ from torch import nn
 
 from xai_audit.tasks.core.cache import cache_dir
 from xai_audit.tasks.core.config import WorldConfig
+from xai_audit.tasks.world.recipe import demo_recipe
 from xai_audit.tasks.world.synthetic import (
     CATEGORY_CONCEPTS,
     WORLD_VERSION,
@@ -223,8 +224,15 @@ def zero_shot_accuracy(
     return zero_shot_scores(model, images, rows, templates)
 
 
-def ensure_toy_clip(world: WorldConfig = WorldConfig(), train: ClipTrainSpec = ClipTrainSpec()) -> Path:
-    """The cached toy CLIP checkpoint (``.safetensors``; ``meta.json`` beside it), trained once."""
+def default_clip_spec() -> ClipTrainSpec:
+    """The toy CLIP's recipe with the bf16 and seed variant ``$XAI_AUDIT_DEMO_RECIPE`` selects."""
+    return ClipTrainSpec(**asdict(demo_recipe()))
+
+
+def ensure_toy_clip(world: WorldConfig = WorldConfig(), train: ClipTrainSpec | None = None) -> Path:
+    """The cached toy CLIP checkpoint (``.safetensors``; ``meta.json`` beside it), trained once;
+    without ``train``, the recipe variant of :func:`default_clip_spec`."""
+    train = train or default_clip_spec()
     model_cfg = json.loads(CONFIG_PATH.read_text())
     final = (
         cache_dir(
