@@ -86,7 +86,12 @@ def tiny_config() -> dict:
                 "cam_layer": "layer3",
             }
         ],
-        "dissect": {"methods": ["netdissect"], "probe": {"kind": "world", "split": "val", "batch_size": 8}},
+        # a random model labelled on the world on purpose: the demo's stages at seconds' size
+        "dissect": {
+            "methods": ["netdissect"],
+            "probe": {"kind": "world", "split": "val", "batch_size": 8},
+            "allow_synthetic": True,
+        },
         "images": {"kind": "world", "split": "val", "limit": 8},
         "explain": {
             "methods": ["gradcam", "lime"],

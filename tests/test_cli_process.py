@@ -168,7 +168,12 @@ def test_a_run_reports_every_stage_and_never_goes_30_s_without_a_line(tmp_path):
     config = yaml.safe_load(Path(command[4]).read_text())
     config |= {
         "world": {"n_train": 1, "n_val": 24, "seed": 7},
-        "dissect": {"methods": ["netdissect"], "probe": {"kind": "world", "split": "val", "batch_size": 8}},
+        # the tiny model labelled on the world on purpose: the stages' lines are what is tested
+        "dissect": {
+            "methods": ["netdissect"],
+            "probe": {"kind": "world", "split": "val", "batch_size": 8},
+            "allow_synthetic": True,
+        },
         "images": {"kind": "world", "split": "val", "limit": 8},
         "explain": {"methods": ["gradcam"], "chunk_size": 2},
     }
