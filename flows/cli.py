@@ -191,9 +191,9 @@ def _cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     with api_for_run() as api_ready:  # a private server starts meanwhile
         from xai_audit.flows.preflight import check
 
-        check(config)  # before the progress lines: a refused config prints its one line alone
         results = _results_root(args, config.results)
-        _writable_results(results)
+        _writable_results(results)  # first: the checks below build the user's models (work, user code)
+        check(config)  # before the progress lines: a refused config prints its one line alone
         from xai_audit.flows.audit import run_audit
 
         with _progress_to_stderr(), _stop_on_signals():
