@@ -10,6 +10,7 @@ stay for inspection).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import uuid
@@ -47,16 +48,26 @@ def repair_run(store: ResultsStore, run_id: str) -> list[BadFile]:
 
 
 def require_writable(store: ResultsStore) -> None:
-    """Raise :class:`StorageError` unless a file can be created under the results root (checked before a run starts)."""
+    """Raise :class:`StorageError` unless a file can be created under the results root (checked before a run
+    starts). Folders it creates for the check are removed again: a config refused afterwards leaves nothing."""
     probe = f"{store.base}/.write-probe-{uuid.uuid4().hex}"
+    created: list[str] = []
     try:
         if store.local:  # object stores have no folders (and creating a bucket is not ours to do)
+            folder = store.base
+            while not store.fs.exists(folder) and folder != posixpath.dirname(folder):
+                created.append(folder)
+                folder = posixpath.dirname(folder)
             store.fs.makedirs(store.base, exist_ok=True)
         with store.fs.open(probe, "wb") as handle:
             handle.write(b"ok")
         store.fs.rm(probe)
     except OSError as error:
         raise StorageError(f"results root {store.root} is not writable: {error}") from error
+    finally:
+        for folder in created:  # deepest first; each is empty unless something else wrote there meanwhile
+            with contextlib.suppress(OSError):
+                store.fs.rmdir(folder)
 
 
 __all__ = ["CORRUPT_PREFIX", "set_aside", "repair_run", "require_writable"]
