@@ -101,12 +101,13 @@ def run_variant(recipe: DemoRecipe, timeout: float) -> dict[str, Any]:
         if not junit.is_file():
             raise RuntimeError(f"pytest wrote no report (exit {process.returncode}): {process.stderr[-2000:]}")
         rows = [json.loads(line) for line in margins.read_text().splitlines()] if margins.is_file() else []
+        outcomes = junit_outcomes(junit)
     return {
         "recipe": recipe.label(),
         "cpu_kernels": describe_cpu_kernels(),  # merged reports keep variants from this machine only
         "models": models,
         "pytest_exit": process.returncode,
-        "tests": junit_outcomes(junit),
+        "tests": outcomes,
         "margins": rows,
         "seconds": {"models": round(trained_s, 1), "tests": round(tests_s, 1)},
     }

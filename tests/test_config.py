@@ -263,3 +263,10 @@ def test_a_list_image_set_takes_its_root_from_the_list_files_folder(tmp_path):
     assert explicit.images.root == str(tmp_path)
     with pytest.raises(ConfigErrors, match="needs root"):
         parse_config({"models": [{"name": "m", "source": "demo"}], "images": {"kind": "folder"}})
+
+
+def test_validate_cli_rejects_a_malformed_demo_recipe_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("XAI_AUDIT_DEMO_RECIPE", "bf16=sometimes")
+    assert main(["validate", str(REPO / "configs" / "demo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "XAI_AUDIT_DEMO_RECIPE: bf16='sometimes' is not on or off" in err and "Traceback" not in err

@@ -109,5 +109,8 @@ def test_batched_lime_agrees_with_stock_lime_on_world_images(demo):
         }
         ours = explain_lime(model_fn, [array], [label], num_samples=300, seed=0)[0]
         our_top = set(ours.top_segments(5).tolist())
-        jaccards.append(len(stock_top & our_top) / max(1, len(stock_top | our_top)))
+        # Where every perturbation leaves the probability unchanged (two of the fp32-trained demo
+        # model's first five images), both give no positive segment: identical answers, Jaccard 1.
+        union = stock_top | our_top
+        jaccards.append(len(stock_top & our_top) / len(union) if union else 1.0)
     assert_at_least("top-5 superpixel Jaccard, batched vs stock LIME", np.mean(jaccards), 0.8)

@@ -175,7 +175,7 @@ def test_cascading_randomises_one_more_block_per_step_from_the_output_down():
 
 CONTROL_IMAGES = 100
 # How much better Grad-CAM (demo CAM layer) scores than each control on CONTROL_IMAGES held-out
-# images, asserted on every demo recipe variant. Measured (benchmarks/results/demo_spread.md) on the
+# images, asserted on every demo recipe variant. Measured (benchmarks/results/demo-spread.md) on the
 # default recipe: pointing accuracy Grad-CAM 0.91 vs random 0.19, Gaussian 0.55, edges 0.87;
 # deletion AUC 0.26 vs 0.57, 0.38, 0.65. The edge control hits the shape nearly as often as
 # Grad-CAM does (a flat shape's outline is within the pointing tolerance of the shape), so the
