@@ -8,8 +8,6 @@ answers with one logit per class.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -17,12 +15,6 @@ from xai_audit.tasks.core.callables import load_callable
 from xai_audit.tasks.core.config import ModelConfig, WorldConfig
 from xai_audit.tasks.core.errors import ConfigError
 from xai_audit.tasks.data.sources.base import ModelSource, SourceModel, configured_class_names, configured_preprocess
-
-
-def _factory(target: str, field: str) -> Any:
-    """The factory ``target`` names: an importable ``package.module:function`` or a file beside the
-    config (``mymodel.py:build``, made absolute by ``load_config``), loaded without ``PYTHONPATH``."""
-    return load_callable(target, f"{field}.callable")
 
 
 class PythonSource(ModelSource):
@@ -33,7 +25,7 @@ class PythonSource(ModelSource):
 
     def load(self, model: ModelConfig, field: str, world: WorldConfig) -> SourceModel:
         target = model.callable or ""
-        factory = _factory(target, field)
+        factory = load_callable(target, f"{field}.callable")
         try:
             module = factory()
         except Exception as exc:  # the user's factory failing is a problem with this model entry
